@@ -1,0 +1,83 @@
+"""Patch encoders: ``(n, C, P, P) -> (n, D)``.
+
+* ``resnet18`` / ``resnet50``: torchvision ResNets from scratch as in the reference
+  notebook (conv1 adapted to ``n_chan``, fc removed), or ImageNet weights with
+  ``pretrained=True`` (downloads, opt-in).
+* ``resnet18-2``, ``resnet18-3``, ``resnet50-2``, ``resnet50-3``: ResNets truncated
+  after stage 2 or 3, as the original IPS code does for small patches.
+* ``small-cnn``: four conv blocks, fast enough for a CPU search.
+
+When the encoder's native width differs from D a linear projection is appended.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ips_search.config import IPSConfig
+from ips_search.errors import ConfigError
+
+_RESNET_WIDTHS = {"resnet18": (64, 128, 256, 512), "resnet50": (256, 512, 1024, 2048)}
+
+
+class SmallCNN(nn.Module):
+    """Four 3x3 conv-BN-ReLU blocks, each halving the resolution, then global average pooling."""
+
+    def __init__(self, n_chan: int, dim: int, width: int = 32) -> None:
+        super().__init__()
+        chans = [n_chan, width, 2 * width, 4 * width, dim]
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(chans[:-1], chans[1:], strict=True):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+        self.features = nn.Sequential(*layers[:-1])  # no pooling after the last block
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out_dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, C, P, P) -> (n, D)
+        return self.pool(self.features(x)).flatten(1)
+
+
+def _load_imagenet_weights(model: nn.Module, arch: str) -> None:
+    from torchvision.models import get_model_weights
+
+    weights = get_model_weights(arch).IMAGENET1K_V1
+    try:
+        state = weights.get_state_dict(progress=False)
+    except Exception as exc:  # noqa: BLE001 - any download failure becomes one clear line
+        raise ConfigError(
+            f"could not download ImageNet weights for {arch} ({type(exc).__name__}); "
+            "connect to the internet once or set pretrained: false"
+        ) from None
+    model.load_state_dict(state)
+
+
+def _resnet(arch: str, stages: int, n_chan: int, pretrained: bool) -> tuple[nn.Module, int]:
+    import torchvision
+
+    net = getattr(torchvision.models, arch)()
+    if pretrained:
+        _load_imagenet_weights(net, arch)
+    if n_chan != 3:
+        rgb = net.conv1.weight.data
+        net.conv1 = nn.Conv2d(n_chan, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        if pretrained:  # keep the pretrained filters: average over RGB, repeat for each channel
+            net.conv1.weight.data.copy_(rgb.mean(1, keepdim=True).repeat(1, n_chan, 1, 1) * 3 / n_chan)
+    net.fc = nn.Identity()
+    for i in range(stages + 1, 5):
+        setattr(net, f"layer{i}", nn.Identity())
+    return net, _RESNET_WIDTHS[arch][stages - 1]
+
+
+def build_encoder(cfg: IPSConfig) -> nn.Module:
+    """The patch encoder named by ``cfg.encoder``, projecting to ``cfg.dim`` when needed."""
+    if cfg.encoder == "small-cnn":
+        if cfg.pretrained:
+            raise ConfigError("small-cnn has no ImageNet weights; set pretrained: false or use a resnet encoder")
+        return SmallCNN(cfg.n_chan, cfg.dim)
+    arch, _, stages = cfg.encoder.partition("-")
+    net, width = _resnet(arch, int(stages or 4), cfg.n_chan, cfg.pretrained)
+    if width == cfg.dim:
+        return net
+    return nn.Sequential(net, nn.Linear(width, cfg.dim))

@@ -1,0 +1,190 @@
+"""IPSNet: patch encoder + iterative patch selection + cross-attention aggregation.
+
+Training step (Bergner et al., ICLR 2023):
+
+1. ``ips(patches)``: no-grad, eval mode. Stream the image's N patches, keeping the
+   M (``memory_size``) best-scoring ones in a memory buffer; each iteration scores
+   the buffer together with the next I (``iteration_size``) patches and keeps the
+   top M. Memory does not grow with N.
+2. ``forward(mem_patch, mem_idx)``: re-encode only the M kept patches with
+   gradients, aggregate them with the cross-attention transformer, classify.
+
+Unlike the reference notebook, which encodes each iteration's I patches in its
+own encoder call, ``ips`` encodes ``encode_chunk`` patches per call (the chunk,
+not N, bounds memory) and runs the same top-M iterations over the embeddings.
+The selection is the same; ``ips_impl="reference"`` keeps the notebook's loop for
+comparison.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ips_search.config import IPSConfig
+from ips_search.model.encoders import build_encoder
+from ips_search.model.fold import FoldedEncoder, try_fold
+from ips_search.model.transformer import PositionalEncoding, Transformer
+
+
+class _EmbeddingStream:
+    """Hands out the embeddings of patches ``0..N-1`` in order, encoding a chunk at a time."""
+
+    def __init__(self, chunks: Iterator[torch.Tensor]) -> None:
+        self.chunks = chunks
+        self.pending: torch.Tensor | None = None  # (B, k, D) encoded, not yet taken
+
+    def take(self, k: int) -> torch.Tensor:  # -> (B, k, D)
+        parts = []
+        while k > 0:
+            if self.pending is None or self.pending.shape[1] == 0:
+                self.pending = next(self.chunks)
+            parts.append(self.pending[:, :k])
+            k -= parts[-1].shape[1]
+            self.pending = self.pending[:, parts[-1].shape[1] :]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+class IPSNet(nn.Module):
+    """Iterative Patch Selection network configured by :class:`IPSConfig`."""
+
+    def __init__(self, cfg: IPSConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = build_encoder(cfg)
+        self.transf = Transformer(
+            len(cfg.tasks), cfg.heads, cfg.dim, cfg.d_k, cfg.d_v, cfg.d_inner, cfg.attn_dropout, cfg.dropout
+        )
+        self.pos_enc = PositionalEncoding(cfg.dim, cfg.max_patches) if cfg.use_pos else None
+        self.heads = nn.ModuleDict({t.name: nn.Linear(cfg.dim, t.n_class) for t in cfg.tasks})
+        self._folded: FoldedEncoder | None = None
+        self._fold_tried = False
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # -- building blocks ---------------------------------------------------------------------------------------------
+    def encode(self, patches: torch.Tensor) -> torch.Tensor:
+        """Embed a flat batch of patches: ``(n, C, P, P) -> (n, D)``."""
+        return self.encoder(patches)
+
+    def _embed(self, emb: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        if self.pos_enc is not None and idx is not None:
+            emb = emb + self.pos_enc(idx)
+        return emb
+
+    def score(self, emb: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-attention scores ``(B, L)`` of embeddings ``(B, L, D)``, averaged over heads and tasks."""
+        return self.transf.get_scores(self._embed(emb, idx))
+
+    # -- selection ---------------------------------------------------------------------------------------------------
+    def _no_grad_encoder(self):
+        if not self.cfg.fold_bn:
+            return self.encoder
+        if not self._fold_tried:
+            dtype = torch.bfloat16 if self.cfg.ips_dtype == "bfloat16" else torch.float32
+            self._folded, self._fold_tried = try_fold(self.encoder, dtype), True
+        if self._folded is None:
+            return self.encoder
+        self._folded.refresh()
+        return self._folded
+
+    def _autocast(self, device: torch.device):
+        if self.cfg.ips_dtype == "bfloat16" and self._folded is None:  # the folded copy is natively bfloat16
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _select_top(self, emb: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep the k best-scoring of ``emb`` ``(B, L, D)`` and their patch indices ``idx`` ``(B, L)``."""
+        top = torch.topk(self.score(emb.float(), idx), k, dim=-1).indices  # (B, k)
+        return torch.gather(emb, 1, top.unsqueeze(-1).expand(-1, -1, emb.shape[-1])), torch.gather(idx, 1, top)
+
+    def _select_streaming(self, patches: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """mem_idx ``(B, M)`` for ``patches`` ``(B, N, C, P, P)`` (on any device)."""
+        B, N = patches.shape[:2]
+        M, I = self.cfg.memory_size, self.cfg.iteration_size
+        encoder = self._no_grad_encoder()
+        step = max(1, self.cfg.encode_chunk // B)  # patches per image per encoder call
+
+        def chunks() -> Iterator[torch.Tensor]:
+            for s in range(0, N, step):
+                chunk = patches[:, s : s + step].to(device, non_blocking=True)  # (B, n, C, P, P)
+                with self._autocast(device):
+                    yield encoder(chunk.flatten(0, 1)).view(B, chunk.shape[1], -1)  # (B, n, D)
+
+        stream = _EmbeddingStream(chunks())
+        idx = torch.arange(N, device=device).unsqueeze(0).expand(B, -1)  # (B, N)
+        mem_emb, mem_idx = stream.take(M), idx[:, :M]
+        for start in range(M, N, I):
+            end = min(start + I, N)
+            all_emb = torch.cat((mem_emb, stream.take(end - start)), dim=1)  # (B, M + I, D)
+            all_idx = torch.cat((mem_idx, idx[:, start:end]), dim=1)
+            mem_emb, mem_idx = self._select_top(all_emb, all_idx, M)
+        return mem_idx
+
+    def _select_reference(self, patches: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The reference notebook's loop: one encoder call per iteration of I patches."""
+        B, N = patches.shape[:2]
+        M, I = self.cfg.memory_size, self.cfg.iteration_size
+        idx = torch.arange(N, device=device).unsqueeze(0).expand(B, -1)
+        mem_emb = self.encode(patches[:, :M].to(device).flatten(0, 1)).view(B, M, -1)
+        mem_idx = idx[:, :M]
+        for start in range(M, N, I):
+            end = min(start + I, N)
+            iter_emb = self.encode(patches[:, start:end].to(device).flatten(0, 1)).view(B, end - start, -1)
+            all_emb = torch.cat((mem_emb, iter_emb), dim=1)
+            mem_emb, mem_idx = self._select_top(all_emb, torch.cat((mem_idx, idx[:, start:end]), 1), M)
+        return mem_idx
+
+    @torch.no_grad()
+    def ips(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Select M of N patches: ``(B, N, C, P, P) -> (mem_patch (B, M, C, P, P), mem_idx (B, M))``.
+
+        Runs without gradients in eval mode; the module's mode is restored after.
+        With ``M >= N`` all patches are kept (``mem_idx`` = 0..N-1). ``cfg.loading``:
+        ``eager`` moves the batch to the model's device first; ``eager-sequential``
+        one image at a time; ``lazy`` leaves patches where they are and moves each
+        encoder chunk (and finally the M kept patches) to the device.
+        """
+        device = self.device
+        B, N = patches.shape[:2]
+        if self.cfg.memory_size >= N:
+            return patches.to(device), torch.arange(N, device=device).unsqueeze(0).expand(B, -1).clone()
+        select = self._select_reference if self.cfg.ips_impl == "reference" else self._select_streaming
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                if self.cfg.loading == "eager":
+                    patches = patches.to(device, non_blocking=True)
+                    mem_idx = select(patches, device)
+                elif self.cfg.loading == "eager-sequential":
+                    mem_idx = torch.cat([select(patches[b : b + 1].to(device), device) for b in range(B)])
+                else:  # lazy
+                    mem_idx = select(patches, device)
+        finally:
+            self.train(was_training)
+        mem_idx = mem_idx.clone()  # a normal tensor, usable outside inference mode
+        gather_idx = mem_idx.to(patches.device).view(B, -1, *(1,) * (patches.dim() - 2))
+        mem_patch = torch.gather(patches, 1, gather_idx.expand(-1, -1, *patches.shape[2:]))
+        return mem_patch.to(device, non_blocking=True), mem_idx
+
+    # -- aggregation -------------------------------------------------------------------------------------------------
+    def forward(self, mem_patch: torch.Tensor, mem_idx: torch.Tensor | None = None):
+        """Encode the kept patches ``(B, M, C, P, P)`` with gradients and predict.
+
+        Returns logits ``(B, n_class)`` for one task, or a dict of them keyed by task name.
+        """
+        B, M = mem_patch.shape[:2]
+        mem_emb = self.encode(mem_patch.flatten(0, 1)).view(B, M, -1)  # (B, M, D)
+        image_emb = self.transf(self._embed(mem_emb, mem_idx))  # (B, T, D)
+        logits = {t.name: self.heads[t.name](image_emb[:, i]) for i, t in enumerate(self.cfg.tasks)}
+        return next(iter(logits.values())) if len(logits) == 1 else logits
+
+    def predict(self, patches: torch.Tensor):
+        """``ips`` then ``forward``: the whole pipeline for a batch of patches."""
+        return self(*self.ips(patches))

@@ -1,0 +1,211 @@
+"""Training loop for IPSNet: no Ray here (the trainable wraps it).
+
+AdamW with linear warm-up then cosine decay, stepped per batch; one loss per task
+(cross-entropy, or BCE for multi-label tasks), summed; metrics per task. Every
+epoch returns a flat dict with ``loss``, ``accuracy`` (mean over tasks), per-task
+``<task>/accuracy`` (and ``<task>/auc`` for binary or multi-label tasks),
+``peak_memory_mb`` with its ``memory_kind``, ``seconds`` and ``images_per_s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ips_search.config import Task, TrainConfig
+from ips_search.memory import PeakMemory
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite (usually: learning rate too high)."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_loader(dataset: Dataset, cfg: TrainConfig, shuffle: bool, device: torch.device) -> DataLoader:
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=shuffle,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        generator=generator,
+        drop_last=False,
+    )
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Per-step LR: linear warm-up for ``warmup_epochs``, then cosine decay to ``min_lr_ratio * lr``."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = min(total - 1, int(cfg.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def as_task_dict(logits: torch.Tensor | dict[str, torch.Tensor], tasks: tuple[Task, ...]) -> dict[str, torch.Tensor]:
+    return logits if isinstance(logits, dict) else {tasks[0].name: logits}
+
+
+def task_losses(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], tasks: tuple[Task, ...]):
+    """Per-task losses: CE for softmax tasks, BCE-with-logits for multi-label ones."""
+    out = {}
+    for task in tasks:
+        z, y = logits[task.name].float(), targets[task.name]
+        out[task.name] = F.binary_cross_entropy_with_logits(z, y.float()) if task.multi_label else F.cross_entropy(z, y)
+    return out
+
+
+class _Metrics:
+    """Accumulates predictions per task; accuracy and (binary / multi-label) AUC at the end."""
+
+    def __init__(self, tasks: tuple[Task, ...]) -> None:
+        self.tasks = tasks
+        self.scores: dict[str, list[np.ndarray]] = {t.name: [] for t in tasks}
+        self.labels: dict[str, list[np.ndarray]] = {t.name: [] for t in tasks}
+        self.loss_sum, self.n = 0.0, 0
+
+    def update(self, logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], loss: float) -> None:
+        batch = next(iter(targets.values())).shape[0]
+        self.loss_sum += loss * batch
+        self.n += batch
+        for task in self.tasks:
+            z = logits[task.name].detach().float()
+            prob = torch.sigmoid(z) if task.multi_label else torch.softmax(z, -1)
+            self.scores[task.name].append(prob.cpu().numpy())
+            self.labels[task.name].append(targets[task.name].cpu().numpy())
+
+    def result(self) -> dict[str, float]:
+        out = {"loss": self.loss_sum / max(1, self.n)}
+        accs = []
+        for task in self.tasks:
+            if not self.scores[task.name]:
+                continue
+            prob, y = np.concatenate(self.scores[task.name]), np.concatenate(self.labels[task.name])
+            acc = float(((prob > 0.5) == (y > 0.5)).mean()) if task.multi_label else float((prob.argmax(1) == y).mean())
+            out[f"{task.name}/accuracy"] = acc
+            accs.append(acc)
+            auc = _auc(prob, y, task)
+            if auc is not None:
+                out[f"{task.name}/auc"] = auc
+        out["accuracy"] = float(np.mean(accs)) if accs else float("nan")
+        return out
+
+
+def _auc(prob: np.ndarray, y: np.ndarray, task: Task) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    try:
+        if task.multi_label:
+            return float(roc_auc_score(y, prob, average="macro"))
+        if task.n_class == 2:
+            return float(roc_auc_score(y, prob[:, 1]))
+    except ValueError:  # a class absent from this split: AUC undefined
+        return None
+    return None
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to(targets: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in targets.items()}
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    cfg: TrainConfig,
+    device: torch.device,
+    max_steps: int | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
+    """One pass over ``loader`` (or its first ``max_steps`` batches): IPS, forward, backward, step."""
+    tasks = model.cfg.tasks
+    metrics = _Metrics(tasks)
+    model.train()
+    start = time.perf_counter()
+    with PeakMemory(device) as mem:
+        for step, (patches, targets) in enumerate(loader):
+            if max_steps is not None and step >= max_steps:
+                break
+            targets = _to(targets, device)
+            mem_patch, mem_idx = model.ips(patches)  # (B, M, C, P, P), (B, M); no grad
+            with _autocast(device, cfg.amp):
+                logits = as_task_dict(model(mem_patch, mem_idx), tasks)
+                losses = task_losses(logits, targets, tasks)
+                loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"loss is {loss.item()} at step {step}; lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            metrics.update(logits, targets, loss.item())
+            if on_step is not None:
+                on_step(step, mem.read())
+    seconds = time.perf_counter() - start
+    return {
+        **metrics.result(),
+        "peak_memory_mb": mem.peak_mb,
+        "memory_kind": mem.kind,
+        "seconds": seconds,
+        "images_per_s": metrics.n / seconds if seconds > 0 else 0.0,
+        "images": metrics.n,
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: bool = True) -> dict[str, Any]:
+    """Loss and metrics of ``model`` on ``loader`` (IPS then forward, eval mode)."""
+    tasks = model.cfg.tasks
+    metrics = _Metrics(tasks)
+    model.eval()
+    start = time.perf_counter()
+    with PeakMemory(device) as mem:
+        for patches, targets in loader:
+            targets = _to(targets, device)
+            with _autocast(device, amp):
+                logits = as_task_dict(model.predict(patches), tasks)
+                loss = sum(task_losses(logits, targets, tasks).values())
+            metrics.update(logits, targets, float(loss))
+    seconds = time.perf_counter() - start
+    return {
+        **metrics.result(),
+        "peak_memory_mb": mem.peak_mb,
+        "memory_kind": mem.kind,
+        "seconds": seconds,
+        "images_per_s": metrics.n / seconds if seconds > 0 else 0.0,
+        "images": metrics.n,
+    }

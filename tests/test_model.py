@@ -1,0 +1,208 @@
+"""IPSNet: the same selection as the reference notebook, modes, shapes, and bad configs."""
+
+from __future__ import annotations
+
+import math
+import urllib.error
+
+import pytest
+import torch
+
+from ips_search import IPSConfig, IPSNet, Task
+from ips_search.errors import ConfigError
+from ips_search.model.fold import FoldedEncoder
+
+
+def notebook_ips(net: IPSNet, patches: torch.Tensor, M: int, I: int) -> torch.Tensor:
+    """The reference notebook's IPS loop, written out plainly (its M >= N shortcut excepted)."""
+    B, N = patches.shape[:2]
+    net.eval()
+    with torch.no_grad():
+        mem_emb = net.encoder(patches[:, :M].reshape(-1, *patches.shape[2:])).view(B, M, -1)
+        idx = torch.arange(N).unsqueeze(0).expand(B, -1)
+        mem_idx = idx[:, :M]
+        for i in range(math.ceil((N - M) / I)):
+            start, end = i * I + M, min(i * I + M + I, N)
+            iter_emb = net.encoder(patches[:, start:end].reshape(-1, *patches.shape[2:])).view(B, -1, mem_emb.shape[-1])
+            all_emb = torch.cat((mem_emb, iter_emb), dim=1)
+            all_idx = torch.cat((mem_idx, idx[:, start:end]), dim=1)
+            attn = net.transf.crs_attn.attention(all_emb)
+            scores = attn.mean(dim=1).transpose(1, 2).mean(-1)
+            top = torch.topk(scores, M, dim=-1)[1]
+            mem_emb = torch.gather(all_emb, 1, top.unsqueeze(-1).expand(-1, -1, all_emb.shape[-1]))
+            mem_idx = torch.gather(all_idx, 1, top)
+    return mem_idx
+
+
+def small_net(M: int, I: int, **kw) -> IPSNet:
+    torch.manual_seed(0)
+    cfg = IPSConfig(
+        memory_size=M, iteration_size=I, patch_size=16, n_chan=1, encoder="small-cnn", dim=64, d_inner=128, **kw
+    )
+    return IPSNet(cfg)
+
+
+def _as_sets(idx: torch.Tensor) -> list[set[int]]:
+    return [set(row.tolist()) for row in idx]
+
+
+@pytest.mark.parametrize(
+    ("N", "M", "I"),
+    [(25, 5, 5), (30, 4, 7), (23, 5, 3), (20, 5, 17), (16, 1, 1), (40, 10, 10)],
+    ids=["notebook", "N%I!=0", "remainder", "I>N-M", "M=I=1", "big-M"],
+)
+@pytest.mark.parametrize("encode_chunk", [1, 7, 256])
+def test_same_selection_as_notebook(N, M, I, encode_chunk):
+    net = small_net(M, I, encode_chunk=encode_chunk)
+    # train a few BatchNorm statistics away from their init so folding is really exercised
+    net.train()
+    net.encode(torch.rand(32, 1, 16, 16) * 3)
+    patches = torch.rand(3, N, 1, 16, 16)
+    expected = _as_sets(notebook_ips(net, patches, M, I))
+    for fold in (True, False):
+        net.cfg.fold_bn = fold
+        net._fold_tried, net._folded = False, None
+        _, mem_idx = net.ips(patches)
+        assert mem_idx.shape == (3, M)
+        assert _as_sets(mem_idx) == expected, f"fold_bn={fold}"
+
+
+@pytest.mark.parametrize("loading", ["eager", "eager-sequential", "lazy"])
+def test_loading_modes_and_resnet_match_notebook(loading):
+    torch.manual_seed(1)
+    net = IPSNet(IPSConfig(memory_size=5, iteration_size=5, patch_size=32, n_chan=1, loading=loading, encode_chunk=48))
+    patches = torch.rand(2, 25, 1, 32, 32)
+    expected = _as_sets(notebook_ips(net, patches, 5, 5))
+    mem_patch, mem_idx = net.ips(patches)
+    assert _as_sets(mem_idx) == expected
+    for b in range(2):  # the returned patches are the ones the indices name
+        assert torch.equal(mem_patch[b], patches[b, mem_idx[b]])
+
+
+def test_reference_impl_matches_streaming():
+    net = small_net(4, 3)
+    patches = torch.rand(2, 29, 1, 16, 16)
+    _, fast = net.ips(patches)
+    net.cfg.ips_impl = "reference"
+    _, ref = net.ips(patches)
+    assert _as_sets(fast) == _as_sets(ref)
+
+
+def test_positional_encoding_changes_scores_and_is_used_consistently():
+    net = small_net(3, 4, use_pos=True)
+    patches = torch.rand(2, 21, 1, 16, 16)
+    emb = net.encode(patches[0]).unsqueeze(0)
+    idx = torch.arange(21).unsqueeze(0)
+    net.eval()
+    assert not torch.allclose(net.score(emb, idx), net.score(emb))
+    # the streaming pass and the per-iteration reference agree with positions on too
+    _, fast = net.ips(patches)
+    net.cfg.ips_impl = "reference"
+    _, ref = net.ips(patches)
+    assert _as_sets(fast) == _as_sets(ref)
+
+
+def test_memory_at_least_n_keeps_every_patch():
+    net = small_net(8, 2)
+    patches = torch.rand(2, 6, 1, 16, 16)
+    mem_patch, mem_idx = net.ips(patches)
+    assert torch.equal(mem_patch, patches)
+    assert mem_idx.tolist() == [list(range(6))] * 2
+    assert net(mem_patch, mem_idx).shape == (2, 10)
+
+
+def test_ips_restores_mode_and_needs_no_grad():
+    net = small_net(2, 2)
+    patches = torch.rand(2, 9, 1, 16, 16)
+    net.train()
+    mem_patch, _ = net.ips(patches)
+    assert net.training and all(m.training for m in net.modules())
+    assert not mem_patch.requires_grad
+    net.eval()
+    net.ips(patches)
+    assert not any(m.training for m in net.modules())
+
+
+def test_forward_backprops_through_the_kept_patches_only():
+    net = small_net(3, 3)
+    patches = torch.rand(4, 12, 1, 16, 16)
+    mem_patch, mem_idx = net.ips(patches)
+    logits = net(mem_patch, mem_idx)
+    assert logits.shape == (4, 10)
+    logits.sum().backward()
+    grads = [p.grad for p in net.encoder.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_multi_task_heads():
+    tasks = (Task("majority", 10), Task("multilabel", 10, multi_label=True), Task("binary", 2))
+    net = small_net(3, 3, tasks=tasks)
+    out = net.predict(torch.rand(2, 12, 1, 16, 16))
+    assert set(out) == {"majority", "multilabel", "binary"}
+    assert out["binary"].shape == (2, 2) and out["multilabel"].shape == (2, 10)
+    assert net.transf.crs_attn.q.shape[1] == 3  # one query token per task
+
+
+@pytest.mark.parametrize(
+    ("encoder", "dim"),
+    [("resnet18", 512), ("resnet18-2", 512), ("resnet18-3", 256), ("resnet50-3", 1024), ("small-cnn", 96)],
+)
+def test_encoders_map_patches_to_d(encoder, dim):
+    net = IPSNet(IPSConfig(encoder=encoder, dim=dim, n_chan=3, patch_size=32, memory_size=2, iteration_size=2))
+    net.eval()
+    assert net.encode(torch.rand(5, 3, 32, 32)).shape == (5, dim)
+
+
+def test_folded_encoder_tracks_weight_updates():
+    torch.manual_seed(0)
+    net = IPSNet(IPSConfig(encoder="resnet18-3", dim=256, n_chan=1, patch_size=32))
+    folded = FoldedEncoder(net.encoder)
+    assert folded.folds, "ResNet conv+BN pairs are found"
+    x = torch.rand(6, 1, 32, 32)
+    net.train()
+    net.encode(torch.rand(16, 1, 32, 32) * 2)  # moves BatchNorm running stats
+    with torch.no_grad():
+        next(net.encoder.parameters()).mul_(1.5)
+    net.eval()
+    folded.refresh()
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net.encode(x), rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_ips_runs_and_mostly_agrees():
+    net = small_net(4, 4)
+    patches = torch.rand(2, 40, 1, 16, 16)
+    _, f32 = net.ips(patches)
+    net.cfg.ips_dtype = "bfloat16"
+    net._fold_tried, net._folded = False, None
+    _, bf16 = net.ips(patches)
+    assert bf16.shape == f32.shape and bf16.dtype == torch.int64
+    assert bf16.max() < 40 and all(len(s) == 4 for s in _as_sets(bf16))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"memory_size": 0}, "memory_size must be a positive integer"),
+        ({"iteration_size": 0}, "iteration_size must be a positive integer"),
+        ({"iteration_size": -3}, "iteration_size must be a positive integer"),
+        ({"encoder": "vgg"}, "unknown encoder 'vgg'"),
+        ({"loading": "sometimes"}, "unknown loading mode"),
+        ({"patch_size": 0}, "patch_size must be a positive integer"),
+    ],
+)
+def test_bad_model_config_is_one_clear_error(kwargs, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        IPSConfig(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_pretrained_offline_is_a_clear_error(monkeypatch):
+    from torchvision.models import ResNet18_Weights
+
+    def offline(self, *a, **kw):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
+    with pytest.raises(ConfigError, match="could not download ImageNet weights for resnet18"):
+        IPSNet(IPSConfig(encoder="resnet18", pretrained=True))
