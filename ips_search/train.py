@@ -10,6 +10,7 @@ epoch returns a flat dict with ``loss``, ``accuracy`` (mean over tasks), per-tas
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -21,8 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ips_search.config import Task, TrainConfig
+from ips_search.config import ExperimentConfig, Task, TrainConfig
+from ips_search.data import DataSplits
 from ips_search.memory import PeakMemory
+from ips_search.model import IPSNet
 
 
 class NonFiniteLossError(RuntimeError):
@@ -47,6 +50,19 @@ def make_loader(dataset: Dataset, cfg: TrainConfig, shuffle: bool, device: torch
         generator=generator,
         drop_last=False,
     )
+
+
+def build_model(exp: ExperimentConfig, splits: DataSplits, device: torch.device, warm_start: bool = True) -> IPSNet:
+    """IPSNet for this dataset (tasks, channels and patch size come from the data), warm-started if asked."""
+    model_cfg = dataclasses.replace(exp.model, tasks=splits.tasks, n_chan=splits.n_chan,
+                                    patch_size=exp.data.patch_size, patch_stride=exp.data.patch_stride)
+    torch.manual_seed(exp.train.seed)
+    model = IPSNet(model_cfg)
+    if warm_start and exp.train.warm_start and exp.data.dataset == "megapixel":
+        from ips_search.warmstart import apply_warm_start, pretrained_encoder_state
+
+        apply_warm_start(model.encoder, pretrained_encoder_state(model_cfg, exp.data, progress=False))
+    return model.to(device)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -75,7 +75,7 @@ def build_encoder(cfg: IPSConfig) -> nn.Module:
     if cfg.encoder == "small-cnn":
         if cfg.pretrained:
             raise ConfigError("small-cnn has no ImageNet weights; set pretrained: false or use a resnet encoder")
-        return SmallCNN(cfg.n_chan, cfg.dim)
+        return SmallCNN(cfg.n_chan, cfg.dim, width=max(8, cfg.dim // 4))
     arch, _, stages = cfg.encoder.partition("-")
     net, width = _resnet(arch, int(stages or 4), cfg.n_chan, cfg.pretrained)
     if width == cfg.dim:

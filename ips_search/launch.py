@@ -1,0 +1,126 @@
+"""Start (or join) Ray, run the Tuner, and print the summary of a search."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ips_search.search import SearchSettings
+
+# Tune warns when it snapshots experiment state often; with short epochs that is by design (nothing is lost)
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+AUTH_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
+log = logging.getLogger("ips_search")
+
+
+def start_ray(args: argparse.Namespace) -> dict[str, Any]:
+    """Join ``--address`` or start a local Ray with the dashboard on localhost and token auth on."""
+    import ray
+
+    if ray.is_initialized():  # e.g. a notebook or test session that already started Ray: use it
+        return ray.cluster_resources()
+    if args.address:
+        ctx = ray.init(address=args.address, log_to_driver=False)
+    else:
+        if args.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: the Ray dashboard will listen on {args.dashboard_host}, reachable from other machines "
+                  "(token auth stays on); use the default 127.0.0.1 unless you need this", file=sys.stderr)
+        ctx = ray.init(include_dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host,
+                       num_gpus=args.num_gpus, log_to_driver=False,
+                       object_store_memory=256 * 1024 * 1024, configure_logging=True, logging_level=logging.WARNING)
+    url = getattr(ctx, "dashboard_url", None)
+    if url and not args.no_dashboard:
+        auth = (f"token auth is on: paste the token from `ray get-auth-token` (stored in {AUTH_TOKEN_FILE}) "
+                "when the dashboard asks" if os.environ.get("RAY_AUTH_MODE") == "token" else "token auth is off")
+        print(f"Ray dashboard: http://{url}  ({auth})", flush=True)
+    return ray.cluster_resources()
+
+
+def fit_resources(settings: SearchSettings, cluster: dict[str, Any], explicit_concurrency: bool) -> None:
+    """GPU requests on a cluster without GPUs fall back to CPU (one warning); concurrency fits the cluster."""
+    if settings.gpus_per_trial > 0 and cluster.get("GPU", 0) <= 0:
+        warnings.warn("--gpus-per-trial was given but the Ray cluster has no GPU: trials run on CPU", stacklevel=1)
+        print("warning: the Ray cluster has no GPU; trials run on CPU (--gpus-per-trial ignored)", file=sys.stderr)
+        settings.gpus_per_trial = 0.0
+    fits = [int(cluster.get("CPU", 1) // settings.cpus_per_trial)]
+    if settings.gpus_per_trial > 0:
+        fits.append(int(round(cluster.get("GPU", 0) / settings.gpus_per_trial, 6)))
+    if min(fits) < 1:
+        raise SystemExit(f"error: a trial needs {settings.cpus_per_trial:g} CPU and {settings.gpus_per_trial:g} GPU "
+                         f"but the cluster has {cluster.get('CPU', 0):g} CPU and {cluster.get('GPU', 0):g} GPU; "
+                         "lower --cpus-per-trial / --gpus-per-trial")
+    if not explicit_concurrency:
+        settings.concurrency = max(1, min(fits))
+
+
+def save_experiment(space, settings: SearchSettings, argv: list[str]) -> None:
+    import dataclasses
+
+    folder = settings.experiment_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {"tool": "ips-search", "version": 1, "argv": argv, "settings": dataclasses.asdict(settings),
+           "space": space.to_dict(), "space_file": str(Path(space_path(space)).resolve())}
+    tmp = folder / "experiment.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2, default=str))
+    os.replace(tmp, folder / "experiment.json")
+
+
+def space_path(space) -> str:
+    from ips_search.space import resolve_space_path
+
+    return str(resolve_space_path(space.name))
+
+
+def run_search(space, settings: SearchSettings, args: argparse.Namespace, resume: bool) -> int:
+    from ips_search.run import prepare_data, plan_lines
+    from ips_search.search import make_tuner, restore_tuner
+
+    prepare_data(space)
+    cluster = start_ray(args)
+    fit_resources(settings, cluster, explicit_concurrency=args.concurrency is not None or resume)
+    if not resume:
+        save_experiment(space, settings, sys.argv)
+    print("\n".join(plan_lines(space, settings)), flush=True)
+    tuner = restore_tuner(settings) if resume else make_tuner(space, settings)
+    try:
+        grid = tuner.fit()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished trials are saved; continue with --resume {settings.name}", file=sys.stderr)
+        return 130
+    print_summary(settings, grid)
+    return 0
+
+
+def print_summary(settings: SearchSettings, grid: Any) -> None:
+    import pandas as pd
+
+    from ips_search.results import TRIALS_CSV
+
+    df = pd.read_csv(settings.experiment_dir / TRIALS_CSV)
+    done = df[df["status"] == "completed"]
+    print(f"\n{len(df)} trials: " + ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items()))
+    pool = done[done["feasible"].astype(str) == "True"] if settings.max_memory_mb else done
+    if pool.empty:
+        print("no trial completed all epochs within the budget")
+    else:
+        best = pool.sort_values(["val_accuracy", "peak_memory_mb"], ascending=[False, True]).iloc[0]
+        print(f"best: patch_size={best.get('patch_size')} memory_size={best.get('memory_size')} "
+              f"iteration_size={best.get('iteration_size')} lr={best.get('lr', float('nan')):.2e}")
+        print(f"      val accuracy {best['val_accuracy']:.4f}, test accuracy {best['test_accuracy']:.4f}, "
+              f"peak memory {best['peak_memory_mb']:.0f} MB ({best['memory_kind']})")
+        if settings.multi_objective:
+            from ips_search.report.tables import pareto_front
+
+            front = pareto_front(pool)
+            print("Pareto set (val accuracy vs peak memory, full-budget trials):")
+            cols = [c for c in ("trial_id", "patch_size", "memory_size", "iteration_size", "val_accuracy",
+                                "test_accuracy", "peak_memory_mb") if c in front]
+            print(front[cols].to_string(index=False))
+    print(f"report: python -m ips_search.report {settings.experiment_dir}")

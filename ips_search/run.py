@@ -1,0 +1,202 @@
+"""``python -m ips_search.run``: search M, I, patch size and learning rate with Ray Tune + Optuna.
+
+Every input problem is reported as one line with exit code 2 before Ray starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ips_search.errors import EXIT_BAD_INPUT, ConfigError
+from ips_search.space import SearchSpace, load_space, memory_iteration_ranges
+
+EXPERIMENT_FILE = "experiment.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ips_search.run",
+        description="Find the IPS memory size M, iteration size I, patch size P and learning rate that give the best "
+        "validation accuracy for a dataset and a memory budget. Results land in RESULTS_DIR/NAME/.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--trials", type=int, default=50, help="number of trials (configs) to run")
+    p.add_argument("--space", default="default", help="search space: a name in search_spaces/ or a YAML path")
+    p.add_argument("--name", default=None, help="experiment name (default: <space>-<timestamp>)")
+    p.add_argument("--results-dir", default="results", help="folder that holds experiments")
+    p.add_argument("--objective", choices=["accuracy", "accuracy-memory"], default="accuracy",
+                   help="maximise validation accuracy, or find the Pareto front of accuracy vs peak memory")
+    p.add_argument("--max-memory-mb", type=float, default=None,
+                   help="memory budget: a trial whose first training step exceeds it is marked infeasible and stops")
+    p.add_argument("--sampler", choices=["tpe", "gp", "nsga2", "random"], default="tpe", help="Optuna sampler")
+    p.add_argument("--scheduler", choices=["asha", "fifo"], default=None,
+                   help="trial scheduler (default: asha for accuracy, fifo for accuracy-memory)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (also torch's thread count)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0,
+                   help="GPUs per trial, fractional allowed (0.25 packs four trials per GPU); "
+                   "falls back to CPU with a warning when the cluster has no GPU")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="trials at once (default: as many as the cluster's CPUs/GPUs fit)")
+    p.add_argument("--address", default=None,
+                   help="an existing Ray cluster, e.g. 'auto' or 'HOST:6379' (default: start a local one)")
+    p.add_argument("--num-gpus", type=float, default=None,
+                   help="GPUs the local Ray instance advertises (default: detected)")
+    p.add_argument("--no-dashboard", action="store_true", help="don't start the Ray dashboard")
+    p.add_argument("--dashboard-host", default="127.0.0.1",
+                   help="interface the dashboard binds; anything but localhost exposes it (a warning is printed)")
+    p.add_argument("--resume", metavar="NAME", default=None,
+                   help="continue experiment NAME in --results-dir (finished trials are kept)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per trial (overrides the space's train.epochs)")
+    p.add_argument("--dry-run", action="store_true", help="validate the space and the data, print the plan, run nothing")
+    return p
+
+
+def _check_positive(value: float | None, flag: str, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{flag} must be {'>= 0' if allow_zero else '> 0'}, got {value:g}")
+
+
+def check_results_dir(path: str) -> Path:
+    """Create the results folder if needed and make sure we can write into it."""
+    results = Path(path)
+    try:
+        results.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create results folder {results} ({exc.strerror}); "
+                          "pass a writable --results-dir") from None
+    if not os.access(results, os.W_OK | os.X_OK):
+        raise ConfigError(f"results folder {results} is not writable; fix its permissions or pass another "
+                          "--results-dir")
+    return results
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    if args.trials < 1:
+        raise ConfigError(f"--trials must be at least 1, got {args.trials}")
+    _check_positive(args.max_memory_mb, "--max-memory-mb")
+    _check_positive(args.cpus_per_trial, "--cpus-per-trial")
+    _check_positive(args.gpus_per_trial, "--gpus-per-trial", allow_zero=True)
+    if args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial):
+        raise ConfigError(f"--gpus-per-trial above 1 must be whole, got {args.gpus_per_trial:g}")
+    if args.concurrency is not None and args.concurrency < 1:
+        raise ConfigError(f"--concurrency must be at least 1, got {args.concurrency}")
+    if args.epochs is not None and args.epochs < 1:
+        raise ConfigError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.name is not None and (not args.name or "/" in args.name or args.name.startswith(".")):
+        raise ConfigError(f"--name {args.name!r} must be a plain folder name (no '/', not starting with '.')")
+
+
+def load_experiment(results_dir: Path, name: str) -> dict[str, Any]:
+    """The saved settings of experiment ``name``; a clear error if it isn't one of ours."""
+    folder = results_dir / name
+    if not folder.is_dir():
+        known = sorted(p.name for p in results_dir.iterdir() if (p / EXPERIMENT_FILE).is_file())
+        raise ConfigError(f"no experiment {name!r} in {results_dir}; existing: {', '.join(known) or 'none'}")
+    try:
+        saved = json.loads((folder / EXPERIMENT_FILE).read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"{folder} is not an ips-search experiment (no readable {EXPERIMENT_FILE}); "
+                          "pass the name of a folder this tool created") from None
+    if saved.get("tool") != "ips-search":
+        raise ConfigError(f"{folder} was not written by ips-search; pass the name of a folder this tool created")
+    return saved
+
+
+def plan_lines(space: SearchSpace, settings: Any) -> list[str]:
+    lines = [f"experiment   {settings.experiment_dir}",
+             f"space        {space.name}: {space.description}".rstrip(": "),
+             f"trials       {settings.trials} ({settings.concurrency} at once, {settings.cpus_per_trial:g} CPU"
+             f" + {settings.gpus_per_trial:g} GPU each), {settings.epochs} epochs max",
+             f"objective    {settings.objective}, sampler {settings.sampler}, scheduler {settings.scheduler}"
+             + (f", budget {settings.max_memory_mb:g} MB" if settings.max_memory_mb else "")]
+    for p in space.params.values():
+        rng = f"choices {p.choices}" if p.choices is not None else f"[{p.low}, {p.high}]{' log' if p.log else ''}"
+        lines.append(f"  {p.name:<16} {rng}")
+    if "memory_size" in space.params:
+        for ps in space.patch_sizes():
+            n = space.n_patches(ps)
+            (mlo, mhi), _ = memory_iteration_ranges(space, n)
+            lines.append(f"  P={ps:<4} N={n:<5} M in [{mlo:g}, {mhi:g}], I up to N - M")
+    return lines
+
+
+def prepare_data(space: SearchSpace) -> None:
+    """Build the dataset cache (and the warm-start encoders) once in the driver, with progress bars,
+    so trials only load them."""
+    import dataclasses
+
+    from ips_search.data import build_datasets
+    from ips_search.train import build_model
+
+    base = space.base_config()
+    for patch_size in space.patch_sizes():
+        data = dataclasses.replace(base.data, patch_size=patch_size, patch_stride=None)
+        splits = build_datasets(data)
+        exp = dataclasses.replace(base, data=data)
+        if exp.train.warm_start and data.dataset == "megapixel":
+            build_model(exp, splits, device=__import__("torch").device("cpu"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _main(args: argparse.Namespace) -> int:
+    if not args.address:
+        # Ray reads this when it is first imported, so it is set before anything imports ray
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from ips_search.search import SearchSettings
+
+    validate_args(args)
+    results_dir = check_results_dir(args.results_dir)
+    if args.resume:
+        saved = load_experiment(results_dir, args.resume)
+        settings = SearchSettings(**saved["settings"])
+        settings.results_dir = str(results_dir)
+        space = load_space(saved["space_file"]) if Path(saved["space_file"]).is_file() else load_space(settings.space)
+    else:
+        space = load_space(args.space)
+        if args.epochs:
+            space.fixed.setdefault("train", {})["epochs"] = args.epochs
+        base = space.base_config()
+        name = args.name or f"{space.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+        if (results_dir / name).exists():
+            raise ConfigError(f"experiment {name!r} already exists in {results_dir}; pick another --name or "
+                              f"continue it with --resume {name}")
+        settings = SearchSettings(
+            name=name, results_dir=str(results_dir), space=space.name, trials=args.trials,
+            objective=args.objective, sampler=args.sampler,
+            scheduler=args.scheduler or ("fifo" if args.objective == "accuracy-memory" else "asha"),
+            max_memory_mb=args.max_memory_mb, cpus_per_trial=args.cpus_per_trial,
+            gpus_per_trial=args.gpus_per_trial, seed=args.seed, epochs=base.train.epochs,
+            concurrency=args.concurrency or max(1, int((os.cpu_count() or 1) // args.cpus_per_trial)),
+        )
+        space.fixed.setdefault("train", {})["seed"] = args.seed
+    if args.dry_run:
+        prepare_data(space)
+        print("\n".join(["dry run: the space and the data are valid; this search would run:"]
+                        + plan_lines(space, settings)))
+        return 0
+    from ips_search.launch import run_search
+
+    return run_search(space, settings, args, resume=bool(args.resume))
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The search: Ray Tune runs trials, an Optuna sampler proposes them.
+
+* ``OptunaSearch`` with a define-by-run space, its study stored in an Optuna
+  ``JournalStorage`` file in the experiment folder (optuna-dashboard opens it; the
+  report reads Pareto sets and importances from it).
+* Trials the scheduler stops early are told to Optuna as PRUNED (with their
+  per-epoch values), not as COMPLETE: partial results never pose as final.
+* With a memory budget, each trial's ``peak_memory_mb - budget`` is stored as its
+  constraint, which Optuna's samplers use (``constraints_func``) to steer away
+  from infeasible configs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from ips_search.results import TRIALS_CSV, TrialsCsvCallback
+from ips_search.space import SearchSpace, first_points, searcher_space
+from ips_search.trainable import MEMORY_METRIC, METRIC, train_ips
+
+JOURNAL_FILE = "optuna.journal"
+SAMPLERS = ("tpe", "gp", "nsga2", "random")
+SCHEDULERS = ("asha", "fifo")
+OBJECTIVES = ("accuracy", "accuracy-memory")
+
+
+@dataclass
+class SearchSettings:
+    """What the command line decided; saved as ``experiment.json``."""
+
+    name: str
+    results_dir: str
+    space: str
+    trials: int = 50
+    objective: str = "accuracy"
+    sampler: str = "tpe"
+    scheduler: str = "asha"
+    max_memory_mb: float | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    concurrency: int = 1
+    seed: int = 0
+    epochs: int = 4
+
+    @property
+    def multi_objective(self) -> bool:
+        return self.objective == "accuracy-memory"
+
+    @property
+    def experiment_dir(self) -> Path:
+        return Path(self.results_dir).resolve() / self.name
+
+
+def _constraint(trial: optuna.trial.FrozenTrial) -> tuple[float, ...]:
+    return tuple(trial.user_attrs.get("constraint", (0.0,)))
+
+
+def make_sampler(name: str, seed: int, budgeted: bool) -> optuna.samplers.BaseSampler:
+    constraints = _constraint if budgeted else None
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints, multivariate=True, group=True)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, constraints_func=constraints)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints, population_size=10)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+class IPSOptunaSearch(OptunaSearch):
+    """OptunaSearch that records trial outcomes faithfully in the study.
+
+    Early-stopped trials become PRUNED (their per-epoch values stay as intermediate
+    values). Infeasible and diverged trials keep their reported values plus a
+    violated constraint, so constrained samplers learn from them. Status, memory and
+    test accuracy land in each Optuna trial's user attributes.
+    """
+
+    def __init__(self, *args: Any, max_memory_mb: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_memory_mb = max_memory_mb
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        if result:
+            status = result.get("status", "running")
+            peak = result.get(MEMORY_METRIC)
+            for key in ("status", MEMORY_METRIC, "memory_kind", "test_accuracy", "memory_size", "iteration_size",
+                        "n_patches", "epoch"):
+                if key in result and result[key] is not None and not (isinstance(result[key], float)
+                                                                      and math.isinf(result[key])):
+                    ot_trial.set_user_attr(key, result[key])
+            if self.max_memory_mb and peak is not None:
+                ot_trial.set_user_attr("constraint", [float(min(peak, 1e12)) - self.max_memory_mb])
+            if status == "running" and not error:  # stopped by the scheduler before its last epoch
+                self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+                self._completed_trials.add(trial_id)
+                return None
+        return super().on_trial_complete(trial_id, result, error)
+
+
+def make_searcher(space: SearchSpace, settings: SearchSettings) -> IPSOptunaSearch:
+    journal = settings.experiment_dir / JOURNAL_FILE
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    if settings.multi_objective:
+        metric, mode = [METRIC, MEMORY_METRIC], ["max", "min"]
+    else:
+        metric, mode = METRIC, "max"
+    return IPSOptunaSearch(
+        space=searcher_space(space), metric=metric, mode=mode,
+        sampler=make_sampler(settings.sampler, settings.seed, settings.max_memory_mb is not None),
+        storage=storage, study_name=settings.name, points_to_evaluate=first_points(space) or None,
+        max_memory_mb=settings.max_memory_mb,
+    )
+
+
+def make_scheduler(settings: SearchSettings):
+    if settings.scheduler == "fifo":
+        return FIFOScheduler()
+    # ASHA acts on the accuracy alone; with two objectives the Pareto set is built from full-budget trials only
+    return ASHAScheduler(metric=METRIC, mode="max", time_attr="training_iteration", max_t=settings.epochs,
+                         grace_period=max(1, settings.epochs // 4), reduction_factor=3)
+
+
+def make_trainable(settings: SearchSettings):
+    resources = {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
+    return tune.with_resources(train_ips, resources)
+
+
+def make_run_config(settings: SearchSettings, verbose: int = 1) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=settings.name,
+        storage_path=str(Path(settings.results_dir).resolve()),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        failure_config=tune.FailureConfig(max_failures=1),
+        callbacks=[TrialsCsvCallback(settings.experiment_dir / TRIALS_CSV)],
+        verbose=verbose,
+    )
+
+
+def trial_dirname(trial: Any) -> str:
+    """Short, config-free trial folder names (Ray's default embeds the whole config)."""
+    return f"{trial.trainable_name}_{trial.trial_id}"
+
+
+def make_tuner(space: SearchSpace, settings: SearchSettings, verbose: int = 1) -> tune.Tuner:
+    param_space = {"fixed": space.fixed, "max_memory_mb": settings.max_memory_mb}
+    tune_config = tune.TuneConfig(
+        search_alg=make_searcher(space, settings), scheduler=make_scheduler(settings),
+        num_samples=settings.trials, max_concurrent_trials=settings.concurrency, reuse_actors=True,
+        trial_dirname_creator=trial_dirname,
+    )
+    return tune.Tuner(make_trainable(settings), param_space=param_space, tune_config=tune_config,
+                      run_config=make_run_config(settings, verbose))
+
+
+def restore_tuner(settings: SearchSettings) -> tune.Tuner:
+    """Continue an experiment: finished trials are kept, unfinished and errored ones resumed."""
+    return tune.Tuner.restore(str(settings.experiment_dir), trainable=make_trainable(settings),
+                              resume_unfinished=True, resume_errored=True)

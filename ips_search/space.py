@@ -1,0 +1,288 @@
+"""Search spaces: YAML files of fixed settings plus searched parameters.
+
+A space file (``search_spaces/<name>.yaml``, loaded with ``yaml.safe_load``)::
+
+    data:  {dataset: megapixel, canvas_size: 256, ...}   # fixed DataConfig fields
+    model: {encoder: small-cnn, dim: 64, ...}            # fixed IPSConfig fields
+    train: {epochs: 4, batch_size: 16, ...}              # fixed TrainConfig fields
+    search:                                               # searched parameters
+      patch_size: {choices: [32, 64]}                     # P
+      memory_size: {low: 2, high: 16, log: true}          # M
+      iteration_size: {low: 2, high: 32, log: true}       # I
+      lr: {low: 1.0e-4, high: 3.0e-3, log: true}
+    first: [{patch_size: 32, memory_size: 4, ...}]        # configs evaluated first (optional)
+
+M and I depend on the patch count N, which depends on P. So the define-by-run
+space (:func:`define_space`) samples P first, then M and I as *quantiles* of their
+feasible ranges (``M in [low, min(high, N - 1)]``, ``I in [low, min(high, N - M)]``,
+on a log scale when asked): the sampler sees fixed ``[0, 1]`` distributions it can
+model jointly with P, and every config satisfies ``M < N`` and ``I <= N - M``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ips_search.config import DataConfig, ExperimentConfig, IPSConfig, TrainConfig, build_config
+from ips_search.errors import ConfigError
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+SECTIONS = {"data": DataConfig, "model": IPSConfig, "train": TrainConfig}
+DERIVED = ("memory_size", "iteration_size")  # sampled as quantiles of a range that depends on N
+QUANTILE_SUFFIX = "_quantile"
+# where a searched parameter lands; patch_size/patch_stride set both data and model
+PARAM_SECTIONS = {"patch_size": ("data", "model"), "patch_stride": ("data", "model")}
+for _section, _cls in SECTIONS.items():
+    for _f in dataclasses.fields(_cls):
+        PARAM_SECTIONS.setdefault(_f.name, (_section,))
+
+
+@dataclass
+class Param:
+    """One searched parameter: categorical ``choices``, or a numeric ``low``..``high`` range."""
+
+    name: str
+    choices: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+
+    def suggest(self, trial: Any) -> Any:
+        if self.choices is not None:
+            return trial.suggest_categorical(self.name, self.choices)
+        if self.integer:
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log)
+
+
+@dataclass
+class SearchSpace:
+    """A parsed, validated space: fixed sections, searched parameters, configs to try first."""
+
+    name: str
+    fixed: dict[str, dict[str, Any]]
+    params: dict[str, Param]
+    first: list[dict[str, Any]] = field(default_factory=list)
+    description: str = ""
+
+    def base_config(self) -> ExperimentConfig:
+        return ExperimentConfig.from_dict(self.fixed)
+
+    def n_patches(self, patch_size: int, patch_stride: int | None = None) -> int:
+        """N for a patch size: from the image size of the fixed data settings."""
+        data = self.base_config().data
+        side = data.canvas_size if data.dataset == "megapixel" else data.image_size
+        stride = patch_stride or patch_size
+        if patch_size > side:
+            return 0
+        per_side = (side - patch_size) // stride + 1
+        return per_side * per_side
+
+    def patch_sizes(self) -> list[int]:
+        p = self.params.get("patch_size")
+        if p is None:
+            return [self.base_config().data.patch_size]
+        if p.choices is not None:
+            return [int(c) for c in p.choices]
+        return list(range(int(p.low), int(p.high) + 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, **self.fixed,
+                "search": {k: _param_to_dict(p) for k, p in self.params.items()}, "first": self.first}
+
+
+def _param_to_dict(p: Param) -> dict[str, Any]:
+    if p.choices is not None:
+        return {"choices": p.choices}
+    return {"low": p.low, "high": p.high, "log": p.log}
+
+
+def resolve_space_path(name_or_path: str) -> Path:
+    """A YAML path as given, else ``search_spaces/<name>.yaml`` (cwd first, then the project's)."""
+    candidates = [Path(name_or_path)]
+    if not name_or_path.endswith((".yaml", ".yml")):
+        candidates += [Path("search_spaces") / f"{name_or_path}.yaml", SPACES_DIR / f"{name_or_path}.yaml"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    known = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+    raise ConfigError(f"search space {name_or_path!r} not found; use a YAML path or one of: {', '.join(known)}")
+
+
+def _parse_param(name: str, spec: Any, where: str) -> Param:
+    if name not in PARAM_SECTIONS:
+        raise ConfigError(f"unknown parameter {name!r} under 'search' in {where}; searchable: "
+                          f"{', '.join(sorted(PARAM_SECTIONS))}")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"search.{name} in {where} must be a mapping like {{low: 1, high: 8}} or {{choices: [..]}}")
+    unknown = set(spec) - {"choices", "low", "high", "log"}
+    if unknown:
+        raise ConfigError(f"search.{name} in {where} has unknown key(s) {', '.join(sorted(unknown))}; "
+                          "use choices, or low/high/log")
+    if "choices" in spec:
+        choices = spec["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError(f"search.{name}.choices in {where} must be a non-empty list")
+        return Param(name, choices=choices)
+    low, high = spec.get("low"), spec.get("high")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+        raise ConfigError(f"search.{name} in {where} needs numeric low and high, got low={low!r} high={high!r}")
+    if low > high or (spec.get("log") and low <= 0):
+        raise ConfigError(f"search.{name} in {where} has an empty or invalid range [{low}, {high}]"
+                          + (" (log ranges need low > 0)" if spec.get("log") else ""))
+    integer = isinstance(low, int) and isinstance(high, int)
+    return Param(name, low=low, high=high, log=bool(spec.get("log", False)), integer=integer)
+
+
+def load_space(name_or_path: str) -> SearchSpace:
+    """Read and validate a space file; every problem is one ConfigError line."""
+    path = resolve_space_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{at}: {getattr(exc, 'problem', exc)}; fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a YAML mapping with data/model/train/search sections")
+    unknown = set(raw) - {"data", "model", "train", "search", "first", "description"}
+    if unknown:
+        raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))} in {path}; "
+                          "use data, model, train, search, first, description")
+    fixed = {s: dict(raw.get(s) or {}) for s in SECTIONS}
+    for section, cls in SECTIONS.items():
+        if not isinstance(raw.get(section) or {}, dict):
+            raise ConfigError(f"section {section!r} in {path} must be a mapping")
+        build_config(cls, fixed[section], f"{section} of {path}")  # unknown keys, types, ranges
+    params = {k: _parse_param(k, v, str(path)) for k, v in (raw.get("search") or {}).items()}
+    first = raw.get("first") or []
+    if not isinstance(first, list) or not all(isinstance(p, dict) for p in first):
+        raise ConfigError(f"'first' in {path} must be a list of parameter mappings")
+    space = SearchSpace(path.stem, fixed, params, first, str(raw.get("description", "")))
+    validate_space(space, str(path))
+    return space
+
+
+def validate_space(space: SearchSpace, where: str) -> None:
+    """Reject a space whose M / I ranges can't satisfy ``M < N`` and ``I <= N - M`` for some P."""
+    fixed_model = space.fixed.get("model", {})
+    m = space.params.get("memory_size") or Param("memory_size", low=fixed_model.get("memory_size", 5))
+    i = space.params.get("iteration_size") or Param("iteration_size", low=fixed_model.get("iteration_size", 5))
+    for p in space.params.values():
+        if p.name in DERIVED and p.choices is not None:
+            raise ConfigError(f"search.{p.name} in {where} must be a low/high range (it is scaled to each patch count)")
+    for patch_size in space.patch_sizes():
+        n = space.n_patches(patch_size)
+        if n < 2:
+            raise ConfigError(f"patch_size {patch_size} in {where} leaves {n} patch(es) per image; "
+                              "use a smaller patch_size or a larger image")
+        if m.low >= n:
+            raise ConfigError(f"memory_size low={m.low} in {where} is not below N={n} patches at patch_size "
+                              f"{patch_size}; lower memory_size.low to at most {n - 1}")
+        if i.low > n - m.low:
+            raise ConfigError(f"iteration_size low={i.low} in {where} exceeds N - M = {n - int(m.low)} at "
+                              f"patch_size {patch_size}; lower iteration_size.low")
+
+
+def _scaled(p: Param, q: float, low: float, high: float) -> int:
+    """The integer at quantile ``q`` of ``[low, high]`` (log scale when ``p.log``)."""
+    if p.log:
+        value = math.exp(math.log(low) + q * (math.log(high) - math.log(low)))
+    else:
+        value = low + q * (high - low)
+    return int(min(high, max(low, round(value))))
+
+
+def _quantile(p: Param, value: float, low: float, high: float) -> float:
+    if high <= low:
+        return 0.0
+    if p.log:
+        return (math.log(value) - math.log(low)) / (math.log(high) - math.log(low))
+    return (value - low) / (high - low)
+
+
+def memory_iteration_ranges(space: SearchSpace, n: int, memory_size: int | None = None):
+    """Feasible ``(low, high)`` of M for N patches, and of I once M is known."""
+    m, i = space.params["memory_size"], space.params["iteration_size"]
+    m_range = (m.low, min(m.high, n - 1))
+    if memory_size is None:
+        return m_range, None
+    return m_range, (i.low, min(i.high, n - memory_size))
+
+
+def define_space(trial: Any, space_dict: dict[str, Any]) -> dict[str, Any]:
+    """Optuna define-by-run space (top level, so Ray can pickle it for resume).
+
+    Samples every searched parameter; M and I as quantiles (``memory_size_quantile``,
+    ``iteration_size_quantile``) of their ranges at this P. Returns the derived M and I.
+    """
+    space = space_from_dict(space_dict)
+    derived: dict[str, Any] = {}
+    sampled = {p.name: p.suggest(trial) for p in space.params.values() if p.name not in DERIVED}
+    patch_size = sampled.get("patch_size", space.base_config().data.patch_size)
+    n = space.n_patches(int(patch_size))
+    model = space.fixed.get("model", {})
+    memory_size = int(model.get("memory_size", 5))
+    if "memory_size" in space.params:
+        q = trial.suggest_float("memory_size" + QUANTILE_SUFFIX, 0.0, 1.0)
+        memory_size = _scaled(space.params["memory_size"], q, *memory_iteration_ranges(space, n)[0])
+    derived["memory_size"] = memory_size
+    if "iteration_size" in space.params:
+        q = trial.suggest_float("iteration_size" + QUANTILE_SUFFIX, 0.0, 1.0)
+        low, high = memory_iteration_ranges(space, n, memory_size)[1]
+        derived["iteration_size"] = _scaled(space.params["iteration_size"], q, low, high)
+    return derived
+
+
+def space_from_dict(d: dict[str, Any]) -> SearchSpace:
+    params = {k: _parse_param(k, v, d.get("name", "space")) for k, v in d.get("search", {}).items()}
+    fixed = {s: dict(d.get(s) or {}) for s in SECTIONS}
+    return SearchSpace(d.get("name", "space"), fixed, params, list(d.get("first", [])), d.get("description", ""))
+
+
+def searcher_space(space: SearchSpace):
+    """The define-by-run function handed to ``OptunaSearch``: a picklable partial of :func:`define_space`."""
+    return functools.partial(define_space, space_dict=space.to_dict())
+
+
+def first_points(space: SearchSpace) -> list[dict[str, Any]]:
+    """``first`` configs in absolute units, turned into the sampler's parameters (quantiles for M and I)."""
+    points = []
+    for raw in space.first:
+        unknown = set(raw) - set(space.params)
+        if unknown:
+            raise ConfigError(f"'first' config {raw} names unsearched parameter(s) {', '.join(sorted(unknown))}")
+        point = {k: v for k, v in raw.items() if k not in DERIVED}
+        n = space.n_patches(int(raw.get("patch_size", space.base_config().data.patch_size)))
+        if "memory_size" in raw:
+            (lo, hi), _ = memory_iteration_ranges(space, n)
+            if not lo <= raw["memory_size"] <= hi:
+                raise ConfigError(f"'first' config {raw}: memory_size must be in [{lo}, {hi}] for N={n} patches")
+            point["memory_size" + QUANTILE_SUFFIX] = _quantile(space.params["memory_size"], raw["memory_size"], lo, hi)
+        if "iteration_size" in raw:
+            _, (lo, hi) = memory_iteration_ranges(space, n, raw.get("memory_size"))
+            if not lo <= raw["iteration_size"] <= hi:
+                raise ConfigError(f"'first' config {raw}: iteration_size must be in [{lo}, {hi}] for N={n} patches")
+            point["iteration_size" + QUANTILE_SUFFIX] = _quantile(space.params["iteration_size"],
+                                                                   raw["iteration_size"], lo, hi)
+        points.append(point)
+    return points
+
+
+def trial_config(fixed: dict[str, dict[str, Any]], sampled: dict[str, Any]) -> ExperimentConfig:
+    """The :class:`ExperimentConfig` of one trial: fixed sections overlaid with sampled values."""
+    sections = {s: dict(fixed.get(s) or {}) for s in SECTIONS}
+    for name, value in sampled.items():
+        if name.endswith(QUANTILE_SUFFIX):
+            continue
+        for section in PARAM_SECTIONS.get(name, ()):
+            sections[section][name] = value
+    return ExperimentConfig.from_dict(sections)

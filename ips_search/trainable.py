@@ -1,0 +1,144 @@
+"""The Ray Tune trainable: one trial = train and evaluate IPSNet for one config.
+
+A plain function, as in Ray Tune's examples: it calls ``tune.report`` once per
+epoch with validation metrics, peak memory and speed, and a checkpoint (model,
+optimiser, scheduler, epoch), so a paused, early-stopped-then-resumed or
+restored trial continues where it was. The last report adds test metrics.
+
+Statuses a trial can end with (the ``status`` metric): ``running`` (an epoch
+report), ``completed`` (all epochs), ``infeasible`` (the first training step went
+over ``max_memory_mb``), ``nan-loss`` and ``out-of-memory``. An infeasible or
+failed trial reports ``val_accuracy = 0`` so the searcher ranks it last; the
+``status`` column says why.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Any
+
+import torch
+from ray import tune
+
+from ips_search.data import build_datasets
+from ips_search.space import trial_config
+from ips_search.train import (
+    NonFiniteLossError,
+    build_model,
+    evaluate,
+    make_loader,
+    make_optimizer,
+    make_scheduler,
+    resolve_device,
+    train_one_epoch,
+)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+METRIC = "val_accuracy"
+MEMORY_METRIC = "peak_memory_mb"
+
+
+class OverBudgetError(RuntimeError):
+    """The memory probe (first training step) exceeded the trial's memory budget."""
+
+    def __init__(self, peak_mb: float, budget_mb: float) -> None:
+        super().__init__(f"first step used {peak_mb:.0f} MB, over the {budget_mb:.0f} MB budget")
+        self.peak_mb = peak_mb
+
+
+def _trial_resources() -> tuple[int, float]:
+    """(CPUs, GPUs) this trial was given; (1, 0) outside Ray Tune."""
+    try:
+        resources = tune.get_context().get_trial_resources().required_resources
+    except Exception:  # noqa: BLE001 - not inside a Tune session (e.g. called directly in a test)
+        return max(1, os.cpu_count() or 1), 0.0
+    return max(1, int(resources.get("CPU", 1))), float(resources.get("GPU", 0.0))
+
+
+def _save_checkpoint(directory: str, model, optimizer, scheduler, epoch: int, peak_mb: float) -> tune.Checkpoint:
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "peak_memory_mb": peak_mb},
+               os.path.join(directory, CHECKPOINT_FILE))
+    return tune.Checkpoint.from_directory(directory)
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """A checkpoint this trainable wrote; tensors and plain types only (``weights_only=True``)."""
+    try:
+        return torch.load(os.path.join(path, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a corrupt file is this trial's problem, reported in one line
+        raise RuntimeError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
+                           "delete it to restart this trial from scratch") from None
+
+
+def train_ips(config: dict[str, Any]) -> None:
+    """Tune trainable. ``config``: ``fixed`` (the space's fixed sections), ``max_memory_mb`` and sampled values."""
+    exp = trial_config(config["fixed"], config)
+    budget = config.get("max_memory_mb")
+    cpus, gpus = _trial_resources()
+    torch.set_num_threads(cpus)
+    device = resolve_device(exp.train.device)
+    if device.type == "cuda" and 0 < gpus < 1:
+        torch.cuda.set_per_process_memory_fraction(gpus, device)
+
+    splits = build_datasets(exp.data)  # cached on disk and in-process: reused actors don't rebuild it
+    model = build_model(exp, splits, device)
+    train_loader = make_loader(splits.train, exp.train, shuffle=True, device=device)
+    val_loader = make_loader(splits.val, exp.train, shuffle=False, device=device)
+    optimizer = make_optimizer(model, exp.train)
+    scheduler = make_scheduler(optimizer, exp.train, len(train_loader))
+
+    start_epoch, peak_mb = 0, 0.0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(directory)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, peak_mb = state["epoch"] + 1, state["peak_memory_mb"]
+
+    def probe(step: int, mem_mb: float) -> None:
+        if budget and step == 0 and mem_mb > budget:
+            raise OverBudgetError(mem_mb, budget)
+
+    base = {"n_patches": splits.n_patches, "memory_size": model.cfg.memory_size,
+            "iteration_size": model.cfg.iteration_size, "patch_size": model.cfg.patch_size, "device": device.type}
+    for epoch in range(start_epoch, exp.train.epochs):
+        try:
+            train = train_one_epoch(model, train_loader, optimizer, scheduler, exp.train, device,
+                                    on_step=probe if epoch == start_epoch and checkpoint is None else None)
+        except OverBudgetError as exc:
+            tune.report({**base, METRIC: 0.0, MEMORY_METRIC: exc.peak_mb, "memory_kind": _kind(device),
+                         "status": "infeasible", "feasible": False, "epoch": epoch + 1})
+            return
+        except NonFiniteLossError as exc:
+            tune.report({**base, METRIC: 0.0, MEMORY_METRIC: peak_mb, "memory_kind": _kind(device),
+                         "status": "nan-loss", "feasible": True, "error": str(exc), "epoch": epoch + 1})
+            return
+        except torch.cuda.OutOfMemoryError:
+            tune.report({**base, METRIC: 0.0, MEMORY_METRIC: math.inf, "memory_kind": "cuda",
+                         "status": "out-of-memory", "feasible": False, "epoch": epoch + 1})
+            return
+        val = evaluate(model, val_loader, device, exp.train.amp)
+        peak_mb = max(peak_mb, train["peak_memory_mb"])
+        last = epoch == exp.train.epochs - 1
+        metrics = {**base, METRIC: val["accuracy"], "val_loss": val["loss"], "train_loss": train["loss"],
+                   "train_accuracy": train["accuracy"], MEMORY_METRIC: peak_mb, "memory_kind": train["memory_kind"],
+                   "epoch_seconds": train["seconds"] + val["seconds"], "train_seconds": train["seconds"],
+                   "images_per_s": train["images_per_s"], "status": "completed" if last else "running",
+                   "feasible": budget is None or peak_mb <= budget, "epoch": epoch + 1}
+        metrics.update({f"val_{k}": v for k, v in val.items() if "/" in k})
+        if last:
+            test = evaluate(model, make_loader(splits.test, exp.train, shuffle=False, device=device), device,
+                            exp.train.amp)
+            metrics.update({"test_accuracy": test["accuracy"], "test_loss": test["loss"]})
+            metrics.update({f"test_{k}": v for k, v in test.items() if "/" in k})
+        with tempfile.TemporaryDirectory() as directory:
+            tune.report(metrics, checkpoint=_save_checkpoint(directory, model, optimizer, scheduler, epoch, peak_mb))
+
+
+def _kind(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else "cpu-rss"
