@@ -108,7 +108,7 @@ class DataConfig:
     canvas_size: int = 256
     digit_size: int = 28
     n_digits: int = 5
-    n_noise: int = 50
+    n_noise: int = 20  # scribble strokes; the paper uses 50 on 1500x1500 canvases
     n_train: int = 1500  # canvases with training-split digits (validation is carved from these)
     n_test: int = 500
     val_fraction: float = 0.2

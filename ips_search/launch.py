@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,6 @@ def start_ray(args: argparse.Namespace) -> dict[str, Any]:
 def fit_resources(settings: SearchSettings, cluster: dict[str, Any], explicit_concurrency: bool) -> None:
     """GPU requests on a cluster without GPUs fall back to CPU (one warning); concurrency fits the cluster."""
     if settings.gpus_per_trial > 0 and cluster.get("GPU", 0) <= 0:
-        warnings.warn("--gpus-per-trial was given but the Ray cluster has no GPU: trials run on CPU", stacklevel=1)
         print("warning: the Ray cluster has no GPU; trials run on CPU (--gpus-per-trial ignored)", file=sys.stderr)
         settings.gpus_per_trial = 0.0
     fits = [int(cluster.get("CPU", 1) // settings.cpus_per_trial)]

@@ -143,7 +143,7 @@ def prepare_data(space: SearchSpace) -> None:
         data = dataclasses.replace(base.data, patch_size=patch_size, patch_stride=None)
         splits = build_datasets(data)
         exp = dataclasses.replace(base, data=data)
-        if exp.train.warm_start and data.dataset == "megapixel":
+        if exp.train.warm_start:
             build_model(exp, splits, device=__import__("torch").device("cpu"))
 
 

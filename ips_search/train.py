@@ -58,9 +58,9 @@ def build_model(exp: ExperimentConfig, splits: DataSplits, device: torch.device,
                                     patch_size=exp.data.patch_size, patch_stride=exp.data.patch_stride)
     torch.manual_seed(exp.train.seed)
     model = IPSNet(model_cfg)
-    if warm_start and exp.train.warm_start and exp.data.dataset == "megapixel":
-        from ips_search.warmstart import apply_warm_start, pretrained_encoder_state
+    from ips_search.warmstart import apply_warm_start, pretrained_encoder_state, supports_warm_start
 
+    if warm_start and exp.train.warm_start and supports_warm_start(exp.data):
         apply_warm_start(model.encoder, pretrained_encoder_state(model_cfg, exp.data, progress=False))
     return model.to(device)
 

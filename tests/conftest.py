@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
+# Ray reads its auth mode when first imported: token auth on, as the CLI runs it
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 torch.set_num_threads(2)
 
 
@@ -15,4 +21,24 @@ def cache_dir(tmp_path_factory) -> str:
     """One data / warm-start cache for the whole session, so generation happens once."""
     path = os.environ.get("IPS_SEARCH_TEST_CACHE") or str(tmp_path_factory.mktemp("ips-cache"))
     os.environ["IPS_SEARCH_CACHE"] = path
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(cache_dir):
+    """The session's one Ray cluster: 2 CPUs, a small object store, its own short temp dir
+    (Ray's socket paths must stay under ~100 characters)."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    ctx = ray.init(address="local", num_cpus=2, object_store_memory=80 * 1024 * 1024, include_dashboard=False,
+                   _temp_dir=temp_dir, log_to_driver=False, configure_logging=False)
+    yield ctx
+    ray.shutdown()
+
+
+@pytest.fixture
+def results_dir(tmp_path) -> Path:
+    path = tmp_path / "results"
+    path.mkdir()
     return path

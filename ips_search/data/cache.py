@@ -1,0 +1,120 @@
+"""On-disk and in-process caches for generated data and warm-start weights.
+
+Files live in ``DataConfig.cache_dir``, else ``$IPS_SEARCH_CACHE``, else
+``~/.cache/ips-search``. A file's name is a hash of every field that changes its
+content (plus a format version), so a changed config never loads a stale file.
+Files hold plain tensors/dicts written with ``torch.save`` and are read back with
+``torch.load(weights_only=True)`` (no pickled code runs on load). Writes go to a
+temporary file that is then ``os.replace``-d into place, so a crash never leaves a
+half-written file, and a lock file makes concurrent Ray workers that need the same
+file wait for the first one instead of all computing it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ips_search.errors import ConfigError
+
+try:  # POSIX only; elsewhere concurrent builders just compute the same file twice
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+# Ray reuses worker processes: a second build of the same config in one process is free.
+_MEMORY: dict[str, Any] = {}
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The cache directory: ``cache_dir``, else ``$IPS_SEARCH_CACHE``, else ``~/.cache/ips-search``."""
+    root = cache_dir or os.environ.get("IPS_SEARCH_CACHE") or Path.home() / ".cache" / "ips-search"
+    return Path(root).expanduser()
+
+
+def cache_key(fields: dict[str, Any]) -> str:
+    """A short stable hash of ``fields`` (JSON with sorted keys)."""
+    blob = json.dumps(fields, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file next to ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def load(path: Path) -> Any:
+    """Load a cache file written by :func:`save_atomic` (``weights_only=True``)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def cached(kind: str, fields: dict[str, Any], build: Callable[[], Any], cache_dir: str | None = None) -> Any:
+    """Return the object for ``fields``: from memory, else from disk, else ``build()`` and save it.
+
+    ``kind`` prefixes the file name (``<kind>-<hash>.pt``); ``build`` must return
+    something ``torch.load(weights_only=True)`` can read back (tensors, dicts,
+    lists, numbers, strings).
+    """
+    root = cache_root(cache_dir)
+    path = root / f"{kind}-{cache_key({'kind': kind, **fields})}.pt"
+    key = str(path.absolute())
+    if key in _MEMORY:
+        return _MEMORY[key]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create cache directory {root} ({exc.strerror}); set cache_dir to a writable folder"
+        ) from None
+    with _file_lock(path):
+        obj = None
+        if path.exists():
+            try:
+                obj = load(path)
+            except Exception as exc:  # noqa: BLE001 - an unreadable file is rebuilt, not fatal
+                warnings.warn(
+                    f"ignoring unreadable cache file {path} ({type(exc).__name__}); rebuilding it", stacklevel=2
+                )
+        if obj is None:
+            obj = build()
+            save_atomic(obj, path)
+    _MEMORY[key] = obj
+    return obj
+
+
+def clear_memory_cache() -> None:
+    """Forget everything cached in this process (the files on disk stay)."""
+    _MEMORY.clear()

@@ -1,0 +1,42 @@
+"""``mnist-resized``: the reference notebook's setting, one MNIST digit per image.
+
+Each 28x28 digit is resized (bilinear, as torchvision's ``Resize`` in the notebook)
+to ``image_size`` square on access, so 500x500 images with 100-px patches give
+25 patches. Train images are the first ``n_train`` of a seeded permutation of
+MNIST's train split (validation is a ``val_fraction`` of those); test images are the
+first ``n_test`` of a seeded permutation of MNIST's real test split (the notebook
+evaluated on its train split). Needs the MNIST files on disk or ``download: true``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ips_search.config import DataConfig, Task
+from ips_search.data.dataset import PatchDataset
+from ips_search.data.digits import load_mnist
+from ips_search.errors import ConfigError
+
+HINT = "use dataset: megapixel (works offline)"
+
+
+def build(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchDataset, tuple[Task, ...]]:
+    """Train/val/test datasets of 1-channel ``image_size`` images and the task ``label`` (10 classes)."""
+    if cfg.n_train < 2:
+        raise ConfigError(f"n_train must be at least 2 (train and validation images), got {cfg.n_train}")
+    splits = []
+    for train, n, stream in ((True, cfg.n_train, 5), (False, cfg.n_test, 6)):
+        images, labels = load_mnist(cfg.cache_dir, train, cfg.download, HINT)
+        if n > len(labels):
+            which = "n_train" if train else "n_test"
+            raise ConfigError(f"{which} {n} is more than the {len(labels)} MNIST images; use {which} <= {len(labels)}")
+        pick = torch.from_numpy(np.random.default_rng([cfg.seed, stream]).permutation(len(labels))[:n])
+        splits.append((images[pick].unsqueeze(1), {"label": labels[pick]}))  # (n, 1, 28, 28) uint8
+
+    n_val = min(max(1, round(cfg.val_fraction * cfg.n_train)), cfg.n_train - 1)
+    args = dict(patch_size=cfg.patch_size, stride=cfg.patch_stride, image_size=cfg.image_size)
+    train = PatchDataset(*splits[0], indices=torch.arange(n_val, cfg.n_train), **args)
+    val = PatchDataset(*splits[0], indices=torch.arange(n_val), **args)
+    test = PatchDataset(*splits[1], **args)
+    return train, val, test, (Task("label", 10),)
