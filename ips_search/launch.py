@@ -29,15 +29,28 @@ def start_ray(args: argparse.Namespace) -> dict[str, Any]:
         ctx = ray.init(address=args.address, log_to_driver=False)
     else:
         if args.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"warning: the Ray dashboard will listen on {args.dashboard_host}, reachable from other machines "
-                  "(token auth stays on); use the default 127.0.0.1 unless you need this", file=sys.stderr)
-        ctx = ray.init(include_dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host,
-                       num_gpus=args.num_gpus, log_to_driver=False,
-                       object_store_memory=256 * 1024 * 1024, configure_logging=True, logging_level=logging.WARNING)
+            print(
+                f"warning: the Ray dashboard will listen on {args.dashboard_host}, reachable from other machines "
+                "(token auth stays on); use the default 127.0.0.1 unless you need this",
+                file=sys.stderr,
+            )
+        ctx = ray.init(
+            include_dashboard=not args.no_dashboard,
+            dashboard_host=args.dashboard_host,
+            num_gpus=args.num_gpus,
+            log_to_driver=False,
+            object_store_memory=256 * 1024 * 1024,
+            configure_logging=True,
+            logging_level=logging.WARNING,
+        )
     url = getattr(ctx, "dashboard_url", None)
     if url and not args.no_dashboard:
-        auth = (f"token auth is on: paste the token from `ray get-auth-token` (stored in {AUTH_TOKEN_FILE}) "
-                "when the dashboard asks" if os.environ.get("RAY_AUTH_MODE") == "token" else "token auth is off")
+        auth = (
+            f"token auth is on: paste the token from `ray get-auth-token` (stored in {AUTH_TOKEN_FILE}) "
+            "when the dashboard asks"
+            if os.environ.get("RAY_AUTH_MODE") == "token"
+            else "token auth is off"
+        )
         print(f"Ray dashboard: http://{url}  ({auth})", flush=True)
     return ray.cluster_resources()
 
@@ -51,9 +64,11 @@ def fit_resources(settings: SearchSettings, cluster: dict[str, Any], explicit_co
     if settings.gpus_per_trial > 0:
         fits.append(int(round(cluster.get("GPU", 0) / settings.gpus_per_trial, 6)))
     if min(fits) < 1:
-        raise SystemExit(f"error: a trial needs {settings.cpus_per_trial:g} CPU and {settings.gpus_per_trial:g} GPU "
-                         f"but the cluster has {cluster.get('CPU', 0):g} CPU and {cluster.get('GPU', 0):g} GPU; "
-                         "lower --cpus-per-trial / --gpus-per-trial")
+        raise SystemExit(
+            f"error: a trial needs {settings.cpus_per_trial:g} CPU and {settings.gpus_per_trial:g} GPU "
+            f"but the cluster has {cluster.get('CPU', 0):g} CPU and {cluster.get('GPU', 0):g} GPU; "
+            "lower --cpus-per-trial / --gpus-per-trial"
+        )
     if not explicit_concurrency:
         settings.concurrency = max(1, min(fits))
 
@@ -63,8 +78,14 @@ def save_experiment(space, settings: SearchSettings, argv: list[str]) -> None:
 
     folder = settings.experiment_dir
     folder.mkdir(parents=True, exist_ok=True)
-    doc = {"tool": "ips-search", "version": 1, "argv": argv, "settings": dataclasses.asdict(settings),
-           "space": space.to_dict(), "space_file": str(Path(space_path(space)).resolve())}
+    doc = {
+        "tool": "ips-search",
+        "version": 1,
+        "argv": argv,
+        "settings": dataclasses.asdict(settings),
+        "space": space.to_dict(),
+        "space_file": str(Path(space_path(space)).resolve()),
+    }
     tmp = folder / "experiment.json.tmp"
     tmp.write_text(json.dumps(doc, indent=2, default=str))
     os.replace(tmp, folder / "experiment.json")
@@ -77,7 +98,7 @@ def space_path(space) -> str:
 
 
 def run_search(space, settings: SearchSettings, args: argparse.Namespace, resume: bool) -> int:
-    from ips_search.run import prepare_data, plan_lines
+    from ips_search.run import plan_lines, prepare_data
     from ips_search.search import make_tuner, restore_tuner
 
     prepare_data(space)
@@ -109,16 +130,31 @@ def print_summary(settings: SearchSettings, grid: Any) -> None:
         print("no trial completed all epochs within the budget")
     else:
         best = pool.sort_values(["val_accuracy", "peak_memory_mb"], ascending=[False, True]).iloc[0]
-        print(f"best: patch_size={best.get('patch_size')} memory_size={best.get('memory_size')} "
-              f"iteration_size={best.get('iteration_size')} lr={best.get('lr', float('nan')):.2e}")
-        print(f"      val accuracy {best['val_accuracy']:.4f}, test accuracy {best['test_accuracy']:.4f}, "
-              f"peak memory {best['peak_memory_mb']:.0f} MB ({best['memory_kind']})")
+        print(
+            f"best: patch_size={best.get('patch_size')} memory_size={best.get('memory_size')} "
+            f"iteration_size={best.get('iteration_size')} lr={best.get('lr', float('nan')):.2e}"
+        )
+        print(
+            f"      val accuracy {best['val_accuracy']:.4f}, test accuracy {best['test_accuracy']:.4f}, "
+            f"peak memory {best['peak_memory_mb']:.0f} MB ({best['memory_kind']})"
+        )
         if settings.multi_objective:
             from ips_search.report.tables import pareto_front
 
             front = pareto_front(pool)
             print("Pareto set (val accuracy vs peak memory, full-budget trials):")
-            cols = [c for c in ("trial_id", "patch_size", "memory_size", "iteration_size", "val_accuracy",
-                                "test_accuracy", "peak_memory_mb") if c in front]
+            cols = [
+                c
+                for c in (
+                    "trial_id",
+                    "patch_size",
+                    "memory_size",
+                    "iteration_size",
+                    "val_accuracy",
+                    "test_accuracy",
+                    "peak_memory_mb",
+                )
+                if c in front
+            ]
             print(front[cols].to_string(index=False))
     print(f"report: python -m ips_search.report {settings.experiment_dir}")

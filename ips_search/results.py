@@ -18,8 +18,19 @@ from ips_search.space import QUANTILE_SUFFIX
 
 TRIALS_CSV = "trials.csv"
 FINAL_STATUSES = ("infeasible", "nan-loss", "out-of-memory")
-METRIC_COLUMNS = ["val_accuracy", "best_val_accuracy", "test_accuracy", "peak_memory_mb", "memory_kind",
-                  "feasible", "epochs", "time_total_s", "train_seconds", "images_per_s", "n_patches"]
+METRIC_COLUMNS = [
+    "val_accuracy",
+    "best_val_accuracy",
+    "test_accuracy",
+    "peak_memory_mb",
+    "memory_kind",
+    "feasible",
+    "epochs",
+    "time_total_s",
+    "train_seconds",
+    "images_per_s",
+    "n_patches",
+]
 
 
 def trial_status(ray_status: str, last: dict[str, Any]) -> str:
@@ -42,14 +53,23 @@ def trial_row(trial: Any) -> dict[str, Any]:
     best = trial.metric_analysis.get("val_accuracy", {}).get("max") if trial.metric_analysis else None
     row = {"trial_id": trial.trial_id, "status": trial_status(trial.status, last), "ray_status": trial.status}
     row.update({k: v for k, v in params.items() if not k.endswith(QUANTILE_SUFFIX)})
-    row.update({
-        "val_accuracy": last.get("val_accuracy"), "best_val_accuracy": best,
-        "test_accuracy": last.get("test_accuracy"), "peak_memory_mb": last.get("peak_memory_mb"),
-        "memory_kind": last.get("memory_kind"), "feasible": last.get("feasible"),
-        "epochs": last.get("training_iteration"), "time_total_s": last.get("time_total_s"),
-        "train_seconds": last.get("train_seconds"), "images_per_s": last.get("images_per_s"),
-        "n_patches": last.get("n_patches"), "node_ip": last.get("node_ip"), "path": trial.path,
-    })
+    row.update(
+        {
+            "val_accuracy": last.get("val_accuracy"),
+            "best_val_accuracy": best,
+            "test_accuracy": last.get("test_accuracy"),
+            "peak_memory_mb": last.get("peak_memory_mb"),
+            "memory_kind": last.get("memory_kind"),
+            "feasible": last.get("feasible"),
+            "epochs": last.get("training_iteration"),
+            "time_total_s": last.get("time_total_s"),
+            "train_seconds": last.get("train_seconds"),
+            "images_per_s": last.get("images_per_s"),
+            "n_patches": last.get("n_patches"),
+            "node_ip": last.get("node_ip"),
+            "path": trial.path,
+        }
+    )
     return row
 
 

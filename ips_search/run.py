@@ -31,31 +31,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", default="default", help="search space: a name in search_spaces/ or a YAML path")
     p.add_argument("--name", default=None, help="experiment name (default: <space>-<timestamp>)")
     p.add_argument("--results-dir", default="results", help="folder that holds experiments")
-    p.add_argument("--objective", choices=["accuracy", "accuracy-memory"], default="accuracy",
-                   help="maximise validation accuracy, or find the Pareto front of accuracy vs peak memory")
-    p.add_argument("--max-memory-mb", type=float, default=None,
-                   help="memory budget: a trial whose first training step exceeds it is marked infeasible and stops")
+    p.add_argument(
+        "--objective",
+        choices=["accuracy", "accuracy-memory"],
+        default="accuracy",
+        help="maximise validation accuracy, or find the Pareto front of accuracy vs peak memory",
+    )
+    p.add_argument(
+        "--max-memory-mb",
+        type=float,
+        default=None,
+        help="memory budget: a trial whose first training step exceeds it is marked infeasible and stops",
+    )
     p.add_argument("--sampler", choices=["tpe", "gp", "nsga2", "random"], default="tpe", help="Optuna sampler")
-    p.add_argument("--scheduler", choices=["asha", "fifo"], default=None,
-                   help="trial scheduler (default: asha for accuracy, fifo for accuracy-memory)")
+    p.add_argument(
+        "--scheduler",
+        choices=["asha", "fifo"],
+        default=None,
+        help="trial scheduler (default: asha for accuracy, fifo for accuracy-memory)",
+    )
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (also torch's thread count)")
-    p.add_argument("--gpus-per-trial", type=float, default=0.0,
-                   help="GPUs per trial, fractional allowed (0.25 packs four trials per GPU); "
-                   "falls back to CPU with a warning when the cluster has no GPU")
-    p.add_argument("--concurrency", type=int, default=None,
-                   help="trials at once (default: as many as the cluster's CPUs/GPUs fit)")
-    p.add_argument("--address", default=None,
-                   help="an existing Ray cluster, e.g. 'auto' or 'HOST:6379' (default: start a local one)")
-    p.add_argument("--num-gpus", type=float, default=None,
-                   help="GPUs the local Ray instance advertises (default: detected)")
+    p.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=0.0,
+        help="GPUs per trial, fractional allowed (0.25 packs four trials per GPU); "
+        "falls back to CPU with a warning when the cluster has no GPU",
+    )
+    p.add_argument(
+        "--concurrency", type=int, default=None, help="trials at once (default: as many as the cluster's CPUs/GPUs fit)"
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="an existing Ray cluster, e.g. 'auto' or 'HOST:6379' (default: start a local one)",
+    )
+    p.add_argument(
+        "--num-gpus", type=float, default=None, help="GPUs the local Ray instance advertises (default: detected)"
+    )
     p.add_argument("--no-dashboard", action="store_true", help="don't start the Ray dashboard")
-    p.add_argument("--dashboard-host", default="127.0.0.1",
-                   help="interface the dashboard binds; anything but localhost exposes it (a warning is printed)")
-    p.add_argument("--resume", metavar="NAME", default=None,
-                   help="continue experiment NAME in --results-dir (finished trials are kept)")
+    p.add_argument(
+        "--dashboard-host",
+        default="127.0.0.1",
+        help="interface the dashboard binds; anything but localhost exposes it (a warning is printed)",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="NAME",
+        default=None,
+        help="continue experiment NAME in --results-dir (finished trials are kept)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial")
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (overrides the space's train.epochs)")
-    p.add_argument("--dry-run", action="store_true", help="validate the space and the data, print the plan, run nothing")
+    p.add_argument("--dry-run", action="store_true", help="validate space and data, print the plan, run nothing")
     return p
 
 
@@ -72,11 +100,13 @@ def check_results_dir(path: str) -> Path:
     try:
         results.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"cannot create results folder {results} ({exc.strerror}); "
-                          "pass a writable --results-dir") from None
+        raise ConfigError(
+            f"cannot create results folder {results} ({exc.strerror}); pass a writable --results-dir"
+        ) from None
     if not os.access(results, os.W_OK | os.X_OK):
-        raise ConfigError(f"results folder {results} is not writable; fix its permissions or pass another "
-                          "--results-dir")
+        raise ConfigError(
+            f"results folder {results} is not writable; fix its permissions or pass another --results-dir"
+        )
     return results
 
 
@@ -105,20 +135,24 @@ def load_experiment(results_dir: Path, name: str) -> dict[str, Any]:
     try:
         saved = json.loads((folder / EXPERIMENT_FILE).read_text())
     except (OSError, ValueError):
-        raise ConfigError(f"{folder} is not an ips-search experiment (no readable {EXPERIMENT_FILE}); "
-                          "pass the name of a folder this tool created") from None
+        raise ConfigError(
+            f"{folder} is not an ips-search experiment (no readable {EXPERIMENT_FILE}); "
+            "pass the name of a folder this tool created"
+        ) from None
     if saved.get("tool") != "ips-search":
         raise ConfigError(f"{folder} was not written by ips-search; pass the name of a folder this tool created")
     return saved
 
 
 def plan_lines(space: SearchSpace, settings: Any) -> list[str]:
-    lines = [f"experiment   {settings.experiment_dir}",
-             f"space        {space.name}: {space.description}".rstrip(": "),
-             f"trials       {settings.trials} ({settings.concurrency} at once, {settings.cpus_per_trial:g} CPU"
-             f" + {settings.gpus_per_trial:g} GPU each), {settings.epochs} epochs max",
-             f"objective    {settings.objective}, sampler {settings.sampler}, scheduler {settings.scheduler}"
-             + (f", budget {settings.max_memory_mb:g} MB" if settings.max_memory_mb else "")]
+    lines = [
+        f"experiment   {settings.experiment_dir}",
+        f"space        {space.name}: {space.description}".rstrip(": "),
+        f"trials       {settings.trials} ({settings.concurrency} at once, {settings.cpus_per_trial:g} CPU"
+        f" + {settings.gpus_per_trial:g} GPU each), {settings.epochs} epochs max",
+        f"objective    {settings.objective}, sampler {settings.sampler}, scheduler {settings.scheduler}"
+        + (f", budget {settings.max_memory_mb:g} MB" if settings.max_memory_mb else ""),
+    ]
     for p in space.params.values():
         rng = f"choices {p.choices}" if p.choices is not None else f"[{p.low}, {p.high}]{' log' if p.log else ''}"
         lines.append(f"  {p.name:<16} {rng}")
@@ -176,21 +210,33 @@ def _main(args: argparse.Namespace) -> int:
         base = space.base_config()
         name = args.name or f"{space.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
         if (results_dir / name).exists():
-            raise ConfigError(f"experiment {name!r} already exists in {results_dir}; pick another --name or "
-                              f"continue it with --resume {name}")
+            raise ConfigError(
+                f"experiment {name!r} already exists in {results_dir}; pick another --name or "
+                f"continue it with --resume {name}"
+            )
         settings = SearchSettings(
-            name=name, results_dir=str(results_dir), space=space.name, trials=args.trials,
-            objective=args.objective, sampler=args.sampler,
+            name=name,
+            results_dir=str(results_dir),
+            space=space.name,
+            trials=args.trials,
+            objective=args.objective,
+            sampler=args.sampler,
             scheduler=args.scheduler or ("fifo" if args.objective == "accuracy-memory" else "asha"),
-            max_memory_mb=args.max_memory_mb, cpus_per_trial=args.cpus_per_trial,
-            gpus_per_trial=args.gpus_per_trial, seed=args.seed, epochs=base.train.epochs,
+            max_memory_mb=args.max_memory_mb,
+            cpus_per_trial=args.cpus_per_trial,
+            gpus_per_trial=args.gpus_per_trial,
+            seed=args.seed,
+            epochs=base.train.epochs,
             concurrency=args.concurrency or max(1, int((os.cpu_count() or 1) // args.cpus_per_trial)),
         )
         space.fixed.setdefault("train", {})["seed"] = args.seed
     if args.dry_run:
         prepare_data(space)
-        print("\n".join(["dry run: the space and the data are valid; this search would run:"]
-                        + plan_lines(space, settings)))
+        print(
+            "\n".join(
+                ["dry run: the space and the data are valid; this search would run:"] + plan_lines(space, settings)
+            )
+        )
         return 0
     from ips_search.launch import run_search
 

@@ -95,10 +95,21 @@ class IPSOptunaSearch(OptunaSearch):
         if result:
             status = result.get("status", "running")
             peak = result.get(MEMORY_METRIC)
-            for key in ("status", MEMORY_METRIC, "memory_kind", "test_accuracy", "memory_size", "iteration_size",
-                        "n_patches", "epoch"):
-                if key in result and result[key] is not None and not (isinstance(result[key], float)
-                                                                      and math.isinf(result[key])):
+            for key in (
+                "status",
+                MEMORY_METRIC,
+                "memory_kind",
+                "test_accuracy",
+                "memory_size",
+                "iteration_size",
+                "n_patches",
+                "epoch",
+            ):
+                if (
+                    key in result
+                    and result[key] is not None
+                    and not (isinstance(result[key], float) and math.isinf(result[key]))
+                ):
                     ot_trial.set_user_attr(key, result[key])
             if self.max_memory_mb and peak is not None:
                 ot_trial.set_user_attr("constraint", [float(min(peak, 1e12)) - self.max_memory_mb])
@@ -117,9 +128,13 @@ def make_searcher(space: SearchSpace, settings: SearchSettings) -> IPSOptunaSear
     else:
         metric, mode = METRIC, "max"
     return IPSOptunaSearch(
-        space=searcher_space(space), metric=metric, mode=mode,
+        space=searcher_space(space),
+        metric=metric,
+        mode=mode,
         sampler=make_sampler(settings.sampler, settings.seed, settings.max_memory_mb is not None),
-        storage=storage, study_name=settings.name, points_to_evaluate=first_points(space) or None,
+        storage=storage,
+        study_name=settings.name,
+        points_to_evaluate=first_points(space) or None,
         max_memory_mb=settings.max_memory_mb,
     )
 
@@ -128,8 +143,14 @@ def make_scheduler(settings: SearchSettings):
     if settings.scheduler == "fifo":
         return FIFOScheduler()
     # ASHA acts on the accuracy alone; with two objectives the Pareto set is built from full-budget trials only
-    return ASHAScheduler(metric=METRIC, mode="max", time_attr="training_iteration", max_t=settings.epochs,
-                         grace_period=max(1, settings.epochs // 4), reduction_factor=3)
+    return ASHAScheduler(
+        metric=METRIC,
+        mode="max",
+        time_attr="training_iteration",
+        max_t=settings.epochs,
+        grace_period=max(1, settings.epochs // 4),
+        reduction_factor=3,
+    )
 
 
 def make_trainable(settings: SearchSettings):
@@ -156,15 +177,23 @@ def trial_dirname(trial: Any) -> str:
 def make_tuner(space: SearchSpace, settings: SearchSettings, verbose: int = 1) -> tune.Tuner:
     param_space = {"fixed": space.fixed, "max_memory_mb": settings.max_memory_mb}
     tune_config = tune.TuneConfig(
-        search_alg=make_searcher(space, settings), scheduler=make_scheduler(settings),
-        num_samples=settings.trials, max_concurrent_trials=settings.concurrency, reuse_actors=True,
+        search_alg=make_searcher(space, settings),
+        scheduler=make_scheduler(settings),
+        num_samples=settings.trials,
+        max_concurrent_trials=settings.concurrency,
+        reuse_actors=True,
         trial_dirname_creator=trial_dirname,
     )
-    return tune.Tuner(make_trainable(settings), param_space=param_space, tune_config=tune_config,
-                      run_config=make_run_config(settings, verbose))
+    return tune.Tuner(
+        make_trainable(settings),
+        param_space=param_space,
+        tune_config=tune_config,
+        run_config=make_run_config(settings, verbose),
+    )
 
 
 def restore_tuner(settings: SearchSettings) -> tune.Tuner:
     """Continue an experiment: finished trials are kept, unfinished and errored ones resumed."""
-    return tune.Tuner.restore(str(settings.experiment_dir), trainable=make_trainable(settings),
-                              resume_unfinished=True, resume_errored=True)
+    return tune.Tuner.restore(
+        str(settings.experiment_dir), trainable=make_trainable(settings), resume_unfinished=True, resume_errored=True
+    )

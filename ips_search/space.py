@@ -95,8 +95,13 @@ class SearchSpace:
         return list(range(int(p.low), int(p.high) + 1))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description, **self.fixed,
-                "search": {k: _param_to_dict(p) for k, p in self.params.items()}, "first": self.first}
+        return {
+            "name": self.name,
+            "description": self.description,
+            **self.fixed,
+            "search": {k: _param_to_dict(p) for k, p in self.params.items()},
+            "first": self.first,
+        }
 
 
 def _param_to_dict(p: Param) -> dict[str, Any]:
@@ -119,14 +124,16 @@ def resolve_space_path(name_or_path: str) -> Path:
 
 def _parse_param(name: str, spec: Any, where: str) -> Param:
     if name not in PARAM_SECTIONS:
-        raise ConfigError(f"unknown parameter {name!r} under 'search' in {where}; searchable: "
-                          f"{', '.join(sorted(PARAM_SECTIONS))}")
+        raise ConfigError(
+            f"unknown parameter {name!r} under 'search' in {where}; searchable: {', '.join(sorted(PARAM_SECTIONS))}"
+        )
     if not isinstance(spec, dict):
         raise ConfigError(f"search.{name} in {where} must be a mapping like {{low: 1, high: 8}} or {{choices: [..]}}")
     unknown = set(spec) - {"choices", "low", "high", "log"}
     if unknown:
-        raise ConfigError(f"search.{name} in {where} has unknown key(s) {', '.join(sorted(unknown))}; "
-                          "use choices, or low/high/log")
+        raise ConfigError(
+            f"search.{name} in {where} has unknown key(s) {', '.join(sorted(unknown))}; use choices, or low/high/log"
+        )
     if "choices" in spec:
         choices = spec["choices"]
         if not isinstance(choices, list) or not choices:
@@ -136,8 +143,10 @@ def _parse_param(name: str, spec: Any, where: str) -> Param:
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
         raise ConfigError(f"search.{name} in {where} needs numeric low and high, got low={low!r} high={high!r}")
     if low > high or (spec.get("log") and low <= 0):
-        raise ConfigError(f"search.{name} in {where} has an empty or invalid range [{low}, {high}]"
-                          + (" (log ranges need low > 0)" if spec.get("log") else ""))
+        raise ConfigError(
+            f"search.{name} in {where} has an empty or invalid range [{low}, {high}]"
+            + (" (log ranges need low > 0)" if spec.get("log") else "")
+        )
     integer = isinstance(low, int) and isinstance(high, int)
     return Param(name, low=low, high=high, log=bool(spec.get("log", False)), integer=integer)
 
@@ -155,8 +164,10 @@ def load_space(name_or_path: str) -> SearchSpace:
         raise ConfigError(f"{path} must be a YAML mapping with data/model/train/search sections")
     unknown = set(raw) - {"data", "model", "train", "search", "first", "description"}
     if unknown:
-        raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))} in {path}; "
-                          "use data, model, train, search, first, description")
+        raise ConfigError(
+            f"unknown section(s) {', '.join(sorted(unknown))} in {path}; "
+            "use data, model, train, search, first, description"
+        )
     fixed = {s: dict(raw.get(s) or {}) for s in SECTIONS}
     for section, cls in SECTIONS.items():
         if not isinstance(raw.get(section) or {}, dict):
@@ -182,14 +193,20 @@ def validate_space(space: SearchSpace, where: str) -> None:
     for patch_size in space.patch_sizes():
         n = space.n_patches(patch_size)
         if n < 2:
-            raise ConfigError(f"patch_size {patch_size} in {where} leaves {n} patch(es) per image; "
-                              "use a smaller patch_size or a larger image")
+            raise ConfigError(
+                f"patch_size {patch_size} in {where} leaves {n} patch(es) per image; "
+                "use a smaller patch_size or a larger image"
+            )
         if m.low >= n:
-            raise ConfigError(f"memory_size low={m.low} in {where} is not below N={n} patches at patch_size "
-                              f"{patch_size}; lower memory_size.low to at most {n - 1}")
+            raise ConfigError(
+                f"memory_size low={m.low} in {where} is not below N={n} patches at patch_size "
+                f"{patch_size}; lower memory_size.low to at most {n - 1}"
+            )
         if i.low > n - m.low:
-            raise ConfigError(f"iteration_size low={i.low} in {where} exceeds N - M = {n - int(m.low)} at "
-                              f"patch_size {patch_size}; lower iteration_size.low")
+            raise ConfigError(
+                f"iteration_size low={i.low} in {where} exceeds N - M = {n - int(m.low)} at "
+                f"patch_size {patch_size}; lower iteration_size.low"
+            )
 
 
 def _scaled(p: Param, q: float, low: float, high: float) -> int:
@@ -271,8 +288,9 @@ def first_points(space: SearchSpace) -> list[dict[str, Any]]:
             _, (lo, hi) = memory_iteration_ranges(space, n, raw.get("memory_size"))
             if not lo <= raw["iteration_size"] <= hi:
                 raise ConfigError(f"'first' config {raw}: iteration_size must be in [{lo}, {hi}] for N={n} patches")
-            point["iteration_size" + QUANTILE_SUFFIX] = _quantile(space.params["iteration_size"],
-                                                                   raw["iteration_size"], lo, hi)
+            point["iteration_size" + QUANTILE_SUFFIX] = _quantile(
+                space.params["iteration_size"], raw["iteration_size"], lo, hi
+            )
         points.append(point)
     return points
 

@@ -54,8 +54,13 @@ def make_loader(dataset: Dataset, cfg: TrainConfig, shuffle: bool, device: torch
 
 def build_model(exp: ExperimentConfig, splits: DataSplits, device: torch.device, warm_start: bool = True) -> IPSNet:
     """IPSNet for this dataset (tasks, channels and patch size come from the data), warm-started if asked."""
-    model_cfg = dataclasses.replace(exp.model, tasks=splits.tasks, n_chan=splits.n_chan,
-                                    patch_size=exp.data.patch_size, patch_stride=exp.data.patch_stride)
+    model_cfg = dataclasses.replace(
+        exp.model,
+        tasks=splits.tasks,
+        n_chan=splits.n_chan,
+        patch_size=exp.data.patch_size,
+        patch_stride=exp.data.patch_stride,
+    )
     torch.manual_seed(exp.train.seed)
     model = IPSNet(model_cfg)
     from ips_search.warmstart import apply_warm_start, pretrained_encoder_state, supports_warm_start

@@ -58,9 +58,16 @@ def _trial_resources() -> tuple[int, float]:
 
 
 def _save_checkpoint(directory: str, model, optimizer, scheduler, epoch: int, peak_mb: float) -> tune.Checkpoint:
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "peak_memory_mb": peak_mb},
-               os.path.join(directory, CHECKPOINT_FILE))
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "peak_memory_mb": peak_mb,
+        },
+        os.path.join(directory, CHECKPOINT_FILE),
+    )
     return tune.Checkpoint.from_directory(directory)
 
 
@@ -69,8 +76,10 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     try:
         return torch.load(os.path.join(path, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a corrupt file is this trial's problem, reported in one line
-        raise RuntimeError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
-                           "delete it to restart this trial from scratch") from None
+        raise RuntimeError(
+            f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
+            "delete it to restart this trial from scratch"
+        ) from None
 
 
 def train_ips(config: dict[str, Any]) -> None:
@@ -104,36 +113,87 @@ def train_ips(config: dict[str, Any]) -> None:
         if budget and step == 0 and mem_mb > budget:
             raise OverBudgetError(mem_mb, budget)
 
-    base = {"n_patches": splits.n_patches, "memory_size": model.cfg.memory_size,
-            "iteration_size": model.cfg.iteration_size, "patch_size": model.cfg.patch_size, "device": device.type}
+    base = {
+        "n_patches": splits.n_patches,
+        "memory_size": model.cfg.memory_size,
+        "iteration_size": model.cfg.iteration_size,
+        "patch_size": model.cfg.patch_size,
+        "device": device.type,
+    }
     for epoch in range(start_epoch, exp.train.epochs):
         try:
-            train = train_one_epoch(model, train_loader, optimizer, scheduler, exp.train, device,
-                                    on_step=probe if epoch == start_epoch and checkpoint is None else None)
+            train = train_one_epoch(
+                model,
+                train_loader,
+                optimizer,
+                scheduler,
+                exp.train,
+                device,
+                on_step=probe if epoch == start_epoch and checkpoint is None else None,
+            )
         except OverBudgetError as exc:
-            tune.report({**base, METRIC: 0.0, MEMORY_METRIC: exc.peak_mb, "memory_kind": _kind(device),
-                         "status": "infeasible", "feasible": False, "epoch": epoch + 1})
+            tune.report(
+                {
+                    **base,
+                    METRIC: 0.0,
+                    MEMORY_METRIC: exc.peak_mb,
+                    "memory_kind": _kind(device),
+                    "status": "infeasible",
+                    "feasible": False,
+                    "epoch": epoch + 1,
+                }
+            )
             return
         except NonFiniteLossError as exc:
-            tune.report({**base, METRIC: 0.0, MEMORY_METRIC: peak_mb, "memory_kind": _kind(device),
-                         "status": "nan-loss", "feasible": True, "error": str(exc), "epoch": epoch + 1})
+            tune.report(
+                {
+                    **base,
+                    METRIC: 0.0,
+                    MEMORY_METRIC: peak_mb,
+                    "memory_kind": _kind(device),
+                    "status": "nan-loss",
+                    "feasible": True,
+                    "error": str(exc),
+                    "epoch": epoch + 1,
+                }
+            )
             return
         except torch.cuda.OutOfMemoryError:
-            tune.report({**base, METRIC: 0.0, MEMORY_METRIC: math.inf, "memory_kind": "cuda",
-                         "status": "out-of-memory", "feasible": False, "epoch": epoch + 1})
+            tune.report(
+                {
+                    **base,
+                    METRIC: 0.0,
+                    MEMORY_METRIC: math.inf,
+                    "memory_kind": "cuda",
+                    "status": "out-of-memory",
+                    "feasible": False,
+                    "epoch": epoch + 1,
+                }
+            )
             return
         val = evaluate(model, val_loader, device, exp.train.amp)
         peak_mb = max(peak_mb, train["peak_memory_mb"])
         last = epoch == exp.train.epochs - 1
-        metrics = {**base, METRIC: val["accuracy"], "val_loss": val["loss"], "train_loss": train["loss"],
-                   "train_accuracy": train["accuracy"], MEMORY_METRIC: peak_mb, "memory_kind": train["memory_kind"],
-                   "epoch_seconds": train["seconds"] + val["seconds"], "train_seconds": train["seconds"],
-                   "images_per_s": train["images_per_s"], "status": "completed" if last else "running",
-                   "feasible": budget is None or peak_mb <= budget, "epoch": epoch + 1}
+        metrics = {
+            **base,
+            METRIC: val["accuracy"],
+            "val_loss": val["loss"],
+            "train_loss": train["loss"],
+            "train_accuracy": train["accuracy"],
+            MEMORY_METRIC: peak_mb,
+            "memory_kind": train["memory_kind"],
+            "epoch_seconds": train["seconds"] + val["seconds"],
+            "train_seconds": train["seconds"],
+            "images_per_s": train["images_per_s"],
+            "status": "completed" if last else "running",
+            "feasible": budget is None or peak_mb <= budget,
+            "epoch": epoch + 1,
+        }
         metrics.update({f"val_{k}": v for k, v in val.items() if "/" in k})
         if last:
-            test = evaluate(model, make_loader(splits.test, exp.train, shuffle=False, device=device), device,
-                            exp.train.amp)
+            test = evaluate(
+                model, make_loader(splits.test, exp.train, shuffle=False, device=device), device, exp.train.amp
+            )
             metrics.update({"test_accuracy": test["accuracy"], "test_loss": test["loss"]})
             metrics.update({f"test_{k}": v for k, v in test.items() if "/" in k})
         with tempfile.TemporaryDirectory() as directory:

@@ -31,8 +31,15 @@ def ray_cluster(cache_dir):
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    ctx = ray.init(address="local", num_cpus=2, object_store_memory=80 * 1024 * 1024, include_dashboard=False,
-                   _temp_dir=temp_dir, log_to_driver=False, configure_logging=False)
+    ctx = ray.init(
+        address="local",
+        num_cpus=2,
+        object_store_memory=80 * 1024 * 1024,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     yield ctx
     ray.shutdown()
 

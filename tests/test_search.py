@@ -49,8 +49,21 @@ def test_smoke_search_end_to_end(ray_cluster, results_dir, capsys):
 
 
 def test_multi_objective_search_yields_a_pareto_set(ray_cluster, results_dir, capsys):
-    assert _search(results_dir, "pareto", "--trials", "4", "--objective", "accuracy-memory",
-                   "--sampler", "nsga2", "--gpus-per-trial", "0.5") == 0
+    assert (
+        _search(
+            results_dir,
+            "pareto",
+            "--trials",
+            "4",
+            "--objective",
+            "accuracy-memory",
+            "--sampler",
+            "nsga2",
+            "--gpus-per-trial",
+            "0.5",
+        )
+        == 0
+    )
     study = _study(results_dir / "pareto")
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     assert 1 <= len(study.best_trials) <= 4
@@ -72,9 +85,24 @@ def test_memory_budget_marks_trials_infeasible(ray_cluster, results_dir):
 
 def test_killed_driver_resumes_without_rerunning_finished_trials(ray_cluster, results_dir):
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    cmd = [sys.executable, "-m", "ips_search.run", "--space", "smoke", "--trials", "4", "--concurrency", "1",
-           "--results-dir", str(results_dir), "--name", "killed", "--no-dashboard",
-           "--address", ray_cluster.address_info["gcs_address"]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ips_search.run",
+        "--space",
+        "smoke",
+        "--trials",
+        "4",
+        "--concurrency",
+        "1",
+        "--results-dir",
+        str(results_dir),
+        "--name",
+        "killed",
+        "--no-dashboard",
+        "--address",
+        ray_cluster.address_info["gcs_address"],
+    ]
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     csv = results_dir / "killed" / "trials.csv"
     deadline = time.time() + 240
@@ -117,9 +145,11 @@ BAD_YAML = "data: {dataset: megapixel\nsearch: ["
 CASES = {
     "bad-yaml": (BAD_YAML, "is not valid YAML"),
     "unknown-param": ("search:\n  momentum: {low: 0.1, high: 0.9}\n", "unknown parameter 'momentum'"),
-    "impossible-m": ("data: {canvas_size: 64}\nsearch:\n  patch_size: {choices: [32]}\n"
-                     "  memory_size: {low: 8, high: 16}\n  iteration_size: {low: 1, high: 2}\n",
-                     "memory_size low=8"),
+    "impossible-m": (
+        "data: {canvas_size: 64}\nsearch:\n  patch_size: {choices: [32]}\n"
+        "  memory_size: {low: 8, high: 16}\n  iteration_size: {low: 1, high: 2}\n",
+        "memory_size low=8",
+    ),
     "unknown-dataset": ("data: {dataset: imagenet}\n", "unknown dataset 'imagenet'"),
     "unknown-key": ("model: {encodr: resnet18}\n", "unknown key(s) encodr"),
 }
