@@ -194,7 +194,9 @@ def train_ips(config: dict[str, Any]) -> None:
             test = evaluate(
                 model, make_loader(splits.test, exp.train, shuffle=False, device=device), device, exp.train.amp
             )
-            metrics.update({"test_accuracy": test["accuracy"], "test_loss": test["loss"]})
+            metrics.update(
+                {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_seconds": test["seconds"]}
+            )
             metrics.update({f"test_{k}": v for k, v in test.items() if "/" in k})
         with tempfile.TemporaryDirectory() as directory:
             tune.report(metrics, checkpoint=_save_checkpoint(directory, model, optimizer, scheduler, epoch, peak_mb))

@@ -1,0 +1,268 @@
+"""Attention maps of a trial's checkpoint: which M patches IPS keeps on a test image, and their scores.
+
+The reference notebook's visualisation: the image, the M patches IPS selected out
+of N, each coloured by its cross-attention score (averaged over heads and tasks).
+The model is rebuilt from the trial's ``params.json`` and ``result.json`` and its
+newest readable checkpoint is loaded with ``torch.load(weights_only=True)``:
+tensors and plain values only, nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from ips_search.report.load import (
+    CHECKPOINT_FILE,
+    PARAMS_FILE,
+    RESULT_FILE,
+    Experiment,
+    _read_json,
+    _sampled,
+    load_experiment,
+    read_json_lines,
+)
+from ips_search.report.plots import literal_text
+from ips_search.report.tables import ranked
+
+
+@dataclass
+class AttentionMap:
+    """One image and what IPS kept of it.
+
+    ``image``: ``(C, H, W)`` in [0, 1]; ``indices``: the M kept patch indices
+    (row-major over the patch grid); ``scores``: their attention scores;
+    ``heatmap``: ``(H, W)``, each kept patch's score painted on its pixels (0 elsewhere).
+    """
+
+    image: torch.Tensor
+    indices: torch.Tensor
+    scores: torch.Tensor
+    heatmap: torch.Tensor
+    patch_size: int
+    stride: int
+    grid: tuple[int, int]
+    index: int  # position in the split
+    target: str
+    prediction: str
+
+
+@dataclass
+class TrialModel:
+    """A trial's model rebuilt from its folder, in eval mode on the CPU."""
+
+    trial_id: str
+    model: Any
+    splits: Any
+    config: Any
+    checkpoint: Path
+    epoch: int | None
+
+
+def checkpoints(trial_dir: str | Path) -> list[Path]:
+    """The trial's checkpoint files, newest first."""
+    found = [p / CHECKPOINT_FILE for p in Path(trial_dir).glob("checkpoint_*") if (p / CHECKPOINT_FILE).is_file()]
+    return sorted(found, key=lambda p: p.parent.name, reverse=True)
+
+
+def best_trial_with_checkpoint(df: pd.DataFrame) -> pd.Series | None:
+    """The best-ranked trial whose folder holds a checkpoint."""
+    for _, row in ranked(df).iterrows():
+        path = row.get("path")
+        if isinstance(path, str) and path and checkpoints(path):
+            return row
+    return None
+
+
+def load_trial_model(trial_dir: str | Path, device: str = "cpu") -> TrialModel:
+    """Rebuild a trial's IPSNet from its folder and load its newest readable checkpoint.
+
+    Raises ``FileNotFoundError`` / ``RuntimeError`` with a one-line reason when the
+    folder has no config or no loadable checkpoint.
+    """
+    from ips_search.data import build_datasets
+    from ips_search.space import trial_config
+    from ips_search.train import build_model
+
+    trial_dir = Path(trial_dir)
+    params = _read_json(trial_dir / PARAMS_FILE)
+    if "fixed" not in params:
+        raise FileNotFoundError(f"{trial_dir} has no readable {PARAMS_FILE} with the trial's config")
+    results = read_json_lines(trial_dir / RESULT_FILE)
+    last = results[-1] if results else {}
+    sampled = _sampled(params)
+    sampled.update({k: last[k] for k in ("memory_size", "iteration_size") if last.get(k) is not None})
+    config = trial_config(params["fixed"], sampled)
+    splits = build_datasets(config.data)
+    model = build_model(config, splits, torch.device(device), warm_start=False)
+    errors = []
+    for path in checkpoints(trial_dir):
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+            model.load_state_dict(state["model"])
+        except Exception as exc:  # noqa: BLE001 - half-written or corrupt: try the previous checkpoint
+            errors.append(f"{path.parent.name}: {type(exc).__name__}")
+            continue
+        model.eval()
+        trial_id = str(last.get("trial_id") or trial_dir.name)
+        return TrialModel(trial_id, model, splits, config, path, state.get("epoch"))
+    detail = f" ({'; '.join(errors)})" if errors else ""
+    raise RuntimeError(f"{trial_dir.name} has no loadable checkpoint{detail}")
+
+
+def _label(value: torch.Tensor, classes: list[str] | None) -> str:
+    if value.dim() == 0:
+        i = int(value)
+        return classes[i] if classes and 0 <= i < len(classes) else str(i)
+    on = torch.nonzero(value > 0.5).flatten().tolist()  # multi-label
+    return ",".join(str(i) for i in on) or "-"
+
+
+@torch.no_grad()
+def compute_attention(trial: TrialModel, n_images: int = 4, split: str = "test") -> list[AttentionMap]:
+    """Attention maps of the first ``n_images`` images of a split."""
+    from ips_search.data import patch_map
+
+    model, dataset = trial.model, getattr(trial.splits, split)
+    model.eval()
+    stride = model.cfg.patch_stride or model.cfg.patch_size
+    tasks = model.cfg.tasks
+    classes = getattr(dataset, "classes", None)
+    maps = []
+    for i in range(min(n_images, len(dataset))):
+        patches, targets = dataset[i]
+        batch = patches.unsqueeze(0)  # (1, N, C, P, P)
+        mem_patch, mem_idx = model.ips(batch)  # (1, M, C, P, P), (1, M)
+        B, M = mem_idx.shape
+        emb = model.encode(mem_patch.flatten(0, 1)).view(B, M, -1)
+        scores = model.score(emb, mem_idx)[0].float()  # (M,)
+        logits = model(mem_patch, mem_idx)
+        logits = logits if isinstance(logits, dict) else {tasks[0].name: logits}
+        task = tasks[0]
+        z = logits[task.name][0]
+        pred = (torch.sigmoid(z) > 0.5).float() if task.multi_label else z.argmax()
+        image = dataset.image(i)
+        values = torch.zeros(patches.shape[0])
+        values[mem_idx[0].cpu()] = scores.cpu()
+        heatmap = patch_map(values, tuple(image.shape[-2:]), model.cfg.patch_size, stride)
+        maps.append(
+            AttentionMap(
+                image=image,
+                indices=mem_idx[0].cpu(),
+                scores=scores.cpu(),
+                heatmap=heatmap,
+                patch_size=model.cfg.patch_size,
+                stride=stride,
+                grid=tuple(dataset.grid),
+                index=i,
+                target=_label(targets[task.name], classes),
+                prediction=_label(pred, classes),
+            )
+        )
+    return maps
+
+
+def attention_maps(
+    experiment: str | Path | Experiment, trial_id: str | None = None, n_images: int = 4, split: str = "test"
+) -> tuple[TrialModel, list[AttentionMap]]:
+    """The best trial's (or ``trial_id``'s) model and its attention maps on the first test images."""
+    exp = experiment if isinstance(experiment, Experiment) else load_experiment(experiment)
+    df = exp.trials
+    if trial_id is not None:
+        rows = df[df["trial_id"] == str(trial_id)] if not df.empty else df
+        if rows.empty:
+            raise KeyError(f"no trial {trial_id!r} in {exp.path}")
+        row = rows.iloc[0]
+    else:
+        row = best_trial_with_checkpoint(df)
+        if row is None:
+            raise FileNotFoundError("no ranked trial has a checkpoint yet")
+    path = row.get("path")
+    if not isinstance(path, str) or not Path(path).is_dir():
+        raise FileNotFoundError(f"trial {row['trial_id']} has no folder")
+    trial = load_trial_model(path)
+    trial.trial_id = str(row["trial_id"])
+    return trial, compute_attention(trial, n_images, split)
+
+
+def plot_attention(maps: list[AttentionMap], trial: TrialModel | None = None, title: str | None = None) -> Figure:
+    """Each image with its M kept patches outlined and coloured by attention score (the notebook's view)."""
+    n = max(1, len(maps))
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(3.6 * cols + 0.8, 3.9 * rows + 0.4), dpi=110, layout="constrained")
+    if not maps:
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no image to show", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    top = max(float(m.scores.max()) for m in maps)
+    norm = Normalize(0.0, top if top > 0 else 1.0)
+    from matplotlib import colormaps
+
+    cmap = colormaps["inferno"]
+    mappable = None
+    for ax, m in zip(axes, maps, strict=False):
+        img = m.image.numpy()
+        if img.shape[0] == 1:
+            ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
+        else:
+            ax.imshow(np.transpose(img[:3], (1, 2, 0)).clip(0, 1))
+        heat = m.heatmap.numpy()
+        kept = np.zeros(heat.shape, dtype=bool)
+        cols_grid = m.grid[1]
+        for idx in m.indices.tolist():
+            r, c = divmod(int(idx), cols_grid)
+            kept[r * m.stride : r * m.stride + m.patch_size, c * m.stride : c * m.stride + m.patch_size] = True
+        mappable = ax.imshow(np.ma.masked_where(~kept, heat), cmap=cmap, norm=norm, alpha=0.55)
+        small = len(m.indices) <= 16
+        for idx, score in zip(m.indices.tolist(), m.scores.tolist(), strict=True):
+            r, c = divmod(int(idx), cols_grid)
+            x0, y0 = c * m.stride - 0.5, r * m.stride - 0.5
+            ax.add_patch(
+                Rectangle((x0, y0), m.patch_size, m.patch_size, fill=False, linewidth=1.4, edgecolor=cmap(norm(score)))
+            )
+            if small:
+                ax.text(
+                    x0 + 2,
+                    y0 + 2,
+                    f"{score:.2f}",
+                    color="white",
+                    fontsize=7,
+                    va="top",
+                    ha="left",
+                    bbox={"facecolor": "black", "alpha": 0.55, "pad": 1, "linewidth": 0},
+                )
+        mark = "✓" if m.target == m.prediction else "✗"
+        ax.set_title(
+            f"test image {m.index}: true {literal_text(m.target)}, predicted {literal_text(m.prediction)} {mark}",
+            fontsize=9,
+        )
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[len(maps) :]:
+        ax.set_axis_off()
+    if mappable is not None:
+        fig.colorbar(mappable, ax=axes[: len(maps)].tolist(), label="attention score of a kept patch", shrink=0.8)
+    if title is None and trial is not None:
+        cfg = trial.model.cfg
+        n_patches = maps[0].grid[0] * maps[0].grid[1]
+        epoch = "?" if trial.epoch is None else trial.epoch + 1
+        title = (
+            f"Attention of trial {literal_text(trial.trial_id)} (epoch {epoch}): "
+            f"the M={cfg.memory_size} of N={n_patches} patches IPS keeps (I={cfg.iteration_size}, "
+            f"P={cfg.patch_size}), coloured by score"
+        )
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig

@@ -1,0 +1,220 @@
+"""``report.ipynb``: a notebook that loads the experiment with the library functions, executed so it opens with outputs.
+
+The notebook holds no pasted numbers: re-running it re-reads the experiment from
+disk (while the search runs too). The experiment path is the only thing from the
+experiment that goes into it, and only as data: a JSON document inside a Python
+string literal (``json.dumps`` twice, ASCII-only), decoded with ``json.loads`` at
+run time. A path or trial name that looks like code stays a string.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+NOTEBOOK_FILE = "report.ipynb"
+HTML_FILE = "report.html"
+KERNEL_NAME = "ips-search-report"
+
+
+def path_literal(value: str) -> str:
+    """A Python expression that evaluates to ``value``, built only from JSON-encoded data.
+
+    ``json.dumps(json.dumps(value))`` is an ASCII JSON string whose only escapes are
+    ``\\"`` and ``\\\\``, which mean the same in a Python string literal; ``json.loads``
+    then gives back ``value`` exactly (surrogate pairs included).
+    """
+    return f"json.loads({json.dumps(json.dumps(value))})"
+
+
+SETUP = """\
+%matplotlib inline
+import json
+import warnings
+from pathlib import Path
+
+import pandas as pd
+from IPython.display import Markdown, display
+
+from ips_search.report import (
+    attention_maps,
+    budget_table,
+    load_experiment,
+    load_study,
+    param_importances,
+    parameter_effects,
+    pareto_front,
+    plot_accuracy_vs_memory,
+    plot_attention,
+    plot_importance,
+    plot_learning_curves,
+    plot_parameters,
+    status_counts,
+    top_trials,
+)
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm, imported by Optuna
+pd.set_option("display.max_columns", 40)
+pd.set_option("display.width", 200)
+
+# The experiment folder recorded when this notebook was generated (a JSON-encoded string, data only);
+# if it has moved, the folder above this notebook (<experiment>/report/report.ipynb) is used.
+EXPERIMENT = Path({literal})
+if not (EXPERIMENT / "experiment.json").is_file() and (Path.cwd().parent / "experiment.json").is_file():
+    EXPERIMENT = Path.cwd().parent
+exp = load_experiment(EXPERIMENT)
+df = exp.trials
+print(f"experiment {{exp.name!r}} at {{exp.path}}: {{len(df)}} trials")
+for note in exp.notes:
+    print("note:", note)
+status_counts(df)"""
+
+CELLS = [
+    (
+        "md",
+        "# IPS search report\n\n"
+        "Iterative Patch Selection (Bergner et al., ICLR 2023): a search over memory size M, iteration size I, "
+        "patch size P and learning rate. Every cell reads the experiment from disk with `ips_search.report`, so "
+        "*Run All* refreshes the report (also while the search is still running).",
+    ),
+    ("code", SETUP),
+    ("md", "## Settings"),
+    ("code", "pd.Series(exp.settings, dtype=object).to_frame('value')"),
+    (
+        "md",
+        "## All trials\n\nOne row per trial. `val_accuracy` is the last epoch's, `best_val_accuracy` the best "
+        "epoch's; `test_accuracy` is measured after the last epoch of completed trials; `peak_memory_mb` is of the "
+        "kind in `memory_kind` (`cuda`: peak allocated GPU memory, `cpu-rss`: process resident memory).",
+    ),
+    ("code", "df.drop(columns=['path', 'node_ip'], errors='ignore')"),
+    ("md", "## Top 10\n\nCompleted (full-budget) trials within the memory budget, by validation accuracy."),
+    ("code", "top_trials(df, 10).drop(columns=['path', 'node_ip'], errors='ignore')"),
+    (
+        "md",
+        "## Accuracy vs peak memory\n\nThe Pareto set: completed feasible trials that no other trial beats on "
+        "both validation accuracy and peak memory.",
+    ),
+    (
+        "code",
+        "display(pareto_front(df).drop(columns=['path', 'node_ip'], errors='ignore'))\n"
+        "plot_accuracy_vs_memory(df, exp.max_memory_mb)",
+    ),
+    ("md", "## Best trial under each memory budget"),
+    ("code", "budget_table(df, max_memory_mb=exp.max_memory_mb)"),
+    (
+        "md",
+        "## Parameter effects\n\nValidation accuracy of completed trials by M, I, patch size and learning rate "
+        "(bins where a parameter has many values).",
+    ),
+    ("code", "display(parameter_effects(df))\nplot_parameters(df)"),
+    ("md", "## Learning curves of the top trials"),
+    ("code", "plot_learning_curves(exp.curves, df, top=5)"),
+    (
+        "md",
+        "## Parameter importance\n\nOptuna's fANOVA evaluator on the study (`optuna.journal`), for validation "
+        "accuracy and for peak memory. Early-stopped trials are pruned in the study and do not count.",
+    ),
+    (
+        "code",
+        "importances, note = param_importances(load_study(exp.path))\n"
+        "if note:\n    print(note)\n"
+        "plot_importance(importances) if not importances.empty else None",
+    ),
+    (
+        "md",
+        "## Attention maps of the best trial\n\nThe best trial's newest checkpoint on the first test images: "
+        "the M patches IPS keeps out of N, each with its attention score.",
+    ),
+    (
+        "code",
+        "try:\n    trial, maps = attention_maps(exp, n_images=4)\n"
+        "except (FileNotFoundError, RuntimeError, KeyError) as exc:\n"
+        "    print(f'no attention maps: {exc}')\n    trial, maps = None, []\n"
+        "plot_attention(maps, trial) if maps else None",
+    ),
+]
+
+
+def build_notebook(experiment_path: str | Path) -> nbformat.NotebookNode:
+    """The report notebook for the experiment at ``experiment_path`` (unexecuted)."""
+    literal = path_literal(str(Path(experiment_path).resolve()))
+    cells = []
+    for kind, source in CELLS:
+        if kind == "md":
+            cells.append(new_markdown_cell(source))
+        else:
+            cells.append(new_code_cell(source.format(literal=literal) if source is SETUP else source))
+    nb = new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    return nb
+
+
+def _kernel_manager(spec_dir: Path):
+    """A kernel manager for this interpreter's ipykernel (not whatever ``python3`` kernel a user has installed)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+
+    kernel_dir = spec_dir / KERNEL_NAME
+    kernel_dir.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python (ips-search report)",
+        "language": "python",
+    }
+    (kernel_dir / "kernel.json").write_text(json.dumps(spec))
+    return KernelManager(
+        kernel_name=KERNEL_NAME,
+        kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec_dir)]),
+        transport="ipc",  # local sockets in our temporary folder: no TCP ports
+        ip=str(spec_dir / "kernel"),
+    )
+
+
+def execute_notebook(nb: nbformat.NotebookNode, cwd: str | Path, timeout: int = 900) -> nbformat.NotebookNode:
+    """Run every cell in a fresh kernel started in ``cwd``; raises ``nbclient``'s ``CellExecutionError`` on error."""
+    from nbclient import NotebookClient
+
+    with tempfile.TemporaryDirectory(prefix="ips-report-kernel-") as tmp:
+        client = NotebookClient(
+            nb, timeout=timeout, km=_kernel_manager(Path(tmp)), resources={"metadata": {"path": str(cwd)}}
+        )
+        client.execute(cleanup_kc=True)  # shut the kernel down even though we made its manager
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    return nb
+
+
+def write_notebook(
+    experiment_path: str | Path, out_dir: str | Path, execute: bool = True, html: bool = True
+) -> tuple[dict[str, Path], str | None]:
+    """Write ``report.ipynb`` (executed unless ``execute=False``) and ``report.html`` into ``out_dir``.
+
+    Returns the written paths and an error line when a cell failed (the notebook is
+    then saved with the outputs up to the failing cell, and no HTML is written).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    nb = build_notebook(experiment_path)
+    paths = {"notebook": out_dir / NOTEBOOK_FILE}
+    error = None
+    if execute:
+        from nbclient.exceptions import CellExecutionError
+
+        try:
+            execute_notebook(nb, out_dir)
+        except CellExecutionError as exc:
+            lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+            error = f"a notebook cell failed: {lines[-1] if lines else type(exc).__name__}"
+    nbformat.write(nb, paths["notebook"])
+    if html and execute and error is None:
+        from nbconvert import HTMLExporter
+
+        body, _ = HTMLExporter().from_notebook_node(nb)
+        paths["html"] = out_dir / HTML_FILE
+        paths["html"].write_text(body, encoding="utf-8")
+    return paths, error
