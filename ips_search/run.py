@@ -20,12 +20,21 @@ from ips_search.space import SearchSpace, load_space, memory_iteration_ranges
 EXPERIMENT_FILE = "experiment.json"
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except empty ones (None / False), whose help text already says what happens."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ips_search.run",
         description="Find the IPS memory size M, iteration size I, patch size P and learning rate that give the best "
         "validation accuracy for a dataset and a memory budget. Results land in RESULTS_DIR/NAME/.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--trials", type=int, default=50, help="number of trials (configs) to run")
     p.add_argument("--space", default="default", help="search space: a name in search_spaces/ or a YAML path")

@@ -144,8 +144,6 @@ def make_scheduler(settings: SearchSettings):
         return FIFOScheduler()
     # ASHA acts on the accuracy alone; with two objectives the Pareto set is built from full-budget trials only
     return ASHAScheduler(
-        metric=METRIC,
-        mode="max",
         time_attr="training_iteration",
         max_t=settings.epochs,
         grace_period=max(1, settings.epochs // 4),
@@ -179,6 +177,8 @@ def make_tuner(space: SearchSpace, settings: SearchSettings, verbose: int = 1) -
     tune_config = tune.TuneConfig(
         search_alg=make_searcher(space, settings),
         scheduler=make_scheduler(settings),
+        metric=METRIC,  # ASHA's metric, and the progress table's (the searcher keeps its own objectives)
+        mode="max",
         num_samples=settings.trials,
         max_concurrent_trials=settings.concurrency,
         reuse_actors=True,

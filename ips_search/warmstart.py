@@ -94,6 +94,7 @@ def warm_start_fields(model_cfg: IPSConfig, data_cfg: DataConfig, steps: int) ->
     return {
         "version": FORMAT_VERSION,
         "encoder": model_cfg.encoder,
+        "architecture": repr(build_encoder(model_cfg)),  # a changed encoder never loads stale weights
         "imagenet": model_cfg.pretrained,
         "dim": model_cfg.dim,
         "n_chan": model_cfg.n_chan,

@@ -22,16 +22,27 @@ _RESNET_WIDTHS = {"resnet18": (64, 128, 256, 512), "resnet50": (256, 512, 1024, 
 
 
 class SmallCNN(nn.Module):
-    """Four 3x3 conv-BN-ReLU blocks, each halving the resolution, then global average pooling."""
+    """A stride-2 stem and three more 3x3 conv-BN-ReLU blocks, each after a 2x2 max-pool; global average pool.
+
+    The stem halves the resolution at once: patches of digit-scale images carry little
+    detail at full resolution, and it cuts the cost of IPS's no-grad pass over all N
+    patches by about 4x. ``(n, C, P, P) -> (n, D)``.
+    """
 
     def __init__(self, n_chan: int, dim: int, width: int = 32) -> None:
         super().__init__()
         chans = [n_chan, width, 2 * width, 4 * width, dim]
         layers: list[nn.Module] = []
-        for c_in, c_out in zip(chans[:-1], chans[1:], strict=True):
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-            layers.append(nn.MaxPool2d(2, ceil_mode=True))
-        self.features = nn.Sequential(*layers[:-1])  # no pooling after the last block
+        for i, (c_in, c_out) in enumerate(zip(chans[:-1], chans[1:], strict=True)):
+            if i > 0:
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            stride = 2 if i == 0 else 1
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, stride, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            ]
+        self.features = nn.Sequential(*layers)  # (n, D, P/16, P/16)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.out_dim = dim
 
