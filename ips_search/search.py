@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,10 @@ def _constraint(trial: optuna.trial.FrozenTrial) -> tuple[float, ...]:
 def make_sampler(name: str, seed: int, budgeted: bool) -> optuna.samplers.BaseSampler:
     constraints = _constraint if budgeted else None
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints, multivariate=True, group=True)
+        # multivariate + group: P, M and I are modelled jointly, per group of co-occurring parameters
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints, multivariate=True, group=True)
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, constraints_func=constraints)
     if name == "nsga2":

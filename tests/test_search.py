@@ -203,3 +203,31 @@ def test_dry_run_prints_the_plan_and_starts_nothing(results_dir, capsys, monkeyp
     assert run.main(["--space", "smoke", "--results-dir", str(results_dir), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "P=32" in out and "N=16" in out and not any(results_dir.iterdir())
+
+
+@pytest.mark.parametrize("name", ["default", "smoke", "mnist_notebook", "megapixel_mnist"])
+def test_shipped_spaces_are_valid(name):
+    space = load_space(name)
+    assert {"patch_size", "memory_size", "iteration_size", "lr"} <= set(space.params)
+    space.base_config()  # every fixed section builds its dataclass
+    for patch_size in space.patch_sizes():
+        assert space.n_patches(patch_size) >= 2
+
+
+def test_default_space_keeps_the_task_honest():
+    space = load_space("default")
+    data = space.base_config().data
+    assert data.canvas_size >= 256
+    assert data.n_digits * data.digit_size**2 / data.canvas_size**2 < 0.10
+    assert space.n_patches(min(space.patch_sizes())) >= 64
+
+
+def test_notebook_space_evaluates_the_notebook_config_first():
+    from ips_search.space import first_points
+
+    space = load_space("mnist_notebook")
+    point = first_points(space)[0]
+    study = optuna.create_study()
+    study.enqueue_trial(point)
+    derived = searcher_space(space)(study.ask())
+    assert derived == {"memory_size": 5, "iteration_size": 5}
