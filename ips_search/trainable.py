@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 from typing import Any
 
@@ -75,11 +76,19 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     """A checkpoint this trainable wrote; tensors and plain types only (``weights_only=True``)."""
     try:
         return torch.load(os.path.join(path, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a corrupt file is this trial's problem, reported in one line
+    except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file is this trial's problem, in one line
+        reason = _one_line_reason(exc)
         raise RuntimeError(
-            f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
+            f"checkpoint {path} is unreadable or not ours ({type(exc).__name__}: {reason[:200]}); "
             "delete it to restart this trial from scratch"
         ) from None
+
+
+def _one_line_reason(exc: Exception) -> str:
+    """The informative line of an exception (torch's unpickling errors put advice first), without ANSI codes."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line] or [type(exc).__name__]
+    return next((line for line in lines if "Unsupported global" in line), lines[0])[:200]
 
 
 def train_ips(config: dict[str, Any]) -> None:
