@@ -70,7 +70,7 @@ def fit_resources(settings: SearchSettings, cluster: dict[str, Any], explicit_co
             "lower --cpus-per-trial / --gpus-per-trial"
         )
     if not explicit_concurrency:
-        settings.concurrency = max(1, min(fits))
+        settings.concurrency = max(1, min(*fits, settings.trials))
 
 
 def save_experiment(space, settings: SearchSettings, argv: list[str]) -> None:

@@ -236,7 +236,7 @@ def _main(args: argparse.Namespace) -> int:
             gpus_per_trial=args.gpus_per_trial,
             seed=args.seed,
             epochs=base.train.epochs,
-            concurrency=args.concurrency or max(1, int((os.cpu_count() or 1) // args.cpus_per_trial)),
+            concurrency=args.concurrency or max(1, min(args.trials, int((os.cpu_count() or 1) // args.cpus_per_trial))),
         )
         space.fixed.setdefault("train", {})["seed"] = args.seed
     if args.dry_run:

@@ -156,6 +156,11 @@ def load_space(name_or_path: str) -> SearchSpace:
     path = resolve_space_path(name_or_path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.constructor.ConstructorError as exc:
+        raise ConfigError(
+            f"{path} uses a YAML tag that is not allowed ({getattr(exc, 'problem', exc)}); "
+            "search spaces hold plain values only"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
