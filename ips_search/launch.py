@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ips_search.layout import EXPERIMENT_FILE, TOOL
 from ips_search.search import SearchSettings
 
 # Tune warns when it snapshots experiment state often; with short epochs that is by design (nothing is lost)
@@ -79,16 +80,16 @@ def save_experiment(space, settings: SearchSettings, argv: list[str]) -> None:
     folder = settings.experiment_dir
     folder.mkdir(parents=True, exist_ok=True)
     doc = {
-        "tool": "ips-search",
+        "tool": TOOL,
         "version": 1,
         "argv": argv,
         "settings": dataclasses.asdict(settings),
         "space": space.to_dict(),
         "space_file": str(Path(space_path(space)).resolve()),
     }
-    tmp = folder / "experiment.json.tmp"
+    tmp = folder / f"{EXPERIMENT_FILE}.tmp"
     tmp.write_text(json.dumps(doc, indent=2, default=str))
-    os.replace(tmp, folder / "experiment.json")
+    os.replace(tmp, folder / EXPERIMENT_FILE)
 
 
 def space_path(space) -> str:
@@ -120,7 +121,7 @@ def run_search(space, settings: SearchSettings, args: argparse.Namespace, resume
 def print_summary(settings: SearchSettings, grid: Any) -> None:
     import pandas as pd
 
-    from ips_search.results import TRIALS_CSV
+    from ips_search.layout import TRIALS_CSV
 
     df = pd.read_csv(settings.experiment_dir / TRIALS_CSV)
     done = df[df["status"] == "completed"]

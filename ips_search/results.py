@@ -14,35 +14,10 @@ from typing import Any
 import pandas as pd
 from ray.tune import Callback
 
+from ips_search.layout import TRIALS_CSV, trial_status
 from ips_search.space import QUANTILE_SUFFIX
 
-TRIALS_CSV = "trials.csv"
-FINAL_STATUSES = ("infeasible", "nan-loss", "out-of-memory")
-METRIC_COLUMNS = [
-    "val_accuracy",
-    "best_val_accuracy",
-    "test_accuracy",
-    "peak_memory_mb",
-    "memory_kind",
-    "feasible",
-    "epochs",
-    "time_total_s",
-    "train_seconds",
-    "images_per_s",
-    "n_patches",
-]
-
-
-def trial_status(ray_status: str, last: dict[str, Any]) -> str:
-    """Our status name from Ray's trial status and the trial's last result."""
-    reported = last.get("status")
-    if reported in FINAL_STATUSES or reported == "completed":
-        return reported
-    if ray_status == "ERROR":
-        return "failed"
-    if ray_status == "TERMINATED":
-        return "early-stopped" if reported == "running" else "failed"
-    return "running" if ray_status == "RUNNING" or last else "pending"
+__all__ = ["TRIALS_CSV", "TrialsCsvCallback", "trial_row", "write_trials_csv"]
 
 
 def trial_row(trial: Any) -> dict[str, Any]:

@@ -14,10 +14,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ips_search.errors import EXIT_BAD_INPUT, ConfigError
+from ips_search.errors import ConfigError, exit_code_of
+from ips_search.layout import EXPERIMENT_FILE, TOOL
 from ips_search.space import SearchSpace, load_space, memory_iteration_ranges
-
-EXPERIMENT_FILE = "experiment.json"
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -148,7 +147,7 @@ def load_experiment(results_dir: Path, name: str) -> dict[str, Any]:
             f"{folder} is not an ips-search experiment (no readable {EXPERIMENT_FILE}); "
             "pass the name of a folder this tool created"
         ) from None
-    if saved.get("tool") != "ips-search":
+    if saved.get("tool") != TOOL:
         raise ConfigError(f"{folder} was not written by ips-search; pass the name of a folder this tool created")
     return saved
 
@@ -178,6 +177,8 @@ def prepare_data(space: SearchSpace) -> None:
     so trials only load them."""
     import dataclasses
 
+    import torch
+
     from ips_search.data import build_datasets
     from ips_search.train import build_model
 
@@ -187,16 +188,11 @@ def prepare_data(space: SearchSpace) -> None:
         splits = build_datasets(data)
         exp = dataclasses.replace(base, data=data)
         if exp.train.warm_start:
-            build_model(exp, splits, device=__import__("torch").device("cpu"))
+            build_model(exp, splits, device=torch.device("cpu"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _main(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return exit_code_of(_main, build_parser().parse_args(argv))
 
 
 def _main(args: argparse.Namespace) -> int:

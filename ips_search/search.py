@@ -24,11 +24,11 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from ips_search.results import TRIALS_CSV, TrialsCsvCallback
+from ips_search.layout import JOURNAL_FILE, TRIALS_CSV
+from ips_search.results import TrialsCsvCallback
 from ips_search.space import SearchSpace, first_points, searcher_space
 from ips_search.trainable import MEMORY_METRIC, METRIC, train_ips
 
-JOURNAL_FILE = "optuna.journal"
 SAMPLERS = ("tpe", "gp", "nsga2", "random")
 SCHEDULERS = ("asha", "fifo")
 OBJECTIVES = ("accuracy", "accuracy-memory")

@@ -24,6 +24,7 @@ import torch
 from ray import tune
 
 from ips_search.data import build_datasets
+from ips_search.layout import CHECKPOINT_FILE
 from ips_search.space import trial_config
 from ips_search.train import (
     NonFiniteLossError,
@@ -36,7 +37,6 @@ from ips_search.train import (
     train_one_epoch,
 )
 
-CHECKPOINT_FILE = "checkpoint.pt"
 METRIC = "val_accuracy"
 MEMORY_METRIC = "peak_memory_mb"
 
@@ -141,45 +141,11 @@ def train_ips(config: dict[str, Any]) -> None:
                 on_step=probe if epoch == start_epoch and checkpoint is None else None,
             )
         except OverBudgetError as exc:
-            tune.report(
-                {
-                    **base,
-                    METRIC: 0.0,
-                    MEMORY_METRIC: exc.peak_mb,
-                    "memory_kind": _kind(device),
-                    "status": "infeasible",
-                    "feasible": False,
-                    "epoch": epoch + 1,
-                }
-            )
-            return
+            return _report_stopped(base, "infeasible", exc.peak_mb, _kind(device), epoch)
         except NonFiniteLossError as exc:
-            tune.report(
-                {
-                    **base,
-                    METRIC: 0.0,
-                    MEMORY_METRIC: peak_mb,
-                    "memory_kind": _kind(device),
-                    "status": "nan-loss",
-                    "feasible": True,
-                    "error": str(exc),
-                    "epoch": epoch + 1,
-                }
-            )
-            return
+            return _report_stopped(base, "nan-loss", peak_mb, _kind(device), epoch, error=str(exc))
         except torch.cuda.OutOfMemoryError:
-            tune.report(
-                {
-                    **base,
-                    METRIC: 0.0,
-                    MEMORY_METRIC: math.inf,
-                    "memory_kind": "cuda",
-                    "status": "out-of-memory",
-                    "feasible": False,
-                    "epoch": epoch + 1,
-                }
-            )
-            return
+            return _report_stopped(base, "out-of-memory", math.inf, "cuda", epoch)
         val = evaluate(model, val_loader, device, exp.train.amp)
         peak_mb = max(peak_mb, train["peak_memory_mb"])
         last = epoch == exp.train.epochs - 1
@@ -209,6 +175,23 @@ def train_ips(config: dict[str, Any]) -> None:
             metrics.update({f"test_{k}": v for k, v in test.items() if "/" in k})
         with tempfile.TemporaryDirectory() as directory:
             tune.report(metrics, checkpoint=_save_checkpoint(directory, model, optimizer, scheduler, epoch, peak_mb))
+
+
+def _report_stopped(base: dict, status: str, peak_mb: float, kind: str, epoch: int, **extra: Any) -> None:
+    """The last report of a trial that can't go on: accuracy 0 so the searcher ranks it last."""
+    feasible = status == "nan-loss"  # it fit in memory; it diverged
+    tune.report(
+        {
+            **base,
+            METRIC: 0.0,
+            MEMORY_METRIC: peak_mb,
+            "memory_kind": kind,
+            "status": status,
+            "feasible": feasible,
+            "epoch": epoch + 1,
+            **extra,
+        }
+    )
 
 
 def _kind(device: torch.device) -> str:

@@ -12,7 +12,7 @@ import sys
 import time
 import warnings
 
-from ips_search.errors import EXIT_BAD_INPUT, ConfigError
+from ips_search.errors import ConfigError, exit_code_of
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,12 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _main(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return exit_code_of(_main, build_parser().parse_args(argv))
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -21,10 +21,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from ips_search.layout import CHECKPOINT_FILE, PARAMS_FILE, RESULT_FILE
 from ips_search.report.load import (
-    CHECKPOINT_FILE,
-    PARAMS_FILE,
-    RESULT_FILE,
     Experiment,
     _read_json,
     _sampled,

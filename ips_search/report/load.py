@@ -30,17 +30,18 @@ import numpy as np
 import pandas as pd
 
 from ips_search.errors import ConfigError
+from ips_search.layout import (
+    EXPERIMENT_FILE,
+    JOURNAL_FILE,
+    PARAMS_FILE,
+    RESULT_FILE,
+    STATUSES,
+    TOOL,
+    TRIALS_CSV,
+    trial_status,
+)
+from ips_search.space import QUANTILE_SUFFIX
 
-EXPERIMENT_FILE = "experiment.json"
-TRIALS_CSV = "trials.csv"
-JOURNAL_FILE = "optuna.journal"
-RESULT_FILE = "result.json"
-PARAMS_FILE = "params.json"
-CHECKPOINT_FILE = "checkpoint.pt"
-QUANTILE_SUFFIX = "_quantile"
-
-STATUSES = ("completed", "early-stopped", "infeasible", "nan-loss", "out-of-memory", "failed", "running", "pending")
-FINAL_STATUSES = ("infeasible", "nan-loss", "out-of-memory")
 PARAM_ORDER = ("memory_size", "iteration_size", "patch_size", "lr")
 METRIC_COLUMNS = [
     "val_accuracy",
@@ -133,7 +134,7 @@ def read_experiment_json(path: str | Path) -> dict[str, Any]:
             f"{folder} is not an ips-search experiment (no readable {EXPERIMENT_FILE}); "
             "pass a folder the search created, e.g. results/<name>"
         ) from None
-    if not isinstance(meta, dict) or meta.get("tool") != "ips-search":
+    if not isinstance(meta, dict) or meta.get("tool") != TOOL:
         raise ConfigError(
             f"{folder} is not an ips-search experiment ({EXPERIMENT_FILE} was written by another "
             "tool); pass a folder the search created"
@@ -151,7 +152,7 @@ def latest_experiment(results_dir: str | Path = "results") -> Path:
         marker = child / EXPERIMENT_FILE
         if child.is_dir() and marker.is_file():
             try:
-                if json.loads(marker.read_text()).get("tool") == "ips-search":
+                if json.loads(marker.read_text()).get("tool") == TOOL:
                     found.append((marker.stat().st_mtime, child))
             except (OSError, ValueError, AttributeError):
                 continue
@@ -239,18 +240,6 @@ def trial_folders(folder: str | Path) -> list[Path]:
         ):
             out.append(child)
     return out
-
-
-def trial_status(ray_status: str | None, last: dict[str, Any]) -> str:
-    """Our status name from Ray's status and the trial's last result (same rule as the search's ``trials.csv``)."""
-    reported = last.get("status")
-    if reported in FINAL_STATUSES or reported == "completed":
-        return reported
-    if ray_status == "ERROR":
-        return "failed"
-    if ray_status == "TERMINATED":
-        return "early-stopped" if reported == "running" else "failed"
-    return "running" if ray_status == "RUNNING" or last else "pending"
 
 
 def _finite(value: Any) -> float | None:

@@ -1,0 +1,35 @@
+"""The on-disk layout of an experiment, shared by the search that writes it and the report that reads it.
+
+``results/<name>/`` holds Ray Tune's experiment folder (one ``train_ips_<id>/`` per
+trial with ``params.json``, ``result.json`` and ``checkpoint_*/checkpoint.pt``),
+``experiment.json`` (ours: settings and space), ``trials.csv`` and ``optuna.journal``.
+Imports nothing heavy, so the report can use it without Ray.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+TOOL = "ips-search"  # experiment.json's "tool": folders without it are not ours
+EXPERIMENT_FILE = "experiment.json"
+TRIALS_CSV = "trials.csv"
+JOURNAL_FILE = "optuna.journal"
+RESULT_FILE = "result.json"
+PARAMS_FILE = "params.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+# Statuses of a trial: the trainable reports the first four itself; the rest follow from Ray's state
+STATUSES = ("completed", "early-stopped", "infeasible", "nan-loss", "out-of-memory", "failed", "running", "pending")
+FINAL_STATUSES = ("infeasible", "nan-loss", "out-of-memory")
+
+
+def trial_status(ray_status: str | None, last: dict[str, Any]) -> str:
+    """Our status name from Ray's trial status and the trial's last result."""
+    reported = last.get("status")
+    if reported in FINAL_STATUSES or reported == "completed":
+        return reported
+    if ray_status == "ERROR":
+        return "failed"
+    if ray_status == "TERMINATED":
+        return "early-stopped" if reported == "running" else "failed"
+    return "running" if ray_status == "RUNNING" or last else "pending"
