@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ips_search.errors import ConfigError
 from ips_search.layout import EXPERIMENT_FILE, TOOL
 from ips_search.search import SearchSettings
 
@@ -85,17 +86,11 @@ def save_experiment(space, settings: SearchSettings, argv: list[str]) -> None:
         "argv": argv,
         "settings": dataclasses.asdict(settings),
         "space": space.to_dict(),
-        "space_file": str(Path(space_path(space)).resolve()),
+        "space_file": space.path,
     }
     tmp = folder / f"{EXPERIMENT_FILE}.tmp"
     tmp.write_text(json.dumps(doc, indent=2, default=str))
     os.replace(tmp, folder / EXPERIMENT_FILE)
-
-
-def space_path(space) -> str:
-    from ips_search.space import resolve_space_path
-
-    return str(resolve_space_path(space.name))
 
 
 def run_search(space, settings: SearchSettings, args: argparse.Namespace, resume: bool) -> int:
@@ -105,17 +100,37 @@ def run_search(space, settings: SearchSettings, args: argparse.Namespace, resume
     prepare_data(space)
     cluster = start_ray(args)
     fit_resources(settings, cluster, explicit_concurrency=args.concurrency is not None or resume)
-    if not resume:
-        save_experiment(space, settings, sys.argv)
-    print("\n".join(plan_lines(space, settings)), flush=True)
-    tuner = restore_tuner(settings) if resume else make_tuner(space, settings)
     try:
+        if not resume:
+            save_experiment(space, settings, sys.argv)
+        print("\n".join(plan_lines(space, settings)), flush=True)
+        if resume:
+            drop_empty_snapshots(settings.experiment_dir)
+        tuner = restore_tuner(settings) if resume else make_tuner(space, settings)
         grid = tuner.fit()
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished trials are saved; continue with --resume {settings.name}", file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full or gone: finished trials and the journal stay; say how to go on
+        raise ConfigError(
+            f"cannot write to {settings.experiment_dir} ({exc.strerror or exc}); free space or fix the folder, "
+            f"then continue with --resume {settings.name}"
+        ) from None
     print_summary(settings, grid)
     return 0
+
+
+def drop_empty_snapshots(folder: Path) -> None:
+    """Remove Tune snapshots that a full disk left empty, so restore uses the last good one.
+
+    Tune writes ``experiment_state-*.json``, ``search_gen_state-*.json`` and
+    ``searcher-state-*.pkl`` without an atomic rename; a 0-byte one would win as the
+    newest and lose every finished trial from the restored experiment.
+    """
+    for pattern in ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl"):
+        for path in folder.glob(pattern):
+            if path.stat().st_size == 0:
+                path.unlink()
 
 
 def print_summary(settings: SearchSettings, grid: Any) -> None:

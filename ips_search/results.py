@@ -8,6 +8,7 @@ scheduler before its last epoch), ``infeasible`` (over the memory budget),
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +63,27 @@ class TrialsCsvCallback(Callback):
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = path
+        self.warned = False
+
+    def _write(self, trials: list) -> None:
+        try:
+            write_trials_csv(trials, self.path)
+        except OSError as exc:  # a full disk must not stop the search: Tune re-raises callback errors
+            if not self.warned:
+                print(
+                    f"warning: cannot write {self.path} ({exc.strerror}); it is rewritten when space frees up",
+                    file=sys.stderr,
+                )
+                self.warned = True
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        write_trials_csv(trials, self.path)
+        self._write(trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        write_trials_csv(trials, self.path)
+        self._write(trials)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        write_trials_csv(trials, self.path)
+        self._write(trials)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        write_trials_csv(trials, self.path)
+        self._write(trials)

@@ -10,13 +10,21 @@ import datetime as dt
 import json
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ips_search.errors import ConfigError, exit_code_of
 from ips_search.layout import EXPERIMENT_FILE, TOOL
-from ips_search.space import SearchSpace, load_space, memory_iteration_ranges
+from ips_search.space import SearchSpace, load_space, memory_iteration_ranges, space_from_dict
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (not the whole usage block) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; see --help\n")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -29,7 +37,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m ips_search.run",
         description="Find the IPS memory size M, iteration size I, patch size P and learning rate that give the best "
         "validation accuracy for a dataset and a memory budget. Results land in RESULTS_DIR/NAME/.",
@@ -111,7 +119,17 @@ def check_results_dir(path: str) -> Path:
         raise ConfigError(
             f"cannot create results folder {results} ({exc.strerror}); pass a writable --results-dir"
         ) from None
-    if not os.access(results, os.W_OK | os.X_OK):
+    if os.access(results, os.W_OK | os.X_OK):
+        try:  # a real write: os.access can't see a full or read-only disk
+            with tempfile.NamedTemporaryFile(dir=results, prefix=".ips-search-write-probe-") as probe:
+                probe.write(b"\0" * 65536)
+                probe.flush()
+                os.fsync(probe.fileno())
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write to results folder {results} ({exc.strerror}); free space or pass another --results-dir"
+            ) from None
+    else:
         raise ConfigError(
             f"results folder {results} is not writable; fix its permissions or pass another --results-dir"
         )
@@ -147,8 +165,10 @@ def load_experiment(results_dir: Path, name: str) -> dict[str, Any]:
             f"{folder} is not an ips-search experiment (no readable {EXPERIMENT_FILE}); "
             "pass the name of a folder this tool created"
         ) from None
-    if saved.get("tool") != TOOL:
+    if not isinstance(saved, dict) or saved.get("tool") != TOOL:
         raise ConfigError(f"{folder} was not written by ips-search; pass the name of a folder this tool created")
+    if not isinstance(saved.get("settings"), dict) or not isinstance(saved.get("space"), dict):
+        raise ConfigError(f"{folder / EXPERIMENT_FILE} is damaged (no settings or space); it can't be resumed")
     return saved
 
 
@@ -207,7 +227,7 @@ def _main(args: argparse.Namespace) -> int:
         saved = load_experiment(results_dir, args.resume)
         settings = SearchSettings(**saved["settings"])
         settings.results_dir = str(results_dir)
-        space = load_space(saved["space_file"]) if Path(saved["space_file"]).is_file() else load_space(settings.space)
+        space = space_from_dict(saved["space"])  # what the experiment ran with, even if the file changed since
     else:
         space = load_space(args.space)
         if args.epochs:

@@ -72,6 +72,7 @@ class SearchSpace:
     params: dict[str, Param]
     first: list[dict[str, Any]] = field(default_factory=list)
     description: str = ""
+    path: str | None = None  # the YAML file it was read from
 
     def base_config(self) -> ExperimentConfig:
         return ExperimentConfig.from_dict(self.fixed)
@@ -80,7 +81,7 @@ class SearchSpace:
         """N for a patch size: from the image size of the fixed data settings."""
         data = self.base_config().data
         side = data.canvas_size if data.dataset == "megapixel" else data.image_size
-        stride = patch_stride or patch_size
+        stride = patch_stride or self.fixed.get("data", {}).get("patch_stride") or patch_size
         if patch_size > side:
             return 0
         per_side = (side - patch_size) // stride + 1
@@ -155,7 +156,9 @@ def load_space(name_or_path: str) -> SearchSpace:
     """Read and validate a space file; every problem is one ConfigError line."""
     path = resolve_space_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"cannot read {path} as a YAML text file ({type(exc).__name__}); pass a .yaml file") from None
     except yaml.constructor.ConstructorError as exc:
         raise ConfigError(
             f"{path} uses a YAML tag that is not allowed ({getattr(exc, 'problem', exc)}); "
@@ -173,17 +176,19 @@ def load_space(name_or_path: str) -> SearchSpace:
             f"unknown section(s) {', '.join(sorted(unknown))} in {path}; "
             "use data, model, train, search, first, description"
         )
+    for section in (*SECTIONS, "search"):
+        if not isinstance(raw.get(section) or {}, dict):
+            raise ConfigError(f"section {section!r} in {path} must be a mapping of names to values")
     fixed = {s: dict(raw.get(s) or {}) for s in SECTIONS}
     for section, cls in SECTIONS.items():
-        if not isinstance(raw.get(section) or {}, dict):
-            raise ConfigError(f"section {section!r} in {path} must be a mapping")
         build_config(cls, fixed[section], f"{section} of {path}")  # unknown keys, types, ranges
     params = {k: _parse_param(k, v, str(path)) for k, v in (raw.get("search") or {}).items()}
     first = raw.get("first") or []
     if not isinstance(first, list) or not all(isinstance(p, dict) for p in first):
         raise ConfigError(f"'first' in {path} must be a list of parameter mappings")
-    space = SearchSpace(path.stem, fixed, params, first, str(raw.get("description", "")))
+    space = SearchSpace(path.stem, fixed, params, first, str(raw.get("description", "")), str(path.resolve()))
     validate_space(space, str(path))
+    first_points(space)  # 'first' configs must fit their ranges: checked before Ray starts
     return space
 
 
@@ -193,6 +198,8 @@ def validate_space(space: SearchSpace, where: str) -> None:
     m = space.params.get("memory_size") or Param("memory_size", low=fixed_model.get("memory_size", 5))
     i = space.params.get("iteration_size") or Param("iteration_size", low=fixed_model.get("iteration_size", 5))
     for p in space.params.values():
+        for value in p.choices if p.choices is not None else (p.low, p.high):
+            trial_config(space.fixed, {p.name: value})  # each choice / bound obeys its field's own rule
         if p.name in DERIVED and p.choices is not None:
             raise ConfigError(f"search.{p.name} in {where} must be a low/high range (it is scaled to each patch count)")
     for patch_size in space.patch_sizes():
@@ -207,7 +214,8 @@ def validate_space(space: SearchSpace, where: str) -> None:
                 f"memory_size low={m.low} in {where} is not below N={n} patches at patch_size "
                 f"{patch_size}; lower memory_size.low to at most {n - 1}"
             )
-        if i.low > n - m.low:
+        capped = "iteration_size" not in space.params and "memory_size" in space.params  # fixed I, capped at N - M
+        if not capped and i.low > n - m.low:
             raise ConfigError(
                 f"iteration_size low={i.low} in {where} exceeds N - M = {n - int(m.low)} at "
                 f"patch_size {patch_size}; lower iteration_size.low"
@@ -232,12 +240,15 @@ def _quantile(p: Param, value: float, low: float, high: float) -> float:
 
 
 def memory_iteration_ranges(space: SearchSpace, n: int, memory_size: int | None = None):
-    """Feasible ``(low, high)`` of M for N patches, and of I once M is known."""
-    m, i = space.params["memory_size"], space.params["iteration_size"]
-    m_range = (m.low, min(m.high, n - 1))
+    """Feasible ``(low, high)`` of M for N patches, and of I once M is known (a fixed value when not searched)."""
+    m, i = space.params.get("memory_size"), space.params.get("iteration_size")
+    model = space.fixed.get("model", {})
+    fixed_m, fixed_i = int(model.get("memory_size", 5)), int(model.get("iteration_size", 5))
+    m_range = (m.low, min(m.high, n - 1)) if m else (fixed_m, fixed_m)
     if memory_size is None:
         return m_range, None
-    return m_range, (i.low, min(i.high, n - memory_size))
+    i_range = (i.low, min(i.high, n - memory_size)) if i else (min(fixed_i, n - memory_size),) * 2
+    return m_range, i_range
 
 
 def define_space(trial: Any, space_dict: dict[str, Any]) -> dict[str, Any]:
@@ -251,16 +262,17 @@ def define_space(trial: Any, space_dict: dict[str, Any]) -> dict[str, Any]:
     sampled = {p.name: p.suggest(trial) for p in space.params.values() if p.name not in DERIVED}
     patch_size = sampled.get("patch_size", space.base_config().data.patch_size)
     n = space.n_patches(int(patch_size))
-    model = space.fixed.get("model", {})
-    memory_size = int(model.get("memory_size", 5))
+    (m_low, m_high), _ = memory_iteration_ranges(space, n)
+    memory_size = int(m_low)
     if "memory_size" in space.params:
         q = trial.suggest_float("memory_size" + QUANTILE_SUFFIX, 0.0, 1.0)
-        memory_size = _scaled(space.params["memory_size"], q, *memory_iteration_ranges(space, n)[0])
+        memory_size = _scaled(space.params["memory_size"], q, m_low, m_high)
     derived["memory_size"] = memory_size
+    i_low, i_high = memory_iteration_ranges(space, n, memory_size)[1]
+    derived["iteration_size"] = int(i_low)  # a fixed I, capped at N - M
     if "iteration_size" in space.params:
         q = trial.suggest_float("iteration_size" + QUANTILE_SUFFIX, 0.0, 1.0)
-        low, high = memory_iteration_ranges(space, n, memory_size)[1]
-        derived["iteration_size"] = _scaled(space.params["iteration_size"], q, low, high)
+        derived["iteration_size"] = _scaled(space.params["iteration_size"], q, i_low, i_high)
     return derived
 
 

@@ -88,7 +88,7 @@ def _one_line_reason(exc: Exception) -> str:
     """The informative line of an exception (torch's unpickling errors put advice first), without ANSI codes."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
     lines = [line for line in lines if line] or [type(exc).__name__]
-    return next((line for line in lines if "Unsupported global" in line), lines[0])[:200]
+    return next((line for line in lines if "unsupported global" in line.lower()), lines[0])[:200]
 
 
 def train_ips(config: dict[str, Any]) -> None:

@@ -231,3 +231,15 @@ def test_notebook_space_evaluates_the_notebook_config_first():
     study.enqueue_trial(point)
     derived = searcher_space(space)(study.ask())
     assert derived == {"memory_size": 5, "iteration_size": 5}
+
+
+def test_memory_searched_with_a_fixed_iteration_size_caps_i_at_n_minus_m(tmp_path):
+    text = (Path(__file__).parent.parent / "search_spaces" / "smoke.yaml").read_text()
+    text = text.replace("  iteration_size: {low: 2, high: 8, log: true}\n", "")
+    path = tmp_path / "m-only.yaml"
+    path.write_text(text.replace("model:\n", "model:\n  iteration_size: 15\n"))
+    space = load_space(str(path))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(30):
+        derived = searcher_space(space)(study.ask())
+        assert derived["iteration_size"] == 16 - derived["memory_size"]  # the fixed 15, capped at N - M
