@@ -20,6 +20,7 @@ import re
 import tempfile
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -56,6 +57,10 @@ def _trial_resources() -> tuple[int, float]:
     except Exception:  # noqa: BLE001 - not inside a Tune session (e.g. called directly in a test)
         return max(1, os.cpu_count() or 1), 0.0
     return max(1, int(resources.get("CPU", 1))), float(resources.get("GPU", 0.0))
+
+
+def _node_id() -> str | None:
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _save_checkpoint(directory: str, model, optimizer, scheduler, epoch: int, peak_mb: float) -> tune.Checkpoint:
@@ -128,6 +133,8 @@ def train_ips(config: dict[str, Any]) -> None:
         "iteration_size": model.cfg.iteration_size,
         "patch_size": model.cfg.patch_size,
         "device": device.type,
+        # Which raylet ran it: on a multi-node cluster this is how a slow or failing node is found.
+        "node_id": _node_id(),
     }
     for epoch in range(start_epoch, exp.train.epochs):
         try:

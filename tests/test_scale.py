@@ -136,14 +136,9 @@ def two_node_cluster():
 
 CLUSTER_STATE = """
 import json, sys, ray
-import ray._private.state as state
 ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
 nodes = [{"id": n["NodeID"], "alive": n["Alive"], "cpus": n["Resources"].get("CPU", 0)} for n in ray.nodes()]
-actors = [
-    {"cls": a["ActorClassName"], "pid": a["Pid"], "node": a["Address"]["NodeID"], "state": a["State"]}
-    for a in state.actors().values()
-]
-print(json.dumps({"nodes": nodes, "actors": actors}))
+print(json.dumps({"nodes": nodes}))
 """
 
 
@@ -159,7 +154,7 @@ def test_search_uses_both_nodes_of_a_two_node_cluster(two_node_cluster, tmp_path
 
     df = pd.read_csv(results / "two-nodes" / "trials.csv", dtype={"trial_id": str})
     assert len(df) == 4 and (df["status"] == "completed").all() and df["val_accuracy"].notna().all()
-    trial_pids = {row["pid"] for path in df["path"] for row in result_rows(path)}
+    trial_nodes = {row["node_id"] for path in df["path"] for row in result_rows(path)}
 
     probe = subprocess.run(
         [sys.executable, "-c", CLUSTER_STATE, two_node_cluster],
@@ -172,9 +167,9 @@ def test_search_uses_both_nodes_of_a_two_node_cluster(two_node_cluster, tmp_path
     state = json.loads(probe.stdout.strip().splitlines()[-1])
     nodes = {n["id"] for n in state["nodes"] if n["alive"]}
     assert len(nodes) == 2 and all(n["cpus"] == 1 for n in state["nodes"] if n["alive"])
-    trial_actors = [a for a in state["actors"] if a["cls"] == "ImplicitFunc" and a["pid"] in trial_pids]
-    assert {a["pid"] for a in trial_actors} == trial_pids  # every pid that reported a result is a trial actor
-    assert {a["node"] for a in trial_actors} == nodes, "trials should have run on both nodes"
+    # The node id each trial reported (from its own runtime context), not the GCS actor table: Ray may already
+    # have dropped dead actors' pids from it, which made an earlier, pid-based version of this check flaky in CI.
+    assert trial_nodes == nodes, "trials should have run on both nodes"
 
 
 # ------------------------------------------------------------------ fractional GPUs (logical, CUDA absent)
