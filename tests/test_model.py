@@ -7,10 +7,11 @@ import urllib.error
 
 import pytest
 import torch
+from torch import nn
 
 from ips_search import IPSConfig, IPSNet, Task
 from ips_search.errors import ConfigError
-from ips_search.model.fold import FoldedEncoder
+from ips_search.model.fold import FoldedEncoder, SmallMapConv2d
 
 
 def notebook_ips(net: IPSNet, patches: torch.Tensor, M: int, I: int) -> torch.Tensor:
@@ -167,6 +168,34 @@ def test_folded_encoder_tracks_weight_updates():
     folded.refresh()
     with torch.no_grad():
         torch.testing.assert_close(folded(x), net.encode(x), rtol=1e-4, atol=1e-4)
+        # A second refresh copies in place; the dense matrices of the small-map convs must follow it.
+        net.encoder.layer3[-1].conv2.weight.mul_(-2.0)
+        folded.refresh()
+        torch.testing.assert_close(folded(x), net.encode(x), rtol=1e-4, atol=1e-4)
+    assert any(isinstance(m, SmallMapConv2d) for m in folded.module.modules())
+
+
+@pytest.mark.parametrize(
+    ("conv", "hw"),
+    [
+        (dict(kernel_size=3, padding=1), (1, 1)),
+        (dict(kernel_size=3, padding=1), (2, 2)),
+        (dict(kernel_size=3, padding=1, bias=False), (1, 2)),
+        (dict(kernel_size=3, stride=2, padding=1), (2, 2)),
+        (dict(kernel_size=1, stride=2), (2, 2)),
+        (dict(kernel_size=(1, 3), padding=(0, 2), dilation=2), (2, 2)),
+        (dict(kernel_size=3, padding=1), (4, 4)),  # over max_pixels: the ordinary conv runs
+    ],
+)
+def test_small_map_conv_equals_conv2d(conv, hw):
+    torch.manual_seed(0)
+    ref = nn.Conv2d(6, 5, **conv)
+    fast = SmallMapConv2d.from_conv(ref)
+    x = torch.randn(3, 6, *hw)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
+        ref.weight.add_(1.0)  # shared weight: the cached matrix is rebuilt
+        torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_ips_runs_and_mostly_agrees():

@@ -11,6 +11,7 @@ live encoder before each IPS pass, since the optimiser moves them every step.
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 
 import torch
@@ -18,16 +19,69 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 
-def _conv_or_centre_tap(x, weight, bias, stride, padding, dilation, groups):
-    """A k x k conv with stride 1 and 'same' zero padding sees only its centre tap on a 1x1 map: a matmul there.
+class SmallMapConv2d(nn.Conv2d):
+    """A Conv2d that runs as one dense matmul on maps of at most ``max_pixels`` pixels.
 
-    (ResNet-18's last stage on 32-px patches runs on 1x1 maps, where oneDNN's conv kernels cost ~100x the matmul.)
+    On a tiny map a conv is a linear map from the flattened ``(H, W, C_in)`` input to the flattened
+    ``(H_out, W_out, C_out)`` output; its matrix holds the kernel taps (zeros where a tap falls on padding).
+    ResNet-18 on 32-px patches runs layer3 on 2x2 maps and layer4 on 1x1 maps, where oneDNN's conv kernels are
+    slow (most of all in bfloat16: ~100x the matmul) and mostly multiply padding. The matrix is rebuilt when the
+    weight changes (its version counter moves, or ``invalidate()`` is called), so once per IPS pass. Exact up to
+    float rounding.
     """
-    if x.shape[-2:] == (1, 1) and groups == 1:
-        kh, kw = weight.shape[-2:]
-        y = F.linear(x.flatten(1), weight[:, :, kh // 2, kw // 2], bias)  # (n, C_out)
-        return y.view(*y.shape, 1, 1)
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    def __init__(self, *args, max_pixels: int = 4, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_pixels = max_pixels
+        self._key: tuple | None = None
+        self._taps: dict[tuple[int, int], torch.Tensor] = {}
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, max_pixels: int = 4) -> SmallMapConv2d:
+        """A SmallMapConv2d sharing ``conv``'s weight and bias."""
+        new = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode, device="meta", max_pixels=max_pixels,
+        )  # fmt: skip
+        new.weight, new.bias = conv.weight, conv.bias
+        return new
+
+    def invalidate(self) -> None:
+        """Forget the dense matrix (the weight was changed in place)."""
+        self._key = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        if H * W > self.max_pixels or self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super().forward(x)
+        # Inference tensors (weights copied under inference_mode) have no version counter: refresh() invalidates.
+        version = None if self.weight.is_inference() else self.weight._version
+        key = (H, W, version, self.weight.data_ptr(), self.weight.dtype, self.weight.device)
+        if self._key != key:
+            self._dense, self._dense_bias, self._out_hw = self._expand(H, W)
+            self._key = key
+        (Ho, Wo), n = self._out_hw, x.shape[0]
+        y = F.linear(x.permute(0, 2, 3, 1).reshape(n, -1), self._dense, self._dense_bias)  # (n, Ho*Wo*C_out)
+        return y.view(n, Ho, Wo, -1).permute(0, 3, 1, 2)  # (n, C_out, Ho, Wo), channels-last strides
+
+    @torch.no_grad()
+    def _expand(self, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+        co, ci, kh, kw = self.weight.shape
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        Ho, Wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        taps = self._taps.get((H, W))
+        if taps is None:  # the kernel tap linking each (output pixel, input pixel) pair; kh*kw = none (a zero)
+            taps = torch.full((Ho * Wo, H * W), kh * kw, dtype=torch.long)
+            for oy, ox, ty, tx in itertools.product(range(Ho), range(Wo), range(kh), range(kw)):
+                iy, ix = oy * sh - ph + ty * dh, ox * sw - pw + tx * dw
+                if 0 <= iy < H and 0 <= ix < W:
+                    taps[oy * Wo + ox, iy * W + ix] = ty * kw + tx
+            taps = self._taps[(H, W)] = taps.flatten().to(self.weight.device)
+        w = torch.cat([self.weight.reshape(co, ci, kh * kw), self.weight.new_zeros(co, ci, 1)], dim=2)
+        # (co, ci, Ho*Wo * H*W) -> (Ho*Wo * co, H*W * ci): rows are output (pixel, channel), columns input ones
+        dense = w[:, :, taps].view(co, ci, Ho * Wo, H * W).permute(2, 0, 3, 1).reshape(Ho * Wo * co, H * W * ci)
+        bias = None if self.bias is None else self.bias.repeat(Ho * Wo)
+        return dense.contiguous(), bias, (Ho, Wo)
 
 
 class FoldedEncoder:
@@ -59,36 +113,21 @@ class FoldedEncoder:
         self._refreshed = False
 
     def _rewrite_convs(self, graph_module: fx.GraphModule) -> None:
-        """Two exact speed-ups: 'same' stride-1 convs become a matmul on 1x1 maps, and the output of a
-        one-channel stem conv is made channels-last (for one channel ``contiguous(channels_last)`` of the
-        input is a no-op, so the stem and its max-pool would otherwise run in the slow NCHW layout)."""
-        modules, graph = dict(graph_module.named_modules()), graph_module.graph
+        """Two exact speed-ups: every conv becomes a :class:`SmallMapConv2d` (a matmul on tiny maps), and the
+        output of a one-channel stem conv is made channels-last (for one channel ``contiguous(channels_last)`` of
+        the input is a no-op, so the stem and its max-pool would otherwise run in the slow NCHW layout)."""
+        graph = graph_module.graph
         for node in list(graph.nodes):
-            conv = modules.get(node.target) if node.op == "call_module" else None
-            if not isinstance(conv, nn.Conv2d):
+            conv = graph_module.get_submodule(node.target) if node.op == "call_module" else None
+            if type(conv) is not nn.Conv2d:
                 continue
-            out, same = node, tuple(k // 2 for k in conv.kernel_size)
-            if (
-                all(k % 2 == 1 for k in conv.kernel_size)
-                and conv.stride == (1, 1)
-                and conv.padding == same
-                and conv.dilation == (1, 1)
-                and conv.groups == 1
-                and conv.padding_mode == "zeros"
-            ):
-                with graph.inserting_before(node):
-                    w = graph.get_attr(f"{node.target}.weight")
-                    b = graph.get_attr(f"{node.target}.bias") if conv.bias is not None else None
-                    out = graph.call_function(
-                        _conv_or_centre_tap, (node.args[0], w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
-                    )
-                node.replace_all_uses_with(out)
-                graph.erase_node(node)
+            parent, _, leaf = node.target.rpartition(".")
+            setattr(graph_module.get_submodule(parent), leaf, SmallMapConv2d.from_conv(conv))
             if self.channels_last and conv.in_channels == 1:
-                with graph.inserting_after(out):
-                    to_cl = graph.call_method("contiguous", (out,), {"memory_format": torch.channels_last})
-                out.replace_all_uses_with(to_cl)
-                to_cl.args = (out,)
+                with graph.inserting_after(node):
+                    to_cl = graph.call_method("contiguous", (node,), {"memory_format": torch.channels_last})
+                node.replace_all_uses_with(to_cl)
+                to_cl.args = (node,)
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -122,6 +161,8 @@ class FoldedEncoder:
                 if self.channels_last and value.dim() == 4:
                     value = value.contiguous(memory_format=torch.channels_last)
                 tensor.data = value
+            if isinstance(mod, SmallMapConv2d):
+                mod.invalidate()
         self._refreshed = True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (n, C, P, P) -> (n, D) float32
