@@ -115,6 +115,7 @@ class DataConfig:
     val_fraction: float = 0.2
     tasks: tuple[str, ...] = ("majority",)
     digits: Literal["sklearn", "mnist"] = "sklearn"
+    augment_digits: bool = False  # train canvases only: each placed digit randomly rotated, scaled and sheared
     # mnist-resized
     image_size: int = 500
     # folder
@@ -137,6 +138,8 @@ class DataConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.patch_stride, int) or isinstance(self.patch_stride, bool) or self.patch_stride < 1:
             raise ConfigError(f"patch_stride must be a positive integer, got {self.patch_stride!r}")
+        if not isinstance(self.augment_digits, bool):
+            raise ConfigError(f"augment_digits must be true or false, got {self.augment_digits!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction!r}")
         for task in self.tasks:

@@ -8,7 +8,11 @@ Imports nothing heavy, so the report can use it without Ray.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+from ips_search.errors import ConfigError
 
 TOOL = "ips-search"  # experiment.json's "tool": folders without it are not ours
 EXPERIMENT_FILE = "experiment.json"
@@ -33,3 +37,16 @@ def trial_status(ray_status: str | None, last: dict[str, Any]) -> str:
     if ray_status == "TERMINATED":
         return "early-stopped" if reported == "running" else "failed"
     return "running" if ray_status == "RUNNING" or last else "pending"
+
+
+def read_experiment(folder: Path, hint: str) -> dict[str, Any]:
+    """``folder/experiment.json``; a one-line :class:`ConfigError` ending in ``hint`` unless this tool wrote it."""
+    try:
+        meta = json.loads((folder / EXPERIMENT_FILE).read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"{folder} is not an ips-search experiment (no readable {EXPERIMENT_FILE}); {hint}") from None
+    if not isinstance(meta, dict) or meta.get("tool") != TOOL:
+        raise ConfigError(
+            f"{folder} is not an ips-search experiment ({EXPERIMENT_FILE} was not written by ips-search); {hint}"
+        )
+    return meta

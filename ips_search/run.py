@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ips_search.errors import ConfigError, exit_code_of
-from ips_search.layout import EXPERIMENT_FILE, TOOL
+from ips_search.layout import EXPERIMENT_FILE, read_experiment
 from ips_search.space import SearchSpace, load_space, memory_iteration_ranges, space_from_dict
 
 
@@ -65,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["asha", "fifo"],
         default=None,
         help="trial scheduler (default: asha for accuracy, fifo for accuracy-memory)",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=int,
+        default=1,
+        help="ASHA: epochs every trial runs before it can be stopped (default 1, as Ray's ASHAScheduler)",
+    )
+    p.add_argument(
+        "--reduction-factor",
+        type=int,
+        default=4,
+        help="ASHA: each rung keeps the best 1/reduction-factor of trials; rungs at grace-period * "
+        "reduction-factor^k epochs (default 4, as Ray's ASHAScheduler)",
     )
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (also torch's thread count)")
     p.add_argument(
@@ -148,6 +160,10 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--concurrency must be at least 1, got {args.concurrency}")
     if args.epochs is not None and args.epochs < 1:
         raise ConfigError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.grace_period < 1:
+        raise ConfigError(f"--grace-period must be at least 1 epoch, got {args.grace_period}")
+    if args.reduction_factor < 2:
+        raise ConfigError(f"--reduction-factor must be at least 2, got {args.reduction_factor}")
     if args.name is not None and (not args.name or "/" in args.name or args.name.startswith(".")):
         raise ConfigError(f"--name {args.name!r} must be a plain folder name (no '/', not starting with '.')")
 
@@ -158,27 +174,26 @@ def load_experiment(results_dir: Path, name: str) -> dict[str, Any]:
     if not folder.is_dir():
         known = sorted(p.name for p in results_dir.iterdir() if (p / EXPERIMENT_FILE).is_file())
         raise ConfigError(f"no experiment {name!r} in {results_dir}; existing: {', '.join(known) or 'none'}")
-    try:
-        saved = json.loads((folder / EXPERIMENT_FILE).read_text())
-    except (OSError, ValueError):
-        raise ConfigError(
-            f"{folder} is not an ips-search experiment (no readable {EXPERIMENT_FILE}); "
-            "pass the name of a folder this tool created"
-        ) from None
-    if not isinstance(saved, dict) or saved.get("tool") != TOOL:
-        raise ConfigError(f"{folder} was not written by ips-search; pass the name of a folder this tool created")
+    saved = read_experiment(folder, "pass the name of a folder this tool created")
     if not isinstance(saved.get("settings"), dict) or not isinstance(saved.get("space"), dict):
         raise ConfigError(f"{folder / EXPERIMENT_FILE} is damaged (no settings or space); it can't be resumed")
     return saved
 
 
 def plan_lines(space: SearchSpace, settings: Any) -> list[str]:
+    from ips_search.search import asha_rungs  # imports Ray: only after main() has set its auth mode
+
     lines = [
         f"experiment   {settings.experiment_dir}",
         f"space        {space.name}: {space.description}".rstrip(": "),
         f"trials       {settings.trials} ({settings.concurrency} at once, {settings.cpus_per_trial:g} CPU"
         f" + {settings.gpus_per_trial:g} GPU each), {settings.epochs} epochs max",
         f"objective    {settings.objective}, sampler {settings.sampler}, scheduler {settings.scheduler}"
+        + (
+            f" (rungs at {', '.join(map(str, asha_rungs(settings)))} epochs)"
+            if settings.scheduler == "asha" and asha_rungs(settings)
+            else ""
+        )
         + (f", budget {settings.max_memory_mb:g} MB" if settings.max_memory_mb else ""),
     ]
     for p in space.params.values():
@@ -252,6 +267,8 @@ def _main(args: argparse.Namespace) -> int:
             gpus_per_trial=args.gpus_per_trial,
             seed=args.seed,
             epochs=base.train.epochs,
+            grace_period=args.grace_period,
+            reduction_factor=args.reduction_factor,
             concurrency=args.concurrency or max(1, min(args.trials, int((os.cpu_count() or 1) // args.cpus_per_trial))),
         )
         space.fixed.setdefault("train", {})["seed"] = args.seed

@@ -6,8 +6,9 @@
 * Trials the scheduler stops early are told to Optuna as PRUNED (with their
   per-epoch values), not as COMPLETE: partial results never pose as final.
 * With a memory budget, each trial's ``peak_memory_mb - budget`` is stored as its
-  constraint, which Optuna's samplers use (``constraints_func``) to steer away
-  from infeasible configs.
+  constraint (``Trial.set_constraint`` from Optuna 5; a user attribute read by the
+  samplers' ``constraints_func`` before), which the samplers use to steer away from
+  infeasible configs.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class SearchSettings:
     concurrency: int = 1
     seed: int = 0
     epochs: int = 4
+    grace_period: int = 1  # ASHA: Ray's defaults
+    reduction_factor: int = 4
 
     @property
     def multi_objective(self) -> bool:
@@ -61,12 +64,23 @@ class SearchSettings:
         return Path(self.results_dir).resolve() / self.name
 
 
+NATIVE_CONSTRAINTS = hasattr(optuna.trial.Trial, "set_constraint")  # Optuna >= 5 deprecates constraints_func
+CONSTRAINT = "memory_mb_over_budget"  # peak_memory_mb - max_memory_mb: feasible when <= 0
+
+
 def _constraint(trial: optuna.trial.FrozenTrial) -> tuple[float, ...]:
-    return tuple(trial.user_attrs.get("constraint", (0.0,)))
+    return tuple(trial.user_attrs.get(CONSTRAINT, (0.0,)))
+
+
+def trial_constraints(trial: optuna.trial.FrozenTrial) -> tuple[float, ...]:
+    """The constraint values a trial was told with, whichever Optuna stored them."""
+    if NATIVE_CONSTRAINTS and trial.constraints:
+        return tuple(trial.constraints.values())
+    return tuple(trial.user_attrs.get(CONSTRAINT, ()))
 
 
 def make_sampler(name: str, seed: int, budgeted: bool) -> optuna.samplers.BaseSampler:
-    constraints = _constraint if budgeted else None
+    constraints = _constraint if budgeted and not NATIVE_CONSTRAINTS else None
     if name == "tpe":
         # multivariate + group: P, M and I are modelled jointly, per group of co-occurring parameters
         with warnings.catch_warnings():
@@ -116,7 +130,11 @@ class IPSOptunaSearch(OptunaSearch):
                 ):
                     ot_trial.set_user_attr(key, result[key])
             if self.max_memory_mb and peak is not None:
-                ot_trial.set_user_attr("constraint", [float(min(peak, 1e12)) - self.max_memory_mb])
+                over = float(min(peak, 1e12)) - self.max_memory_mb
+                if NATIVE_CONSTRAINTS:
+                    ot_trial.set_constraint(CONSTRAINT, over)
+                else:
+                    ot_trial.set_user_attr(CONSTRAINT, [over])
             if status == "running" and not error:  # stopped by the scheduler before its last epoch
                 self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
                 self._completed_trials.add(trial_id)
@@ -150,9 +168,18 @@ def make_scheduler(settings: SearchSettings):
     return ASHAScheduler(
         time_attr="training_iteration",
         max_t=settings.epochs,
-        grace_period=max(1, settings.epochs // 4),
-        reduction_factor=3,
+        grace_period=min(settings.grace_period, settings.epochs),
+        reduction_factor=settings.reduction_factor,
     )
+
+
+def asha_rungs(settings: SearchSettings) -> list[int]:
+    """The epochs at which ASHA compares trials (grace_period * reduction_factor**k below max_t)."""
+    rungs, t = [], min(settings.grace_period, settings.epochs)
+    while t < settings.epochs:
+        rungs.append(t)
+        t *= settings.reduction_factor
+    return rungs
 
 
 def make_trainable(settings: SearchSettings):

@@ -5,7 +5,8 @@ pick patches and the encoder that reads them must both be right before either ge
 a useful gradient. A short supervised pretraining of the encoder breaks that loop:
 it learns to classify P x P patches that hold one TRAIN-pool digit (fully or mostly
 inside, with the canvases' scribble noise around it) into the digit's class, plus an
-11th class for patches with only noise or nothing. TEST-pool digits are never used.
+11th class for patches with only noise or nothing. Validation and TEST-pool digits are
+never used.
 
 The result depends only on the fields in :func:`warm_start_fields`; it is computed
 once, cached on disk (``torch.save``, read with ``weights_only=True``) and in memory,
@@ -25,12 +26,12 @@ from tqdm.auto import tqdm
 
 from ips_search.config import DataConfig, IPSConfig
 from ips_search.data.cache import cached
-from ips_search.data.digits import DigitPool, digit_pools
+from ips_search.data.digits import DigitPool, digit_pools, split_validation
 from ips_search.data.strokes import stroke_bank, with_dihedral
 from ips_search.errors import ConfigError
 from ips_search.model.encoders import build_encoder
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_STEPS = 150  # ~40 s of one CPU thread for small-cnn, D=128, P=32; ~99% single-patch accuracy
 BATCH_SIZE = 128
 LR = 2e-3
@@ -104,6 +105,7 @@ def warm_start_fields(model_cfg: IPSConfig, data_cfg: DataConfig, steps: int) ->
         "n_noise": data_cfg.n_noise,
         "canvas_size": data_cfg.canvas_size,
         "seed": data_cfg.seed,
+        "val_fraction": data_cfg.val_fraction,  # its digits are held out of pretraining
         "steps": steps,
     }
 
@@ -116,6 +118,7 @@ def _pretrain(
     train_pool, _ = digit_pools(
         data_cfg.digits, data_cfg.digit_size, data_cfg.seed, data_cfg.cache_dir, data_cfg.download
     )
+    train_pool, _ = split_validation(train_pool, data_cfg.val_fraction, data_cfg.seed)  # never the val digits
     sampler = DigitPatchSampler(train_pool, model_cfg.patch_size, data_cfg, model_cfg.n_chan, data_cfg.seed)
     with torch.random.fork_rng(devices=[]):  # deterministic init without touching the caller's RNG
         torch.manual_seed(data_cfg.seed)

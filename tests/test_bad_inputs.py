@@ -224,6 +224,12 @@ CASES: dict[str, Case] = {
     "gpus-per-trial-fractional-above-1": Case(
         args_case("--space", "smoke", "--gpus-per-trial", "1.5"), "must be whole"
     ),
+    "grace-period-zero": Case(
+        args_case("--space", "smoke", "--grace-period", "0"), "--grace-period must be at least 1"
+    ),
+    "reduction-factor-one": Case(
+        args_case("--space", "smoke", "--reduction-factor", "1"), "--reduction-factor must be at least 2"
+    ),
     "name-with-slash": Case(args_case("--space", "smoke", "--name", "../escape"), "must be a plain folder name"),
     "trials-not-a-number": Case(
         args_case("--space", "smoke", "--trials", "abc"),

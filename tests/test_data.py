@@ -17,7 +17,7 @@ from ips_search.config import DataConfig
 from ips_search.data import build_datasets, megapixel, patch_grid, patch_map, patchify, patchify_batch, unpatchify
 from ips_search.data import cache as cache_mod
 from ips_search.data import folder as folder_mod
-from ips_search.data.digits import digit_pools
+from ips_search.data.digits import digit_pools, split_validation
 from ips_search.errors import ConfigError
 
 
@@ -173,7 +173,8 @@ def test_megapixel_labels_from_metadata(mp_splits):
 
 def test_megapixel_digits_do_not_overlap_and_match_sources(mp_splits, mp_cache):
     train_pool, test_pool = digit_pools("sklearn", 28, seed=0)
-    for ds, pool in ((mp_splits.train, train_pool), (mp_splits.test, test_pool)):
+    train_pool, val_pool = split_validation(train_pool, 0.2, seed=0)
+    for ds, pool in ((mp_splits.train, train_pool), (mp_splits.val, val_pool), (mp_splits.test, test_pool)):
         by_id = {int(i): k for k, i in enumerate(pool.ids)}
         for i in range(len(ds)):
             canvas = (ds.image(i)[0] * 255).round()
@@ -191,16 +192,28 @@ def test_megapixel_digits_do_not_overlap_and_match_sources(mp_splits, mp_cache):
                 assert pool.labels[src] == ds.meta["classes"][i, a]
 
 
-def test_megapixel_train_and_test_digits_are_disjoint(mp_splits):
+def test_megapixel_train_validation_and_test_digits_are_disjoint(mp_splits):
     train_pool, test_pool = digit_pools("sklearn", 28, seed=0)
-    train_ids = set(mp_splits.train.meta["source_ids"].flatten().tolist())
-    train_ids |= set(mp_splits.val.meta["source_ids"].flatten().tolist())
-    test_ids = set(mp_splits.test.meta["source_ids"].flatten().tolist())
-    assert not train_ids & test_ids
-    assert train_ids <= set(train_pool.ids.tolist()) and test_ids <= set(test_pool.ids.tolist())
-    # Validation is carved out of the train canvases: disjoint canvas indices covering n_train.
-    tr, va = set(mp_splits.train.indices.tolist()), set(mp_splits.val.indices.tolist())
-    assert not tr & va and tr | va == set(range(40))
+    ids = {
+        name: set(getattr(mp_splits, name).meta["source_ids"].flatten().tolist()) for name in ("train", "val", "test")
+    }
+    assert not ids["train"] & ids["test"] and not ids["val"] & ids["test"]
+    assert not ids["train"] & ids["val"], "validation canvases must hold digits training never saw"
+    assert ids["train"] | ids["val"] <= set(train_pool.ids.tolist()) and ids["test"] <= set(test_pool.ids.tolist())
+    # Validation is carved out of n_train: val_fraction of the canvases.
+    assert (len(mp_splits.train), len(mp_splits.val), len(mp_splits.test)) == (32, 8, 20)
+
+
+def test_split_validation_holds_out_a_fraction_of_each_class():
+    pool, _ = digit_pools("sklearn", 28, seed=0)
+    train, val = split_validation(pool, 0.2, seed=0)
+    assert not set(train.ids.tolist()) & set(val.ids.tolist()) and len(train) + len(val) == len(pool)
+    for c in range(10):
+        n_c = int((pool.labels == c).sum())
+        assert int((val.labels == c).sum()) == round(0.2 * n_c)
+    again, _ = split_validation(pool, 0.2, seed=0)
+    other, _ = split_validation(pool, 0.2, seed=1)
+    assert np.array_equal(train.ids, again.ids) and not np.array_equal(train.ids, other.ids)
 
 
 def test_megapixel_noise_present(mp_splits):
@@ -216,7 +229,7 @@ def test_megapixel_determinism():
     cfg = DataConfig(**SMALL, seed=3)
     a, b = megapixel.generate(cfg), megapixel.generate(cfg)
     c = megapixel.generate(DataConfig(**SMALL, seed=4))
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):
         for key in a[split]:
             assert torch.equal(a[split][key], b[split][key])
         assert not torch.equal(a[split]["canvases"], c[split]["canvases"])
@@ -241,8 +254,10 @@ def test_megapixel_disk_and_memory_cache(tmp_path, monkeypatch):
     # A field that changes generation must not hit the cache.
     with pytest.raises(AssertionError, match="regenerated"):
         build_datasets(DataConfig(cache_dir=str(tmp_path), **{**SMALL, "n_noise": 11}))
-    # val_fraction / tasks / patch size don't change the canvases: still cached.
-    build_datasets(DataConfig(cache_dir=str(tmp_path), **{**SMALL, "val_fraction": 0.5, "patch_size": 64}))
+    with pytest.raises(AssertionError, match="regenerated"):  # validation digits and canvases follow it
+        build_datasets(DataConfig(cache_dir=str(tmp_path), **{**SMALL, "val_fraction": 0.5}))
+    # Tasks and patch size don't change the canvases: still cached.
+    build_datasets(DataConfig(cache_dir=str(tmp_path), **{**SMALL, "tasks": ("max",), "patch_size": 64}))
 
 
 def test_megapixel_default_config_is_fast(tmp_path):
@@ -251,7 +266,8 @@ def test_megapixel_default_config_is_fast(tmp_path):
     start = time.perf_counter()
     data = megapixel.generate(cfg)
     assert time.perf_counter() - start < 20  # ~2 s here
-    assert data["train"]["canvases"].shape == (1500, 256, 256) and data["train"]["canvases"].dtype == torch.uint8
+    assert data["train"]["canvases"].shape == (1200, 256, 256) and data["train"]["canvases"].dtype == torch.uint8
+    assert data["val"]["canvases"].shape == (300, 256, 256)
     # 5 digits cover < 10% of the canvas.
     assert 5 * 28 * 28 / 256**2 < 0.1
 
@@ -446,3 +462,25 @@ def test_folder_truncated_jpeg(tmp_path):
 def test_folder_needs_root():
     with pytest.raises(ConfigError, match="needs root"):
         build_datasets(DataConfig(dataset="folder", image_size=32, patch_size=16))
+
+
+def test_augmented_digits_change_only_train_canvases():
+    plain = megapixel.generate(DataConfig(**SMALL))
+    jittered = megapixel.generate(DataConfig(**SMALL, augment_digits=True))
+    assert torch.equal(jittered["train"]["classes"], plain["train"]["classes"])  # same scenes, labels and boxes
+    assert torch.equal(jittered["train"]["boxes"], plain["train"]["boxes"])
+    assert not torch.equal(jittered["train"]["canvases"], plain["train"]["canvases"])
+    for split in ("val", "test"):  # evaluation canvases hold the digits as they are
+        assert torch.equal(jittered[split]["canvases"], plain[split]["canvases"])
+    again = megapixel.generate(DataConfig(**SMALL, augment_digits=True))
+    assert torch.equal(again["train"]["canvases"], jittered["train"]["canvases"])  # still deterministic
+
+
+def test_jitter_keeps_a_digit_recognisably_in_place():
+    pool, _ = digit_pools("sklearn", 28, seed=0)
+    rng = np.random.default_rng(0)
+    for image in pool.images[:20]:
+        out = megapixel.jitter_digit(image, rng)
+        assert out.shape == image.shape and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
+        assert not np.array_equal(out, image)
+        assert np.corrcoef(out.ravel(), image.ravel())[0, 1] > 0.4  # a distortion, not a different picture

@@ -15,7 +15,10 @@ import pandas as pd
 import pytest
 
 from ips_search import run
+from ips_search.run import plan_lines
+from ips_search.search import SearchSettings, asha_rungs, make_scheduler, trial_constraints
 from ips_search.space import define_space, load_space, searcher_space
+from ips_search.trainable import METRIC
 
 pytestmark = pytest.mark.ray
 
@@ -80,7 +83,7 @@ def test_memory_budget_marks_trials_infeasible(ray_cluster, results_dir):
     assert (df["status"] == "infeasible").all() and (df["peak_memory_mb"] > 1).all()
     assert (df["epochs"] == 1).all()  # stopped after the probe step
     study = _study(results_dir / "budget")
-    assert all(t.user_attrs["constraint"][0] > 0 for t in study.trials)
+    assert all(len(trial_constraints(t)) == 1 and trial_constraints(t)[0] > 0 for t in study.trials)
 
 
 def test_killed_driver_resumes_without_rerunning_finished_trials(ray_cluster, results_dir):
@@ -243,3 +246,15 @@ def test_memory_searched_with_a_fixed_iteration_size_caps_i_at_n_minus_m(tmp_pat
     for _ in range(30):
         derived = searcher_space(space)(study.ask())
         assert derived["iteration_size"] == 16 - derived["memory_size"]  # the fixed 15, capped at N - M
+
+
+@pytest.mark.parametrize(("epochs", "grace", "factor"), [(8, 1, 4), (8, 2, 3), (12, 1, 3), (4, 1, 4), (3, 5, 2)])
+def test_asha_rungs_are_the_ones_ray_uses(epochs, grace, factor):
+    settings = SearchSettings(
+        name="x", results_dir="/tmp/x", space="smoke", epochs=epochs, grace_period=grace, reduction_factor=factor
+    )
+    scheduler = make_scheduler(settings)
+    scheduler.set_search_properties(METRIC, "max")
+    ray_rungs = sorted(milestone for milestone, _ in scheduler._brackets[0]._rungs)
+    assert asha_rungs(settings) == ray_rungs
+    assert "rungs at" in "\n".join(plan_lines(load_space("smoke"), settings)) or not ray_rungs

@@ -9,7 +9,7 @@ import torch
 from ips_search import warmstart
 from ips_search.config import DataConfig, IPSConfig
 from ips_search.data import cache as cache_mod
-from ips_search.data.digits import digit_pools
+from ips_search.data.digits import digit_pools, split_validation
 from ips_search.errors import ConfigError
 from ips_search.model.encoders import build_encoder
 
@@ -46,7 +46,16 @@ def test_warm_start_trains_caches_and_loads_strictly(tmp_path, monkeypatch):
 
 
 def test_warm_start_uses_only_train_pool(tmp_path, monkeypatch):
+    """Neither the TEST pool nor the validation digits held out of the TRAIN pool reach pretraining."""
     train_pool, _ = digit_pools("sklearn", 28, 0)
+    seen: list[set[int]] = []
+    sampler_init = warmstart.DigitPatchSampler.__init__
+
+    def recording_init(self, pool, *args, **kwargs):
+        seen.append(set(pool.ids.tolist()))
+        sampler_init(self, pool, *args, **kwargs)
+
+    monkeypatch.setattr(warmstart.DigitPatchSampler, "__init__", recording_init)
 
     class Forbidden:
         def __getattr__(self, name):
@@ -59,6 +68,9 @@ def test_warm_start_uses_only_train_pool(tmp_path, monkeypatch):
     model_cfg, data_cfg = _cfgs(tmp_path)
     payload = warmstart._pretrain(model_cfg, data_cfg, 2, False, torch.device("cpu"))
     assert set(payload) >= {"encoder", "head", "train_acc", "seconds"}
+    _, val_pool = split_validation(train_pool, data_cfg.val_fraction, data_cfg.seed)
+    assert len(seen) == 1 and seen[0] and seen[0] <= set(train_pool.ids.tolist())
+    assert not seen[0] & set(val_pool.ids.tolist())
 
 
 def test_sampler_patches_and_labels():

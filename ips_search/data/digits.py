@@ -97,6 +97,24 @@ def _mnist_pools(digit_size: int, cache_dir: str | None, download: bool) -> tupl
     return pools[0], pools[1]
 
 
+def split_validation(pool: DigitPool, fraction: float, seed: int) -> tuple[DigitPool, DigitPool]:
+    """``pool`` split per class into ``(train, validation)`` digits, ``fraction`` of each class held out, seeded.
+
+    Validation canvases drawn from held-out digits measure what test canvases measure (digits the model has never
+    seen); canvases that reused training digits scored 4-6 points above test and let the search favour trials that
+    had memorised them.
+    """
+    rng = np.random.default_rng([seed, 5])
+    val = np.zeros(len(pool), dtype=bool)
+    for c in np.unique(pool.labels):
+        members = rng.permutation(np.flatnonzero(pool.labels == c))
+        val[members[: max(1, round(fraction * len(members)))]] = True
+    return (
+        DigitPool(pool.images[~val], pool.labels[~val], pool.ids[~val]),
+        DigitPool(pool.images[val], pool.labels[val], pool.ids[val]),
+    )
+
+
 @functools.lru_cache(maxsize=8)
 def _pools(source: str, digit_size: int, seed: int, cache_dir: str | None, download: bool):
     if source == "sklearn":

@@ -13,7 +13,11 @@ each other. Tasks:
 * ``multilabel``: 10-dim 0/1 vector of the classes present (sigmoid/BCE task).
 
 Train canvases use only TRAIN-pool digits and test canvases only TEST-pool digits
-(:mod:`digits`); validation is a seeded ``val_fraction`` of the train canvases.
+(:mod:`digits`). Validation takes ``val_fraction`` of the ``n_train`` canvases, drawn
+from a held-out ``val_fraction`` of the TRAIN-pool digits (:func:`digits.split_validation`),
+so validation, like test, measures digits the model never trained on. With
+``augment_digits`` every digit placed on a *train* canvas gets a random affine distortion
+(:func:`jitter_digit`), so training sees more shapes than the pool holds.
 Canvases are deterministic in ``seed``, generated once and cached on disk as uint8
 ``(n, H, W)`` with their metadata (digit classes, boxes ``(y0, x0, y1, x1)`` with
 exclusive ends, and source ids).
@@ -28,11 +32,11 @@ from tqdm.auto import tqdm
 from ips_search.config import DataConfig, Task
 from ips_search.data.cache import cached
 from ips_search.data.dataset import PatchDataset
-from ips_search.data.digits import DigitPool, digit_pools
+from ips_search.data.digits import DigitPool, digit_pools, split_validation
 from ips_search.data.strokes import stroke_bank, with_dihedral
 from ips_search.errors import ConfigError
 
-FORMAT_VERSION = 1  # bump when generation changes so old cache files are not reused
+FORMAT_VERSION = 3  # bump when generation changes so old cache files are not reused
 N_CLASS = 10
 MAX_BANK = 1024  # distinct strokes per split, each used in 8 flips/rotations
 TASKS = {
@@ -96,8 +100,25 @@ def _place_digits(rng: np.random.Generator, k: int, size: int, canvas: int) -> l
     return boxes
 
 
+MAX_ROTATION_DEG, SCALE_RANGE, MAX_SHEAR = 15.0, (0.85, 1.1), 0.15
+
+
+def jitter_digit(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``image`` (S, S) in [0, 1] rotated, scaled and sheared about its centre (bilinear), same size and range."""
+    from scipy.ndimage import affine_transform  # scikit-learn's own dependency
+
+    angle = np.deg2rad(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG))
+    scale, shear = rng.uniform(*SCALE_RANGE), rng.uniform(-MAX_SHEAR, MAX_SHEAR)
+    c, s = np.cos(angle), np.sin(angle)
+    forward = np.array([[c, -s], [s, c]]) @ np.array([[1.0, shear], [0.0, 1.0]]) * scale
+    inverse = np.linalg.inv(forward)  # affine_transform maps output coordinates to input ones
+    centre = (np.array(image.shape) - 1) / 2
+    out = affine_transform(image, inverse, offset=centre - inverse @ centre, order=1, mode="constant", cval=0.0)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
 def _generate_split(
-    pool: DigitPool, n: int, cfg: DataConfig, rng: np.random.Generator, desc: str
+    pool: DigitPool, n: int, cfg: DataConfig, rng: np.random.Generator, desc: str, augment: bool = False
 ) -> dict[str, torch.Tensor]:
     S, C, k = cfg.digit_size, cfg.canvas_size, cfg.n_digits
     by_class = [np.flatnonzero(pool.labels == c) for c in range(N_CLASS)]
@@ -105,6 +126,7 @@ def _generate_split(
         raise ConfigError(f"the {desc} digit pool lacks a class; use digits: sklearn or digits: mnist")
     bank = with_dihedral(stroke_bank(min(MAX_BANK, max(1, n * cfg.n_noise)), S, rng)) if cfg.n_noise else None
     n_major = majority_count(k)
+    jitter_rng = np.random.default_rng([cfg.seed, 6]) if augment else None  # own stream: scenes stay the same
 
     canvases = np.zeros((n, C, C), dtype=np.uint8)
     classes = np.zeros((n, k), dtype=np.int64)
@@ -119,7 +141,8 @@ def _generate_split(
         canvas[:] = 0
         for j, (c, (y0, x0, y1, x1)) in enumerate(zip(cls, digit_boxes, strict=True)):
             src = int(rng.choice(by_class[c]))
-            np.maximum(canvas[y0:y1, x0:x1], pool.images[src], out=canvas[y0:y1, x0:x1])
+            digit = jitter_digit(pool.images[src], jitter_rng) if jitter_rng is not None else pool.images[src]
+            np.maximum(canvas[y0:y1, x0:x1], digit, out=canvas[y0:y1, x0:x1])
             classes[i, j], boxes[i, j], ids[i, j] = c, (y0, x0, y1, x1), pool.ids[src]
         if bank is not None:  # strokes anywhere except on a digit box (they may cross each other)
             y, x = rng.integers(0, C - S + 1, size=(2, 4 * cfg.n_noise + 16))
@@ -145,18 +168,30 @@ def generation_fields(cfg: DataConfig) -> dict:
         "n_digits": cfg.n_digits,
         "n_noise": cfg.n_noise,
         "n_train": cfg.n_train,
+        "val_fraction": cfg.val_fraction,
+        "augment_digits": cfg.augment_digits,
         "n_test": cfg.n_test,
         "digits": cfg.digits,
         "seed": cfg.seed,
     }
 
 
+def n_validation(cfg: DataConfig) -> int:
+    """Validation canvases out of ``n_train``: ``val_fraction`` of them, at least one of each split."""
+    return min(max(1, round(cfg.val_fraction * cfg.n_train)), cfg.n_train - 1)
+
+
 def generate(cfg: DataConfig) -> dict[str, dict[str, torch.Tensor]]:
-    """Generate ``{"train": {...}, "test": {...}}`` (no caching); each holds uint8 ``canvases``
+    """Generate ``{"train": {...}, "val": {...}, "test": {...}}`` (no caching); each holds uint8 ``canvases``
     ``(n, H, W)``, int64 ``classes`` ``(n, k)``, ``boxes`` ``(n, k, 4)`` and ``source_ids`` ``(n, k)``."""
     train_pool, test_pool = digit_pools(cfg.digits, cfg.digit_size, cfg.seed, cfg.cache_dir, cfg.download)
+    train_pool, val_pool = split_validation(train_pool, cfg.val_fraction, cfg.seed)
+    n_val = n_validation(cfg)
     return {
-        "train": _generate_split(train_pool, cfg.n_train, cfg, np.random.default_rng([cfg.seed, 2]), "train"),
+        "train": _generate_split(
+            train_pool, cfg.n_train - n_val, cfg, np.random.default_rng([cfg.seed, 2]), "train", cfg.augment_digits
+        ),
+        "val": _generate_split(val_pool, n_val, cfg, np.random.default_rng([cfg.seed, 4]), "validation"),
         "test": _generate_split(test_pool, cfg.n_test, cfg, np.random.default_rng([cfg.seed, 3]), "test"),
     }
 
@@ -190,12 +225,8 @@ def build(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchDataset, tu
         meta = {k: part[k] for k in ("classes", "boxes", "source_ids")}
         splits[name] = (images, {t: targets[t] for t in cfg.tasks}, meta)
 
-    n = cfg.n_train
-    n_val = min(max(1, round(cfg.val_fraction * n)), n - 1)
-    perm = torch.from_numpy(np.random.default_rng([cfg.seed, 4]).permutation(n))
-    train_idx, val_idx = perm[n_val:].sort().values, perm[:n_val].sort().values
-    stride = cfg.patch_stride
-    train = PatchDataset(*splits["train"][:2], cfg.patch_size, stride, indices=train_idx, meta=splits["train"][2])
-    val = PatchDataset(*splits["train"][:2], cfg.patch_size, stride, indices=val_idx, meta=splits["train"][2])
-    test = PatchDataset(*splits["test"][:2], cfg.patch_size, stride, meta=splits["test"][2])
+    train, val, test = (
+        PatchDataset(images, targets, cfg.patch_size, cfg.patch_stride, meta=meta)
+        for images, targets, meta in (splits[name] for name in ("train", "val", "test"))
+    )
     return train, val, test, tuple(TASKS[t] for t in cfg.tasks)

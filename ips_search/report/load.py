@@ -38,6 +38,7 @@ from ips_search.layout import (
     STATUSES,
     TOOL,
     TRIALS_CSV,
+    read_experiment,
     trial_status,
 )
 from ips_search.space import QUANTILE_SUFFIX
@@ -127,19 +128,7 @@ def read_experiment_json(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{folder} does not exist; pass an experiment folder such as results/<name>, or --latest")
     if not folder.is_dir():
         raise ConfigError(f"{folder} is not a folder; pass an experiment folder such as results/<name>")
-    try:
-        meta = json.loads((folder / EXPERIMENT_FILE).read_text())
-    except (OSError, ValueError):
-        raise ConfigError(
-            f"{folder} is not an ips-search experiment (no readable {EXPERIMENT_FILE}); "
-            "pass a folder the search created, e.g. results/<name>"
-        ) from None
-    if not isinstance(meta, dict) or meta.get("tool") != TOOL:
-        raise ConfigError(
-            f"{folder} is not an ips-search experiment ({EXPERIMENT_FILE} was written by another "
-            "tool); pass a folder the search created"
-        )
-    return meta
+    return read_experiment(folder, "pass a folder the search created, e.g. results/<name>")
 
 
 def latest_experiment(results_dir: str | Path = "results") -> Path:
