@@ -255,6 +255,7 @@ def test_asha_rungs_are_the_ones_ray_uses(epochs, grace, factor):
     )
     scheduler = make_scheduler(settings)
     scheduler.set_search_properties(METRIC, "max")
-    ray_rungs = sorted(milestone for milestone, _ in scheduler._brackets[0]._rungs)
+    # Ray may also list a rung at max_t itself; a trial there has finished anyway, so it decides nothing.
+    ray_rungs = sorted(milestone for milestone, _ in scheduler._brackets[0]._rungs if milestone < epochs)
     assert asha_rungs(settings) == ray_rungs
     assert "rungs at" in "\n".join(plan_lines(load_space("smoke"), settings)) or not ray_rungs
