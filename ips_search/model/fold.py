@@ -6,6 +6,7 @@ rounding. The copy is traced once with ``torch.fx`` and keeps its own weights in
 the chosen dtype (bfloat16 runs natively, without autocast re-casting the weights
 at every call) and in channels-last layout; ``refresh()`` re-derives them from the
 live encoder before each IPS pass, since the optimiser moves them every step.
+Convs on maps of at most 4 pixels run as one dense matmul (:class:`SmallMapConv2d`).
 """
 
 from __future__ import annotations
