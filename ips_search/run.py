@@ -183,17 +183,14 @@ def load_experiment(results_dir: Path, name: str) -> dict[str, Any]:
 def plan_lines(space: SearchSpace, settings: Any) -> list[str]:
     from ips_search.search import asha_rungs  # imports Ray: only after main() has set its auth mode
 
+    rungs = asha_rungs(settings) if settings.scheduler == "asha" else []
     lines = [
         f"experiment   {settings.experiment_dir}",
         f"space        {space.name}: {space.description}".rstrip(": "),
         f"trials       {settings.trials} ({settings.concurrency} at once, {settings.cpus_per_trial:g} CPU"
         f" + {settings.gpus_per_trial:g} GPU each), {settings.epochs} epochs max",
         f"objective    {settings.objective}, sampler {settings.sampler}, scheduler {settings.scheduler}"
-        + (
-            f" (rungs at {', '.join(map(str, asha_rungs(settings)))} epochs)"
-            if settings.scheduler == "asha" and asha_rungs(settings)
-            else ""
-        )
+        + (f" (rungs at {', '.join(map(str, rungs))} epochs)" if rungs else "")
         + (f", budget {settings.max_memory_mb:g} MB" if settings.max_memory_mb else ""),
     ]
     for p in space.params.values():

@@ -9,6 +9,11 @@ from torch.utils.data import Dataset
 from ips_search.data.patches import patch_grid, patchify
 
 
+def n_validation(n: int, fraction: float) -> int:
+    """How many of ``n`` training items become validation: ``fraction`` of them, leaving at least one of each."""
+    return min(max(1, round(fraction * n)), n - 1)
+
+
 class PatchDataset(Dataset):
     """Items are ``(patches, targets)``.
 

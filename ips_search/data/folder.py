@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ips_search.config import DataConfig, Task
-from ips_search.data.dataset import PatchDataset
+from ips_search.data.dataset import PatchDataset, n_validation
 from ips_search.errors import ConfigError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -144,7 +144,7 @@ def build(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchDataset, tu
         test_idx, rest = perm[:n_test], perm[n_test:]
     if len(rest) < 2:
         raise ConfigError(f"{root} has {len(rest)} training image(s); need at least 2 (train and validation)")
-    n_val = min(max(1, round(cfg.val_fraction * len(rest))), len(rest) - 1)
+    n_val = n_validation(len(rest), cfg.val_fraction)
     images = _decode_all(paths, cfg.image_size, cfg.n_chan)
     targets = {"label": torch.tensor(labels, dtype=torch.long)}
     args = dict(patch_size=cfg.patch_size, stride=cfg.patch_stride)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ips_search.config import DataConfig, Task
 from ips_search.data.cache import cached
-from ips_search.data.dataset import PatchDataset
+from ips_search.data.dataset import PatchDataset, n_validation
 from ips_search.data.digits import DigitPool, digit_pools, split_validation
 from ips_search.data.strokes import stroke_bank, with_dihedral
 from ips_search.errors import ConfigError
@@ -176,17 +176,12 @@ def generation_fields(cfg: DataConfig) -> dict:
     }
 
 
-def n_validation(cfg: DataConfig) -> int:
-    """Validation canvases out of ``n_train``: ``val_fraction`` of them, at least one of each split."""
-    return min(max(1, round(cfg.val_fraction * cfg.n_train)), cfg.n_train - 1)
-
-
 def generate(cfg: DataConfig) -> dict[str, dict[str, torch.Tensor]]:
     """Generate ``{"train": {...}, "val": {...}, "test": {...}}`` (no caching); each holds uint8 ``canvases``
     ``(n, H, W)``, int64 ``classes`` ``(n, k)``, ``boxes`` ``(n, k, 4)`` and ``source_ids`` ``(n, k)``."""
     train_pool, test_pool = digit_pools(cfg.digits, cfg.digit_size, cfg.seed, cfg.cache_dir, cfg.download)
     train_pool, val_pool = split_validation(train_pool, cfg.val_fraction, cfg.seed)
-    n_val = n_validation(cfg)
+    n_val = n_validation(cfg.n_train, cfg.val_fraction)
     return {
         "train": _generate_split(
             train_pool, cfg.n_train - n_val, cfg, np.random.default_rng([cfg.seed, 2]), "train", cfg.augment_digits

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ips_search.config import DataConfig, Task
-from ips_search.data.dataset import PatchDataset
+from ips_search.data.dataset import PatchDataset, n_validation
 from ips_search.data.digits import load_mnist
 from ips_search.errors import ConfigError
 
@@ -34,7 +34,7 @@ def build(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchDataset, tu
         pick = torch.from_numpy(np.random.default_rng([cfg.seed, stream]).permutation(len(labels))[:n])
         splits.append((images[pick].unsqueeze(1), {"label": labels[pick]}))  # (n, 1, 28, 28) uint8
 
-    n_val = min(max(1, round(cfg.val_fraction * cfg.n_train)), cfg.n_train - 1)
+    n_val = n_validation(cfg.n_train, cfg.val_fraction)
     args = dict(patch_size=cfg.patch_size, stride=cfg.patch_stride, image_size=cfg.image_size)
     train = PatchDataset(*splits[0], indices=torch.arange(n_val, cfg.n_train), **args)
     val = PatchDataset(*splits[0], indices=torch.arange(n_val), **args)

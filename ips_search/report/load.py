@@ -36,7 +36,6 @@ from ips_search.layout import (
     PARAMS_FILE,
     RESULT_FILE,
     STATUSES,
-    TOOL,
     TRIALS_CSV,
     read_experiment,
     trial_status,
@@ -141,9 +140,9 @@ def latest_experiment(results_dir: str | Path = "results") -> Path:
         marker = child / EXPERIMENT_FILE
         if child.is_dir() and marker.is_file():
             try:
-                if json.loads(marker.read_text()).get("tool") == TOOL:
-                    found.append((marker.stat().st_mtime, child))
-            except (OSError, ValueError, AttributeError):
+                read_experiment(child, hint="")  # skips folders another tool wrote
+                found.append((marker.stat().st_mtime, child))
+            except (ConfigError, OSError):
                 continue
     if not found:
         raise ConfigError(f"no ips-search experiment in {root}; run a search first or pass an experiment path")
