@@ -69,14 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace-period",
         type=int,
         default=1,
-        help="ASHA: epochs every trial runs before it can be stopped (default 1, as Ray's ASHAScheduler)",
+        help="ASHA: epochs every trial runs before it can be stopped (Ray's ASHAScheduler default)",
     )
     p.add_argument(
         "--reduction-factor",
         type=int,
         default=4,
         help="ASHA: each rung keeps the best 1/reduction-factor of trials; rungs at grace-period * "
-        "reduction-factor^k epochs (default 4, as Ray's ASHAScheduler)",
+        "reduction-factor^k epochs (Ray's ASHAScheduler default)",
     )
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (also torch's thread count)")
     p.add_argument(
