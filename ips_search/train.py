@@ -223,8 +223,9 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: bool
     with PeakMemory(device) as mem:
         for patches, targets in loader:
             targets = _to(targets, device)
+            mem_patch, mem_idx = model.ips(patches)  # outside autocast: the same selection as in training
             with _autocast(device, amp):
-                logits = as_task_dict(model.predict(patches), tasks)
+                logits = as_task_dict(model(mem_patch, mem_idx), tasks)
                 loss = sum(task_losses(logits, targets, tasks).values())
             metrics.update(logits, targets, float(loss))
     seconds = time.perf_counter() - start

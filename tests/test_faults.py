@@ -181,13 +181,14 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_cluster, results
 @pytest.fixture(scope="module")
 def mixed_search(ray_cluster, tmp_path_factory) -> dict:
     """One search, three trials evaluated first, in this order: a normal one, one whose learning rate makes the
-    loss NaN, one that asks for CUDA on this CUDA-less machine (it raises). FIFO, 1 epoch."""
+    loss NaN, one that asks for a GPU no machine here has (``cuda:9``: it raises with or without CUDA).
+    FIFO, 1 epoch."""
     tmp = tmp_path_factory.mktemp("mixed")
     space = write_space(
         tmp,
         "mixed",
-        search={"lr": {"choices": [1.0e-3, 1.0e6]}, "device": {"choices": ["cpu", "cuda"]}},
-        first=[{"lr": 1.0e-3, "device": "cpu"}, {"lr": 1.0e6, "device": "cpu"}, {"lr": 1.0e-3, "device": "cuda"}],
+        search={"lr": {"choices": [1.0e-3, 1.0e6]}, "device": {"choices": ["cpu", "cuda:9"]}},
+        first=[{"lr": 1.0e-3, "device": "cpu"}, {"lr": 1.0e6, "device": "cpu"}, {"lr": 1.0e-3, "device": "cuda:9"}],
         train={"epochs": 1},
     )
     results = tmp / "results"
@@ -202,7 +203,7 @@ def mixed_search(ray_cluster, tmp_path_factory) -> dict:
     df = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str})
     by_kind = {}
     for _, row in df.iterrows():
-        kind = "cuda" if row["device"] == "cuda" else ("nan" if row["lr"] > 1 else "ok")
+        kind = "cuda" if str(row["device"]).startswith("cuda") else ("nan" if row["lr"] > 1 else "ok")
         by_kind[kind] = row
     return {"rc": rc, "out": out.getvalue(), "err": err.getvalue(), "df": df, "by": by_kind, "folder": folder}
 
@@ -239,7 +240,7 @@ def test_optuna_study_records_each_outcome(mixed_search):
     assert states == ["COMPLETE", "COMPLETE", "FAIL"]
     by_lr = {(t.params["lr"], t.params["device"]): t for t in study.trials}
     assert by_lr[(1.0e6, "cpu")].user_attrs["status"] == "nan-loss" and by_lr[(1.0e6, "cpu")].value == 0.0
-    assert by_lr[(1.0e-3, "cuda")].state.name == "FAIL"
+    assert by_lr[(1.0e-3, "cuda:9")].state.name == "FAIL"
 
 
 # ------------------------------------------------------------------ (d) corrupt or truncated checkpoints

@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-import math
 import urllib.error
 
 import pytest
 import torch
+from reference import as_sets, notebook_ips
 from torch import nn
 
 from ips_search import IPSConfig, IPSNet, Task
 from ips_search.errors import ConfigError
 from ips_search.model.fold import FoldedEncoder, SmallMapConv2d
-
-
-def notebook_ips(net: IPSNet, patches: torch.Tensor, M: int, I: int) -> torch.Tensor:
-    """The reference notebook's IPS loop, written out plainly (its M >= N shortcut excepted)."""
-    B, N = patches.shape[:2]
-    net.eval()
-    with torch.no_grad():
-        mem_emb = net.encoder(patches[:, :M].reshape(-1, *patches.shape[2:])).view(B, M, -1)
-        idx = torch.arange(N).unsqueeze(0).expand(B, -1)
-        mem_idx = idx[:, :M]
-        for i in range(math.ceil((N - M) / I)):
-            start, end = i * I + M, min(i * I + M + I, N)
-            iter_emb = net.encoder(patches[:, start:end].reshape(-1, *patches.shape[2:])).view(B, -1, mem_emb.shape[-1])
-            all_emb = torch.cat((mem_emb, iter_emb), dim=1)
-            all_idx = torch.cat((mem_idx, idx[:, start:end]), dim=1)
-            attn = net.transf.crs_attn.attention(all_emb)
-            scores = attn.mean(dim=1).transpose(1, 2).mean(-1)
-            top = torch.topk(scores, M, dim=-1)[1]
-            mem_emb = torch.gather(all_emb, 1, top.unsqueeze(-1).expand(-1, -1, all_emb.shape[-1]))
-            mem_idx = torch.gather(all_idx, 1, top)
-    return mem_idx
 
 
 def small_net(M: int, I: int, **kw) -> IPSNet:
@@ -41,10 +20,6 @@ def small_net(M: int, I: int, **kw) -> IPSNet:
         memory_size=M, iteration_size=I, patch_size=16, n_chan=1, encoder="small-cnn", dim=64, d_inner=128, **kw
     )
     return IPSNet(cfg)
-
-
-def _as_sets(idx: torch.Tensor) -> list[set[int]]:
-    return [set(row.tolist()) for row in idx]
 
 
 @pytest.mark.parametrize(
@@ -59,13 +34,13 @@ def test_same_selection_as_notebook(N, M, I, encode_chunk):
     net.train()
     net.encode(torch.rand(32, 1, 16, 16) * 3)
     patches = torch.rand(3, N, 1, 16, 16)
-    expected = _as_sets(notebook_ips(net, patches, M, I))
+    expected = as_sets(notebook_ips(net, patches, M, I))
     for fold in (True, False):
         net.cfg.fold_bn = fold
         net._fold_tried, net._folded = False, None
         _, mem_idx = net.ips(patches)
         assert mem_idx.shape == (3, M)
-        assert _as_sets(mem_idx) == expected, f"fold_bn={fold}"
+        assert as_sets(mem_idx) == expected, f"fold_bn={fold}"
 
 
 @pytest.mark.parametrize("loading", ["eager", "eager-sequential", "lazy"])
@@ -73,9 +48,9 @@ def test_loading_modes_and_resnet_match_notebook(loading):
     torch.manual_seed(1)
     net = IPSNet(IPSConfig(memory_size=5, iteration_size=5, patch_size=32, n_chan=1, loading=loading, encode_chunk=48))
     patches = torch.rand(2, 25, 1, 32, 32)
-    expected = _as_sets(notebook_ips(net, patches, 5, 5))
+    expected = as_sets(notebook_ips(net, patches, 5, 5))
     mem_patch, mem_idx = net.ips(patches)
-    assert _as_sets(mem_idx) == expected
+    assert as_sets(mem_idx) == expected
     for b in range(2):  # the returned patches are the ones the indices name
         assert torch.equal(mem_patch[b], patches[b, mem_idx[b]])
 
@@ -86,7 +61,7 @@ def test_reference_impl_matches_streaming():
     _, fast = net.ips(patches)
     net.cfg.ips_impl = "reference"
     _, ref = net.ips(patches)
-    assert _as_sets(fast) == _as_sets(ref)
+    assert as_sets(fast) == as_sets(ref)
 
 
 def test_positional_encoding_changes_scores_and_is_used_consistently():
@@ -100,7 +75,7 @@ def test_positional_encoding_changes_scores_and_is_used_consistently():
     _, fast = net.ips(patches)
     net.cfg.ips_impl = "reference"
     _, ref = net.ips(patches)
-    assert _as_sets(fast) == _as_sets(ref)
+    assert as_sets(fast) == as_sets(ref)
 
 
 def test_memory_at_least_n_keeps_every_patch():
@@ -206,7 +181,7 @@ def test_bfloat16_ips_runs_and_mostly_agrees():
     net._fold_tried, net._folded = False, None
     _, bf16 = net.ips(patches)
     assert bf16.shape == f32.shape and bf16.dtype == torch.int64
-    assert bf16.max() < 40 and all(len(s) == 4 for s in _as_sets(bf16))
+    assert bf16.max() < 40 and all(len(s) == 4 for s in as_sets(bf16))
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
+import torch
 
 from ips_search.launch import fit_resources
 from ips_search.search import SearchSettings, make_trainable
@@ -191,7 +192,9 @@ def test_four_trials_share_one_logical_gpu_concurrently(tmp_path):
     intervals = []
     for path in df["path"]:
         rows = result_rows(path)
-        assert {r["device"] for r in rows} == {"cpu"}  # CUDA is absent: each trial trains on the CPU
+        # Without CUDA the logical GPU only schedules, and each trial trains on the CPU; with one, on the GPU.
+        assert {r["device"] for r in rows} == {"cuda" if torch.cuda.is_available() else "cpu"}
+        assert {r["memory_kind"] for r in rows} == {"cuda" if torch.cuda.is_available() else "cpu-rss"}
         intervals.append((rows[0]["timestamp"] - rows[0]["time_this_iter_s"], rows[-1]["timestamp"]))
     latest_start, earliest_end = max(s for s, _ in intervals), min(e for _, e in intervals)
     assert latest_start < earliest_end - 1, f"the 4 trials did not all run at once: {intervals}"
