@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ips_search import IPSNet
+from ips_search import IPSConfig, IPSNet
 
 
 def notebook_ips(net: IPSNet, patches: torch.Tensor, M: int, I: int) -> torch.Tensor:
@@ -44,3 +44,24 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """Fraction of selected indices two selections ``(B, M)`` share."""
     shared = sum(len(x & y) for x, y in zip(as_sets(a), as_sets(b), strict=True))
     return shared / a.numel()
+
+
+def bar_batch(n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A task carried by one patch: 16 dim-noise patches ``(n, 16, 1, 8, 8)``, one of them a bright bar;
+    the label says whether the bar is horizontal (0) or vertical (1)."""
+    x = torch.rand(n, 16, 1, 8, 8) * 0.2
+    y = torch.randint(0, 2, (n,))
+    where = torch.randint(0, 16, (n,))
+    bar = torch.zeros(8, 8)
+    bar[3:5, :] = 1.0
+    for i in range(n):
+        x[i, where[i], 0] = bar if y[i] == 0 else bar.T
+    return x, {"label": y}
+
+
+def bar_net() -> IPSNet:
+    """A small IPSNet for :func:`bar_batch` (M = I = 4). With 120 batches of 16 at lr 3e-3 it reached 100%
+    for each of 6 seeds; 60 batches failed for 1 seed in 6, so tests use 120."""
+    cfg = IPSConfig(encoder="small-cnn", dim=32, heads=2, d_k=8, d_v=8, d_inner=64, n_chan=1, patch_size=8,
+                    memory_size=4, iteration_size=4, n_class=2)  # fmt: skip
+    return IPSNet(cfg)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import agreement, as_sets, notebook_ips
+from reference import agreement, as_sets, bar_batch, bar_net, notebook_ips
 
 from ips_search import IPSConfig, IPSNet
 from ips_search.config import TrainConfig
@@ -104,21 +104,9 @@ def test_ips_step_memory_is_flat_in_n_on_the_gpu():
 def test_amp_training_on_the_gpu_learns_and_reports_cuda_memory():
     """The one-bright-bar task of test_train.py, in bfloat16 autocast on the GPU."""
     torch.manual_seed(0)
-
-    def batch(n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x = torch.rand(n, 16, 1, 8, 8) * 0.2
-        y = torch.randint(0, 2, (n,))
-        where = torch.randint(0, 16, (n,))
-        for i in range(n):
-            bar = torch.zeros(8, 8)
-            bar[3:5, :] = 1.0
-            x[i, where[i], 0] = bar if y[i] == 0 else bar.T
-        return x, {"label": y}
-
-    net = IPSNet(IPSConfig(encoder="small-cnn", dim=32, heads=2, d_k=8, d_v=8, d_inner=64, n_chan=1,
-                           patch_size=8, memory_size=4, iteration_size=4, n_class=2)).to(CUDA)  # fmt: skip
     cfg = TrainConfig(epochs=1, lr=3e-3, warmup_epochs=0.1, weight_decay=0.0, amp=True)
-    train, test = [batch(16) for _ in range(60)], [batch(64)]
+    train, test = [bar_batch(16) for _ in range(120)], [bar_batch(64)]
+    net = bar_net().to(CUDA)
     opt = make_optimizer(net, cfg)
     out = train_one_epoch(net, train, opt, make_scheduler(opt, cfg, len(train)), cfg, CUDA)
     after = evaluate(net, test, CUDA, amp=True)

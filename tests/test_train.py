@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from reference import bar_batch, bar_net
 from torch import nn
 
-from ips_search import IPSConfig, IPSNet
 from ips_search.config import TrainConfig
 from ips_search.train import evaluate, make_optimizer, make_scheduler, train_one_epoch
 
@@ -49,24 +49,12 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 def test_one_epoch_learns_a_task_carried_by_one_patch():
     """Label = whether the one bright patch among 16 noise patches is a horizontal or a vertical bar."""
     torch.manual_seed(0)
-
-    def batch(n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x = torch.rand(n, 16, 1, 8, 8) * 0.2
-        y = torch.randint(0, 2, (n,))
-        where = torch.randint(0, 16, (n,))
-        for i in range(n):
-            bar = torch.zeros(8, 8)
-            bar[3:5, :] = 1.0
-            x[i, where[i], 0] = bar if y[i] == 0 else bar.T
-        return x, {"label": y}
-
-    net = IPSNet(IPSConfig(encoder="small-cnn", dim=32, heads=2, d_k=8, d_v=8, d_inner=64, n_chan=1,
-                           patch_size=8, memory_size=4, iteration_size=4, n_class=2))  # fmt: skip
     cfg = TrainConfig(epochs=1, lr=3e-3, warmup_epochs=0.1, weight_decay=0.0)
-    train, test = [batch(16) for _ in range(60)], [batch(64)]
+    train, test = [bar_batch(16) for _ in range(120)], [bar_batch(64)]
+    net = bar_net()
     opt = make_optimizer(net, cfg)
     before = evaluate(net, test, torch.device("cpu"))
     out = train_one_epoch(net, train, opt, make_scheduler(opt, cfg, len(train)), cfg, torch.device("cpu"))
     after = evaluate(net, test, torch.device("cpu"))
-    assert out["images"] == 960 and out["seconds"] > 0 and out["peak_memory_mb"] >= 0
+    assert out["images"] == 1920 and out["seconds"] > 0 and out["peak_memory_mb"] >= 0
     assert after["loss"] < before["loss"] and after["accuracy"] >= 0.9, (before, after)

@@ -35,7 +35,7 @@ class SmallMapConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         self.max_pixels = max_pixels
         self._key: tuple | None = None
-        self._taps: dict[tuple[int, int], torch.Tensor] = {}
+        self._taps: dict[tuple[int, int, torch.device], torch.Tensor] = {}  # per map size and device
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, max_pixels: int = 4) -> SmallMapConv2d:
@@ -70,14 +70,14 @@ class SmallMapConv2d(nn.Conv2d):
         co, ci, kh, kw = self.weight.shape
         (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
         Ho, Wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        taps = self._taps.get((H, W))
+        taps = self._taps.get((H, W, self.weight.device))
         if taps is None:  # the kernel tap linking each (output pixel, input pixel) pair; kh*kw = none (a zero)
             taps = torch.full((Ho * Wo, H * W), kh * kw, dtype=torch.long)
             for oy, ox, ty, tx in itertools.product(range(Ho), range(Wo), range(kh), range(kw)):
                 iy, ix = oy * sh - ph + ty * dh, ox * sw - pw + tx * dw
                 if 0 <= iy < H and 0 <= ix < W:
                     taps[oy * Wo + ox, iy * W + ix] = ty * kw + tx
-            taps = self._taps[(H, W)] = taps.flatten().to(self.weight.device)
+            taps = self._taps[(H, W, self.weight.device)] = taps.flatten().to(self.weight.device)
         w = torch.cat([self.weight.reshape(co, ci, kh * kw), self.weight.new_zeros(co, ci, 1)], dim=2)
         # (co, ci, Ho*Wo * H*W) -> (Ho*Wo * co, H*W * ci): rows are output (pixel, channel), columns input ones
         dense = w[:, :, taps].view(co, ci, Ho * Wo, H * W).permute(2, 0, 3, 1).reshape(Ho * Wo * co, H * W * ci)
