@@ -65,9 +65,9 @@ def fit_resources(settings: SearchSettings, cluster: dict[str, Any], explicit_co
     fits = [int(cluster.get("CPU", 1) // settings.cpus_per_trial)]
     if settings.gpus_per_trial > 0:
         fits.append(int(round(cluster.get("GPU", 0) / settings.gpus_per_trial, 6)))
-    if min(fits) < 1:
-        raise SystemExit(
-            f"error: a trial needs {settings.cpus_per_trial:g} CPU and {settings.gpus_per_trial:g} GPU "
+    if min(fits) < 1:  # a bad input like any other: one line and exit 2 (run.main prints it)
+        raise ConfigError(
+            f"a trial needs {settings.cpus_per_trial:g} CPU and {settings.gpus_per_trial:g} GPU "
             f"but the cluster has {cluster.get('CPU', 0):g} CPU and {cluster.get('GPU', 0):g} GPU; "
             "lower --cpus-per-trial / --gpus-per-trial"
         )
@@ -94,12 +94,20 @@ def save_experiment(space, settings: SearchSettings, argv: list[str]) -> None:
 
 
 def run_search(space, settings: SearchSettings, args: argparse.Namespace, resume: bool) -> int:
+    import ray
+
     from ips_search.run import plan_lines, prepare_data
     from ips_search.search import make_tuner, restore_tuner
 
     prepare_data(space)
+    joined = ray.is_initialized()  # a session someone else started (notebook, tests) stays theirs to shut down
     cluster = start_ray(args)
-    fit_resources(settings, cluster, explicit_concurrency=args.concurrency is not None or resume)
+    try:
+        fit_resources(settings, cluster, explicit_concurrency=args.concurrency is not None or resume)
+    except ConfigError:
+        if not joined:  # the cluster we just started (or joined with --address) runs nothing: leave it now
+            ray.shutdown()
+        raise
     try:
         if not resume:
             save_experiment(space, settings, sys.argv)

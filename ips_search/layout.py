@@ -39,14 +39,27 @@ def trial_status(ray_status: str | None, last: dict[str, Any]) -> str:
     return "running" if ray_status == "RUNNING" or last else "pending"
 
 
-def read_experiment(folder: Path, hint: str) -> dict[str, Any]:
-    """``folder/experiment.json``; a one-line :class:`ConfigError` ending in ``hint`` unless this tool wrote it."""
+def read_experiment(folder: Path, hint: str, damaged_hint: str | None = None) -> dict[str, Any]:
+    """``folder/experiment.json``; a one-line :class:`ConfigError` ending in ``hint`` unless this tool wrote it.
+
+    A file that exists but is not JSON is reported as damaged (ending in ``damaged_hint``, default ``hint``):
+    pointing at another folder would be the wrong fix when the folder is right and its file broke.
+    """
+    path = folder / EXPERIMENT_FILE
     try:
-        meta = json.loads((folder / EXPERIMENT_FILE).read_text())
-    except (OSError, ValueError):
+        raw = path.read_bytes()
+    except OSError:
         raise ConfigError(f"{folder} is not an ips-search experiment (no readable {EXPERIMENT_FILE}); {hint}") from None
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bytes that are not UTF-8, absurd nesting
+        raise ConfigError(f"{path} is damaged (not valid JSON: {_first_line(exc)}); {damaged_hint or hint}") from None
     if not isinstance(meta, dict) or meta.get("tool") != TOOL:
         raise ConfigError(
             f"{folder} is not an ips-search experiment ({EXPERIMENT_FILE} was not written by ips-search); {hint}"
         )
     return meta
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -6,17 +6,25 @@ Every input problem is reported as one line with exit code 2 before Ray starts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
+import math
 import os
 import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, get_args, get_type_hints
 
 from ips_search.errors import ConfigError, exit_code_of
 from ips_search.layout import EXPERIMENT_FILE, read_experiment
-from ips_search.space import SearchSpace, load_space, memory_iteration_ranges, space_from_dict
+from ips_search.space import SearchSpace, load_space, memory_iteration_ranges, saved_space
+
+if TYPE_CHECKING:  # importing search imports Ray, which must wait until main() has set its auth mode
+    from ips_search.search import SearchSettings
+
+RESUME_FIX = "start a new experiment with --name, or restore the file"
+SEED_LIMIT = 2**32  # numpy's, so Optuna's samplers: seeds are 0 .. 2**32 - 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -118,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_positive(value: float | None, flag: str, allow_zero: bool = False) -> None:
     if value is None:
         return
+    if not math.isfinite(value):  # argparse's float() takes "nan" and "inf": neither is an amount or a budget
+        raise ConfigError(f"{flag} must be a finite number, got {value:g}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{flag} must be {'>= 0' if allow_zero else '> 0'}, got {value:g}")
 
@@ -149,6 +159,13 @@ def check_results_dir(path: str) -> Path:
 
 
 def validate_args(args: argparse.Namespace) -> None:
+    """Every flag's own rule, before anything starts."""
+    check_settings(args)
+    _check_positive(args.num_gpus, "--num-gpus", allow_zero=True)
+
+
+def check_settings(args: argparse.Namespace | SearchSettings) -> None:
+    """The rules shared by the flags and the settings a resumed experiment saved (same attribute names)."""
     if args.trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {args.trials}")
     _check_positive(args.max_memory_mb, "--max-memory-mb")
@@ -166,18 +183,90 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--reduction-factor must be at least 2, got {args.reduction_factor}")
     if args.name is not None and (not args.name or "/" in args.name or args.name.startswith(".")):
         raise ConfigError(f"--name {args.name!r} must be a plain folder name (no '/', not starting with '.')")
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise ConfigError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
 
 
-def load_experiment(results_dir: Path, name: str) -> dict[str, Any]:
-    """The saved settings of experiment ``name``; a clear error if it isn't one of ours."""
+def load_experiment(results_dir: Path, name: str) -> tuple[SearchSettings, SearchSpace]:
+    """The saved settings and space of experiment ``name``; a one-line error if it isn't ours or is damaged."""
     folder = results_dir / name
     if not folder.is_dir():
         known = sorted(p.name for p in results_dir.iterdir() if (p / EXPERIMENT_FILE).is_file())
         raise ConfigError(f"no experiment {name!r} in {results_dir}; existing: {', '.join(known) or 'none'}")
-    saved = read_experiment(folder, "pass the name of a folder this tool created")
-    if not isinstance(saved.get("settings"), dict) or not isinstance(saved.get("space"), dict):
-        raise ConfigError(f"{folder / EXPERIMENT_FILE} is damaged (no settings or space); it can't be resumed")
-    return saved
+    saved = read_experiment(folder, "pass the name of a folder this tool created", damaged_hint=RESUME_FIX)
+    try:
+        settings = saved_settings(saved.get("settings"))
+        space = saved_space(saved.get("space"))  # what the experiment ran with, even if the file changed since
+    except ConfigError as exc:  # any problem in the file: name the file, then the one fix that always works
+        raise ConfigError(f"{folder / EXPERIMENT_FILE} is damaged ({exc}); {RESUME_FIX}") from None
+    settings.results_dir = str(results_dir)
+    return settings, space
+
+
+def saved_settings(saved: Any) -> SearchSettings:
+    """``SearchSettings`` from ``experiment.json``: exactly its fields, each of its declared type, each valid."""
+    from ips_search.search import SearchSettings
+
+    if not isinstance(saved, dict):
+        raise ConfigError(f"'settings' must be a mapping, got {type(saved).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(SearchSettings)}
+    unknown = sorted(map(str, set(saved) - set(fields)))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}")
+    missing = [n for n, f in fields.items() if n not in saved and f.default is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing setting(s) {', '.join(missing)}")
+    types = get_type_hints(SearchSettings)
+    for key, value in saved.items():
+        if not _is_a(value, types[key]):
+            raise ConfigError(f"setting {key} must be {_type_name(types[key])}, got {value!r}")
+    settings = SearchSettings(**saved)
+    check_settings(settings)
+    _check_choice(settings)
+    return settings
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    """``value`` fits the annotation ``hint`` (``int``, ``float``, ``str``, or one of those ``| None``)."""
+    for kind in get_args(hint) or (hint,):
+        if kind is type(None) and value is None:
+            return True
+        if isinstance(value, bool):  # JSON true/false is a Python int: never a count or an amount
+            continue
+        if isinstance(value, (int, float) if kind is float else kind):
+            return True
+    return False
+
+
+def _type_name(hint: Any) -> str:
+    return " or ".join("null" if kind is type(None) else kind.__name__ for kind in get_args(hint) or (hint,))
+
+
+def _check_choice(settings: SearchSettings) -> None:
+    """objective, sampler and scheduler are one of the flag's choices (argparse checks them only for new runs)."""
+    from ips_search.search import OBJECTIVES, SAMPLERS, SCHEDULERS
+
+    for key, choices in (("objective", OBJECTIVES), ("sampler", SAMPLERS), ("scheduler", SCHEDULERS)):
+        if getattr(settings, key) not in choices:
+            raise ConfigError(f"setting {key} must be one of {', '.join(choices)}, got {getattr(settings, key)!r}")
+
+
+def check_local_cpus(settings: SearchSettings, args: argparse.Namespace) -> None:
+    """A trial that needs more CPUs than this machine has would never run: say so before starting a local Ray.
+
+    Only when we start Ray here: a cluster we join (``--address``, or one already running in this process) may be
+    bigger, and ``launch.fit_resources`` checks it once it is known.
+    """
+    import ray
+
+    cpus = os.cpu_count()
+    if args.address or ray.is_initialized() or not cpus:
+        return
+    if settings.cpus_per_trial > cpus:
+        raise ConfigError(
+            f"a trial needs {settings.cpus_per_trial:g} CPU but this machine has {cpus}; "
+            f"lower --cpus-per-trial to at most {cpus}"
+        )
 
 
 def plan_lines(space: SearchSpace, settings: Any) -> list[str]:
@@ -220,7 +309,7 @@ def prepare_data(space: SearchSpace) -> None:
         splits = build_datasets(data)
         exp = dataclasses.replace(base, data=data)
         if exp.train.warm_start:
-            build_model(exp, splits, device=torch.device("cpu"))
+            build_model(exp, splits, device=torch.device("cpu"), progress=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,10 +325,7 @@ def _main(args: argparse.Namespace) -> int:
     validate_args(args)
     results_dir = check_results_dir(args.results_dir)
     if args.resume:
-        saved = load_experiment(results_dir, args.resume)
-        settings = SearchSettings(**saved["settings"])
-        settings.results_dir = str(results_dir)
-        space = space_from_dict(saved["space"])  # what the experiment ran with, even if the file changed since
+        settings, space = load_experiment(results_dir, args.resume)
     else:
         space = load_space(args.space)
         if args.epochs:
@@ -269,6 +355,7 @@ def _main(args: argparse.Namespace) -> int:
             concurrency=args.concurrency or max(1, min(args.trials, int((os.cpu_count() or 1) // args.cpus_per_trial))),
         )
         space.fixed.setdefault("train", {})["seed"] = args.seed
+    check_local_cpus(settings, args)
     if args.dry_run:
         prepare_data(space)
         print(

@@ -133,7 +133,8 @@ def _parse_param(name: str, spec: Any, where: str) -> Param:
     unknown = set(spec) - {"choices", "low", "high", "log"}
     if unknown:
         raise ConfigError(
-            f"search.{name} in {where} has unknown key(s) {', '.join(sorted(unknown))}; use choices, or low/high/log"
+            f"search.{name} in {where} has unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
+            "use choices, or low/high/log"
         )
     if "choices" in spec:
         choices = spec["choices"]
@@ -155,8 +156,19 @@ def _parse_param(name: str, spec: Any, where: str) -> Param:
 def load_space(name_or_path: str) -> SearchSpace:
     """Read and validate a space file; every problem is one ConfigError line."""
     path = resolve_space_path(name_or_path)
+    raw = _read_yaml(path)
+    if raw is None or raw == {}:  # empty or only comments: running it would silently search the built-in defaults
+        raise ConfigError(
+            f"space file {path} is empty; add data/model/train/search sections (see search_spaces/smoke.yaml)"
+        )
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a YAML mapping with data/model/train/search sections")
+    return _space_from_mapping(raw, str(path), path.stem, str(path.resolve()))
+
+
+def _read_yaml(path: Path) -> Any:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, OSError) as exc:
         raise ConfigError(f"cannot read {path} as a YAML text file ({type(exc).__name__}); pass a .yaml file") from None
     except yaml.constructor.ConstructorError as exc:
@@ -168,26 +180,43 @@ def load_space(name_or_path: str) -> SearchSpace:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path} is not valid YAML{at}: {getattr(exc, 'problem', exc)}; fix the syntax") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must be a YAML mapping with data/model/train/search sections")
+
+
+def saved_space(saved: Any) -> SearchSpace:
+    """The space an experiment saved (:meth:`SearchSpace.to_dict`), checked like a space file.
+
+    ``experiment.json`` can be edited or damaged by hand, so nothing in it is trusted: a problem is a
+    :class:`ConfigError` (the caller names the file) instead of a traceback once Ray runs.
+    """
+    if not isinstance(saved, dict):
+        raise ConfigError(f"'space' must be a mapping, got {type(saved).__name__}")
+    name = saved.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"space 'name' must be a non-empty string, got {name!r}")
+    sections = {k: v for k, v in saved.items() if k != "name"}
+    return _space_from_mapping(sections, "the saved space", name, None)
+
+
+def _space_from_mapping(raw: dict[str, Any], where: str, name: str, path: str | None) -> SearchSpace:
+    """Validate a space's sections (a space file's top level) and build it; every problem is one ConfigError."""
     unknown = set(raw) - {"data", "model", "train", "search", "first", "description"}
     if unknown:
         raise ConfigError(
-            f"unknown section(s) {', '.join(sorted(unknown))} in {path}; "
+            f"unknown section(s) {', '.join(sorted(map(str, unknown)))} in {where}; "
             "use data, model, train, search, first, description"
         )
     for section in (*SECTIONS, "search"):
         if not isinstance(raw.get(section) or {}, dict):
-            raise ConfigError(f"section {section!r} in {path} must be a mapping of names to values")
+            raise ConfigError(f"section {section!r} in {where} must be a mapping of names to values")
     fixed = {s: dict(raw.get(s) or {}) for s in SECTIONS}
     for section, cls in SECTIONS.items():
-        build_config(cls, fixed[section], f"{section} of {path}")  # unknown keys, types, ranges
-    params = {k: _parse_param(k, v, str(path)) for k, v in (raw.get("search") or {}).items()}
+        build_config(cls, fixed[section], f"{section} of {where}")  # unknown keys, types, ranges
+    params = {k: _parse_param(k, v, where) for k, v in (raw.get("search") or {}).items()}
     first = raw.get("first") or []
     if not isinstance(first, list) or not all(isinstance(p, dict) for p in first):
-        raise ConfigError(f"'first' in {path} must be a list of parameter mappings")
-    space = SearchSpace(path.stem, fixed, params, first, str(raw.get("description", "")), str(path.resolve()))
-    validate_space(space, str(path))
+        raise ConfigError(f"'first' in {where} must be a list of parameter mappings")
+    space = SearchSpace(name, fixed, params, first, str(raw.get("description", "")), path)
+    validate_space(space, where)
     first_points(space)  # 'first' configs must fit their ranges: checked before Ray starts
     return space
 
@@ -293,7 +322,13 @@ def first_points(space: SearchSpace) -> list[dict[str, Any]]:
     for raw in space.first:
         unknown = set(raw) - set(space.params)
         if unknown:
-            raise ConfigError(f"'first' config {raw} names unsearched parameter(s) {', '.join(sorted(unknown))}")
+            raise ConfigError(
+                f"'first' config {raw} names unsearched parameter(s) {', '.join(sorted(map(str, unknown)))}"
+            )
+        try:  # each value obeys its field's own rule, so the range checks below compare numbers
+            trial_config(space.fixed, raw)
+        except ConfigError as exc:
+            raise ConfigError(f"'first' config {raw}: {exc}") from None
         point = {k: v for k, v in raw.items() if k not in DERIVED}
         n = space.n_patches(int(raw.get("patch_size", space.base_config().data.patch_size)))
         if "memory_size" in raw:

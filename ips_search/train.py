@@ -52,8 +52,13 @@ def make_loader(dataset: Dataset, cfg: TrainConfig, shuffle: bool, device: torch
     )
 
 
-def build_model(exp: ExperimentConfig, splits: DataSplits, device: torch.device, warm_start: bool = True) -> IPSNet:
-    """IPSNet for this dataset (tasks, channels and patch size come from the data), warm-started if asked."""
+def build_model(
+    exp: ExperimentConfig, splits: DataSplits, device: torch.device, warm_start: bool = True, progress: bool = False
+) -> IPSNet:
+    """IPSNet for this dataset (tasks, channels and patch size come from the data), warm-started if asked.
+
+    ``progress`` shows a bar while the warm-start encoder is pretrained (the driver's one-off build; trials only
+    load the cached result, so they stay quiet)."""
     model_cfg = dataclasses.replace(
         exp.model,
         tasks=splits.tasks,
@@ -66,7 +71,7 @@ def build_model(exp: ExperimentConfig, splits: DataSplits, device: torch.device,
     from ips_search.warmstart import apply_warm_start, pretrained_encoder_state, supports_warm_start
 
     if warm_start and exp.train.warm_start and supports_warm_start(exp.data):
-        apply_warm_start(model.encoder, pretrained_encoder_state(model_cfg, exp.data, progress=False))
+        apply_warm_start(model.encoder, pretrained_encoder_state(model_cfg, exp.data, progress=progress))
     return model.to(device)
 
 

@@ -37,9 +37,7 @@ def write_space(
     folder: Path, name: str, search: dict | None = None, first: list | None = None, **sections: dict
 ) -> Path:
     """The smoke space with ``sections`` merged into data/model/train and ``search`` merged into search, written to
-    ``folder/search_spaces/name.yaml``. Runs that use it start in ``folder``: ips-search records a space by its name
-    and looks the name up in ``./search_spaces`` when it saves the experiment (a space file elsewhere fails then,
-    see docs/reliability.md)."""
+    ``folder/search_spaces/name.yaml``; runs that use it start in ``folder``, where ``--space name`` finds it."""
     path = folder / "search_spaces" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = json.loads(json.dumps(SMOKE))

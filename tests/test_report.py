@@ -1,7 +1,7 @@
 """The report on a real `smoke` experiment: files, notebook, Pareto front, crashed and half-finished experiments.
 
-The experiment is made once per session by running the search in a subprocess (4
-trials of the smoke space). Set ``IPS_REPORT_FIXTURE=/path/to/results/<name>`` to
+The experiment is made once per session by running the search in a subprocess (5
+trials of the smoke space: enough for parameter importances). Set ``IPS_REPORT_FIXTURE=/path/to/results/<name>`` to
 use an existing experiment instead (it is copied, never written to).
 """
 
@@ -36,15 +36,17 @@ from ips_search.report import (
 )
 from ips_search.report.__main__ import main as report_main
 from ips_search.report.notebook import build_notebook, path_literal
+from ips_search.report.tables import MIN_IMPORTANCE_TRIALS, _bins, budget_table, build_tables, parameter_effects
 
 STATUSES = {"completed", "early-stopped", "infeasible", "nan-loss", "out-of-memory", "failed", "running", "pending"}
 TABLES = ["all_trials.csv", "top.csv", "pareto.csv", "budgets.csv", "effects.csv", "status.csv", "importance.csv"]
 PLOTS = ["accuracy_vs_memory.png", "parameters.png", "learning_curves.png", "attention.png"]
+N_TRIALS = 5  # MIN_IMPORTANCE_TRIALS: the smoke trials all complete, so importance.png is drawn
 
 
 @pytest.fixture(scope="session")
 def smoke_experiment(tmp_path_factory, cache_dir) -> Path:
-    """A finished 4-trial smoke search (run once per session), or $IPS_REPORT_FIXTURE."""
+    """A finished 5-trial smoke search (run once per session), or $IPS_REPORT_FIXTURE."""
     given = os.environ.get("IPS_REPORT_FIXTURE")
     if given:
         assert (Path(given) / "experiment.json").is_file(), f"IPS_REPORT_FIXTURE={given} is not an experiment"
@@ -58,7 +60,7 @@ def smoke_experiment(tmp_path_factory, cache_dir) -> Path:
         "--space",
         "smoke",
         "--trials",
-        "4",
+        str(N_TRIALS),
         "--results-dir",
         str(results),
         "--name",
@@ -90,9 +92,11 @@ def test_report_writes_every_file_and_the_notebook_runs(smoke_experiment, tmp_pa
         assert (out / name).is_file() and (out / name).stat().st_size > 0, f"{name} missing"
     summary = (out / "summary.md").read_text()
     df = pd.read_csv(out / "all_trials.csv")
-    if len(df) < 5:  # too few trials for importances: no plot, a note says why
-        assert not (out / "importance.png").exists() and "needs at least 5" in summary
-    assert len(df) == 4 and set(df["status"]) <= STATUSES
+    assert len(df) == N_TRIALS and set(df["status"]) <= STATUSES
+    assert N_TRIALS >= MIN_IMPORTANCE_TRIALS and (df["status"] == "completed").sum() >= MIN_IMPORTANCE_TRIALS
+    importance = pd.read_csv(out / "importance.csv")
+    assert not importance.empty and set(importance["target"]) <= {"val_accuracy", "peak_memory_mb"}
+    assert (out / "importance.png").is_file() and "](importance.png)" in summary
     for section in (
         "## Top trials",
         "## Accuracy vs peak memory",
@@ -112,7 +116,7 @@ def test_report_writes_every_file_and_the_notebook_runs(smoke_experiment, tmp_pa
     outputs = [o for c in code for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 4  # memory, parameters, curves, attention (+ importance with enough trials)
+    assert len(images) >= 5  # memory, parameters, curves, importance, attention
     # the notebook reads the experiment from disk: the path appears once, as a JSON string, and no numbers are pasted
     source = "\n".join(c.source for c in code)
     assert source.count(json.dumps(json.dumps(str(folder.resolve())))) == 1
@@ -124,7 +128,7 @@ def test_report_writes_every_file_and_the_notebook_runs(smoke_experiment, tmp_pa
 
 def test_library_api_returns_frames_and_figures(smoke_experiment):
     df = load_results(smoke_experiment)
-    assert isinstance(df, pd.DataFrame) and len(df) == 4
+    assert isinstance(df, pd.DataFrame) and len(df) == N_TRIALS
     for col in (
         "trial_id",
         "status",
@@ -152,6 +156,109 @@ def test_library_api_returns_frames_and_figures(smoke_experiment):
     ):
         assert isinstance(fig, Figure) and fig.axes
     assert not (smoke_experiment / "optuna.journal.lock").exists()  # the study was read from a copy
+
+
+def _budget_lines(fig: Figure) -> list:
+    return [line for line in fig.axes[0].get_lines() if line.get_label().startswith("memory budget")]
+
+
+def test_accuracy_vs_memory_draws_the_budget_line_only_with_a_budget(smoke_experiment):
+    df = load_results(smoke_experiment)
+    fig = plot_accuracy_vs_memory(df, max_memory_mb=200)
+    lines = _budget_lines(fig)
+    assert len(lines) == 1
+    assert set(np.asarray(lines[0].get_xdata(), dtype=float)) == {200.0}  # a vertical line at the budget
+    assert fig.axes[0].get_xlim()[1] >= 200  # and in view
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "memory budget (200 MB)" in legend
+    no_budget = plot_accuracy_vs_memory(df)
+    assert not _budget_lines(no_budget)
+    assert not [t for t in no_budget.axes[0].get_legend().get_texts() if "budget" in t.get_text()]
+
+
+def _best_first(pool: pd.DataFrame) -> list[str]:
+    """Trial ids by validation accuracy, then test accuracy (higher first), then peak memory (lower first)."""
+    rows = sorted(pool.itertuples(), key=lambda r: (-r.val_accuracy, -r.test_accuracy, r.peak_memory_mb))
+    return [r.trial_id for r in rows]
+
+
+def _in_label(value: float, label: str) -> bool:
+    """Whether an integer parameter value falls in an effects-table label ("5" or "3–7")."""
+    lo, _, hi = label.partition("–")
+    return int(lo) <= value <= int(hi or lo)
+
+
+def test_tables_hold_the_right_trials(smoke_experiment):
+    df = load_results(smoke_experiment)
+    done = df[(df["status"] == "completed") & (df["feasible"].astype(str) != "False") & df["val_accuracy"].notna()]
+    assert len(done) >= 2
+    mem = done["peak_memory_mb"].astype(float)
+    budgets = [float(mem.min()) - 1, float(mem.median()), float(mem.max())]
+    tables = build_tables(df, top=3, budgets=budgets)
+
+    top = tables["top"]
+    assert list(top["rank"]) == list(range(1, min(3, len(done)) + 1))
+    assert list(top["trial_id"]) == _best_first(done)[:3]
+    by_id = df.set_index("trial_id")
+    for row in top.itertuples():
+        for col in ("val_accuracy", "test_accuracy", "peak_memory_mb", "memory_size", "lr"):
+            assert getattr(row, col) == by_id.loc[row.trial_id, col], (row.trial_id, col)
+
+    table = tables["budgets"]
+    assert list(table["budget_mb"]) == budgets
+    for row in table.itertuples():
+        within = done[mem <= row.budget_mb]
+        assert row.trials_within == len(within)
+        if within.empty:
+            assert pd.isna(row.trial_id)
+        else:
+            assert row.trial_id == _best_first(within)[0]
+            assert row.peak_memory_mb <= row.budget_mb
+            assert row.val_accuracy == by_id.loc[row.trial_id, "val_accuracy"]
+    assert table["trials_within"].iloc[0] == 0 and table["trials_within"].iloc[-1] == len(done)
+    default = budget_table(df)  # quartiles of peak memory: the largest budget holds every completed trial
+    assert default["trials_within"].iloc[-1] == len(done) and default["trial_id"].iloc[-1] == _best_first(done)[0]
+
+    effects = tables["effects"]
+    assert set(effects["parameter"]) == {"memory_size", "iteration_size", "patch_size", "lr"}
+    for name, rows in effects.groupby("parameter"):
+        assert rows["trials"].sum() == len(done), name
+        assert np.isclose((rows["trials"] * rows["mean_val_accuracy"]).sum() / len(done), done["val_accuracy"].mean())
+        if name == "lr":
+            continue
+        for row in rows.itertuples():  # M, I, P: whole-number labels, and the trials in each are the right ones
+            members = done[[_in_label(v, row.value) for v in done[name]]]
+            assert row.trials == len(members), (name, row.value)
+            assert np.isclose(row.mean_val_accuracy, members["val_accuracy"].mean())
+            assert row.best_val_accuracy == members["val_accuracy"].max()
+            assert np.isclose(row.mean_peak_memory_mb, members["peak_memory_mb"].mean())
+    assert effects[effects["parameter"] == "patch_size"]["value"].tolist() == ["32"]
+
+
+def test_integer_parameters_get_whole_number_bins():
+    values = list(range(1, 13)) * 2  # 12 values of M: binned
+    df = pd.DataFrame(
+        {
+            "trial_id": [str(i) for i in range(len(values))],
+            "status": "completed",
+            "memory_size": values,
+            "iteration_size": [3 * v for v in values],
+            "lr": np.geomspace(1e-4, 3e-3, len(values)),
+            "val_accuracy": [v / 100 for v in values],
+        }
+    )
+    effects = parameter_effects(df)
+    for name in ("memory_size", "iteration_size"):
+        rows = effects[effects["parameter"] == name]
+        assert 1 < len(rows) <= 5
+        spans = [tuple(int(x) for x in (label.split("–") * 2)[:2]) for label in rows["value"]]  # ValueError if 2.999
+        assert spans[0][0] == df[name].min() and spans[-1][1] == df[name].max()
+        assert all(a[1] + 1 == b[0] for a, b in zip(spans, spans[1:], strict=False)), spans  # no gap, no overlap
+        for (lo, hi), trials in zip(spans, rows["trials"], strict=True):
+            assert trials == df[name].between(lo, hi).sum()
+    lr = effects[effects["parameter"] == "lr"]["value"]
+    assert all("e-0" in label for label in lr)  # floats keep their scientific edges
+    assert _bins(pd.Series([0.5, 1.5, 2.5, 3.5]), "dropout", 2).str.contains(r"\.").all()  # non-integers too
 
 
 def test_parameter_importance_and_its_plot():
@@ -255,7 +362,7 @@ def test_crashed_experiment_with_hostile_names_reports_and_runs_nothing(smoke_ex
     for name in [*TABLES, *PLOTS[:3], "summary.md", "report.ipynb"]:
         assert (out / name).is_file(), name
     df = load_results(folder)
-    assert len(df) == 3 and set(df["status"]) <= STATUSES
+    assert len(df) == N_TRIALS - 1 and set(df["status"]) <= STATUSES
     assert "$x$" + PAYLOAD in set(df["trial_id"])
     truncated = df[df["path"] == str(trials[1])].iloc[0]
     assert truncated["epochs"] == len(lines) - 1  # the half-written last line was skipped
@@ -291,7 +398,7 @@ def test_half_finished_experiment_is_a_snapshot(smoke_experiment, tmp_path):
     df = result["experiment"].trials
     status = df.set_index("trial_id")["status"]
     assert status[first["trial_id"]] == "running" and status["fffff000"] == "pending"
-    assert len(df) == 5
+    assert len(df) == N_TRIALS + 1
     summary = (folder / "report" / "summary.md").read_text()
     assert "still running or pending" in summary
     assert first["trial_id"] not in set(
@@ -314,10 +421,38 @@ def test_just_started_experiment_without_any_result(smoke_experiment, tmp_path):
     (folder / "optuna.journal").unlink()
     result = write_report(folder, notebook=False)
     df = result["experiment"].trials
-    assert len(df) == 4 and set(df["status"]) == {"running"}
+    assert len(df) == N_TRIALS and set(df["status"]) == {"running"}
     assert (folder / "report" / "summary.md").is_file() and (folder / "report" / "accuracy_vs_memory.png").is_file()
     assert any("attention maps" in n for n in result["notes"])
     assert any("optuna.journal" in n for n in result["notes"])
+
+
+def test_report_when_the_best_trials_data_cannot_be_rebuilt(smoke_experiment, tmp_path, capsys):
+    """A folder dataset that moved: no attention maps, the same one-line note in summary.md and the notebook,
+    and the rest of the report (the executed notebook and its HTML too), exit 0."""
+    folder = _copy(smoke_experiment, tmp_path / "moved")
+    data = {"dataset": "folder", "root": str(tmp_path / "images-that-moved"), "image_size": 128, "n_chan": 1}
+    experiment = json.loads((folder / "experiment.json").read_text())
+    experiment["space"]["data"] = data
+    (folder / "experiment.json").write_text(json.dumps(experiment))
+    for trial_dir in _trial_dirs(folder):
+        params = json.loads((trial_dir / "params.json").read_text())
+        params["fixed"]["data"] = data
+        (trial_dir / "params.json").write_text(json.dumps(params))
+
+    assert report_main([str(folder), "--images", "1"]) == 0
+    out = folder / "report"
+    for name in ["summary.md", "report.ipynb", "report.html", *PLOTS[:3]]:
+        assert (out / name).is_file(), name
+    assert not (out / "attention.png").exists()
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note: attention maps:")]
+    assert len(notes) == 1 and "could not be rebuilt" in notes[0] and "images-that-moved" in notes[0]
+    nb = nbformat.read(out / "report.ipynb", as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    printed = [ln for o in outputs if o.output_type == "stream" for ln in o.text.splitlines()]
+    assert notes[0] in printed  # the notebook cell prints the same note
+    assert notes[0].removeprefix("note: ") in (out / "summary.md").read_text().replace("\\_", "_")
 
 
 class _Evil:

@@ -46,6 +46,7 @@ _LAZY = {
     "plot_learning_curves": "ips_search.report.plots",
     "plot_importance": "ips_search.report.plots",
     "attention_maps": "ips_search.report.attention",
+    "attention_or_note": "ips_search.report.attention",
     "plot_attention": "ips_search.report.attention",
     "load_trial_model": "ips_search.report.attention",
     "build_notebook": "ips_search.report.notebook",
@@ -167,15 +168,9 @@ def _save(fig, path: Path) -> Path:
 
 
 def _attention(exp: Experiment, out: Path, n_images: int, files: dict[str, Path]) -> str | None:
-    from ips_search.report.attention import attention_maps, plot_attention
+    from ips_search.report.attention import attention_or_note, plot_attention
 
-    try:
-        trial, maps = attention_maps(exp, n_images=n_images)
-    except (FileNotFoundError, RuntimeError, KeyError) as exc:
-        return str(exc)
-    except ConfigError as exc:  # the trial's data can't be rebuilt here (e.g. a folder dataset that moved)
-        return f"the best trial's data could not be rebuilt: {exc}"
-    except Exception as exc:  # noqa: BLE001 - e.g. a checkpoint from an older model version: report the rest
-        return f"the best trial's model could not be rebuilt ({type(exc).__name__}: {exc})"
-    files[PLOT_FILES["attention"]] = _save(plot_attention(maps, trial), out / PLOT_FILES["attention"])
-    return None
+    trial, maps, note = attention_or_note(exp, n_images=n_images)
+    if note is None:
+        files[PLOT_FILES["attention"]] = _save(plot_attention(maps, trial), out / PLOT_FILES["attention"])
+    return note

@@ -21,6 +21,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from ips_search.errors import ConfigError
 from ips_search.layout import CHECKPOINT_FILE, PARAMS_FILE, RESULT_FILE
 from ips_search.report.load import (
     Experiment,
@@ -190,6 +191,28 @@ def attention_maps(
     trial = load_trial_model(path)
     trial.trial_id = str(row["trial_id"])
     return trial, compute_attention(trial, n_images, split)
+
+
+def attention_or_note(
+    experiment: str | Path | Experiment, n_images: int = 4, trial_id: str | None = None, split: str = "test"
+) -> tuple[TrialModel | None, list[AttentionMap], str | None]:
+    """:func:`attention_maps`, or ``(None, [], note)`` with a one-line reason when they can't be made.
+
+    The report and its notebook both use this, so a trial whose data or model can't be
+    rebuilt here (a folder dataset that moved, a checkpoint from an older model version)
+    costs the attention maps only, with the same note in ``summary.md`` and in the notebook.
+    """
+    try:
+        trial, maps = attention_maps(experiment, trial_id=trial_id, n_images=n_images, split=split)
+    except (FileNotFoundError, RuntimeError, KeyError) as exc:
+        note = str(exc)
+    except ConfigError as exc:  # the trial's data can't be rebuilt here (e.g. a folder dataset that moved)
+        note = f"the best trial's data could not be rebuilt: {exc}"
+    except Exception as exc:  # noqa: BLE001 - e.g. a checkpoint from an older model version: report the rest
+        note = f"the best trial's model could not be rebuilt ({type(exc).__name__}: {exc})"
+    else:
+        return trial, maps, None
+    return None, [], " ".join(note.split())  # one line
 
 
 def plot_attention(maps: list[AttentionMap], trial: TrialModel | None = None, title: str | None = None) -> Figure:

@@ -42,7 +42,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from ips_search.report import (
-    attention_maps,
+    attention_or_note,
     budget_table,
     load_experiment,
     load_study,
@@ -132,9 +132,8 @@ CELLS = [
     ),
     (
         "code",
-        "try:\n    trial, maps = attention_maps(exp, n_images=4)\n"
-        "except (FileNotFoundError, RuntimeError, KeyError) as exc:\n"
-        "    print(f'no attention maps: {exc}')\n    trial, maps = None, []\n"
+        "trial, maps, note = attention_or_note(exp, n_images=4)  # note: why there are none (one line)\n"
+        "if note:\n    print('note: attention maps:', note)\n"
         "plot_attention(maps, trial) if maps else None",
     ),
 ]

@@ -170,13 +170,19 @@ def _bins(values: pd.Series, name: str, max_bins: int) -> pd.Series:
         return values.astype(str)
     if numeric.nunique() <= max_bins:
         return numeric.map(lambda v: _fmt_value(name, v))
-    binned = pd.qcut(np.log(numeric) if name == "lr" and (numeric > 0).all() else numeric, max_bins, duplicates="drop")
+    log = name == "lr" and (numeric > 0).all()
+    binned = pd.qcut(np.log(numeric) if log else numeric, max_bins, duplicates="drop")
+    integers = name != "lr" and bool((numeric == np.round(numeric)).all())
     labels = {}
     for interval in binned.cat.categories:
         lo, hi = interval.left, interval.right
-        if name == "lr":
+        if log:
             lo, hi = math.exp(lo), math.exp(hi)
-        labels[interval] = f"{_fmt_value(name, lo)}–{_fmt_value(name, hi)}"
+        if integers:  # the whole numbers in (lo, hi]: M = 3-5, not 2.999-5.8
+            first, last = math.floor(lo) + 1, math.floor(hi)
+            labels[interval] = f"{first}" if first == last else f"{first}–{last}"
+        else:
+            labels[interval] = f"{_fmt_value(name, lo)}–{_fmt_value(name, hi)}"
     return binned.map(labels).astype(str)
 
 
