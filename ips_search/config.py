@@ -57,6 +57,7 @@ class IPSConfig:
     dropout: float = 0.1
     attn_dropout: float = 0.1
     use_pos: bool = False  # 1-D sinusoidal positional encoding of the patch index
+    orient_scores: bool = True  # before training, flip heads that score background first (IPSNet.orient_scores)
     tasks: tuple[Task, ...] = ()  # empty: one softmax task "label" with n_class classes
     encode_chunk: int = 256  # patches per encoder call in the no-grad IPS pass
     loading: str = "eager"  # eager | eager-sequential | lazy

@@ -27,6 +27,8 @@ from ips_search.data import DataSplits
 from ips_search.memory import PeakMemory
 from ips_search.model import IPSNet
 
+ORIENT_IMAGES = 16  # training images whose patches orient the attention heads before training
+
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite (usually: learning rate too high)."""
@@ -72,7 +74,11 @@ def build_model(
 
     if warm_start and exp.train.warm_start and supports_warm_start(exp.data):
         apply_warm_start(model.encoder, pretrained_encoder_state(model_cfg, exp.data, progress=progress))
-    return model.to(device)
+    model.to(device)
+    if model_cfg.orient_scores:  # after the warm start: the heads are oriented on the embeddings training starts from
+        sample = [splits.train[i][0] for i in range(min(ORIENT_IMAGES, len(splits.train)))]
+        model.orient_scores(torch.stack(sample))
+    return model
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -6,7 +6,7 @@ import urllib.error
 
 import pytest
 import torch
-from reference import as_sets, notebook_ips
+from reference import agreement, as_sets, notebook_ips
 from torch import nn
 
 from ips_search import IPSConfig, IPSNet, Task
@@ -174,14 +174,18 @@ def test_small_map_conv_equals_conv2d(conv, hw):
 
 
 def test_bfloat16_ips_runs_and_mostly_agrees():
+    """Random-init scores are near-uniform, so some near-ties flip under bfloat16 (0.97-1.00 of kept indices shared
+    over 5 seeds when measured); the benchmark reports agreement for trained weights."""
     net = small_net(4, 4)
-    patches = torch.rand(2, 40, 1, 16, 16)
+    torch.manual_seed(0)
+    patches = torch.rand(8, 40, 1, 16, 16)
     _, f32 = net.ips(patches)
     net.cfg.ips_dtype = "bfloat16"
     net._fold_tried, net._folded = False, None
     _, bf16 = net.ips(patches)
     assert bf16.shape == f32.shape and bf16.dtype == torch.int64
     assert bf16.max() < 40 and all(len(s) == 4 for s in as_sets(bf16))
+    assert agreement(f32, bf16) >= 0.9
 
 
 @pytest.mark.parametrize(
@@ -210,3 +214,32 @@ def test_pretrained_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
     with pytest.raises(ConfigError, match="could not download ImageNet weights for resnet18"):
         IPSNet(IPSConfig(encoder="resnet18", pretrained=True))
+
+
+def _sparse_images(n_images: int, N: int = 32, n_content: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blank patches with ``n_content`` textured ones per image: ``(B, N, 1, 16, 16)`` and their indices."""
+    patches = torch.zeros(n_images, N, 1, 16, 16)
+    where = torch.stack([torch.randperm(N)[:n_content] for _ in range(n_images)])  # (B, n_content)
+    for b in range(n_images):
+        patches[b, where[b]] = torch.rand(n_content, 1, 16, 16)
+    return patches, where
+
+
+def test_orient_scores_makes_every_seed_keep_the_content_patches():
+    """With a random init some seeds keep blank patches, and then training can't recover (README); oriented, all
+    seeds keep the textured ones. The selection rule itself is unchanged: still the notebook's, for the new weights."""
+    missed_before = 0
+    for seed in range(8):
+        torch.manual_seed(100 + seed)
+        sample, _ = _sparse_images(8)
+        images, content = _sparse_images(4)
+        net = small_net(2, 4)
+        _, before = net.ips(images)
+        missed_before += as_sets(before) != [set(c.tolist()) for c in content]
+        corr = net.orient_scores(sample)
+        assert corr.shape == (net.cfg.heads,)
+        _, after = net.ips(images)
+        assert as_sets(after) == [set(c.tolist()) for c in content], f"seed {seed}"
+        assert as_sets(after) == as_sets(notebook_ips(net, images, 2, 4))
+        assert (net.orient_scores(sample) >= 0).all()  # oriented heads stay as they are
+    assert missed_before >= 2, "the random init should miss content for some seeds, or this test shows nothing"

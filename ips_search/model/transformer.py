@@ -41,6 +41,22 @@ class MultiHeadCrossAttention(nn.Module):
         attn = torch.matmul(q / self.temperature, k.transpose(2, 3))  # (B, H, T, L)
         return self.attn_dropout(torch.softmax(attn, dim=-1))
 
+    @torch.no_grad()
+    def orient_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """Flip each head whose scores of embeddings ``x`` ``(n, D)`` fall with their distance from the median one.
+
+        Keys have no bias, so a head's logit is linear in the embedding and a random init ranks the common
+        embedding (background) above the unusual ones (content) for about half of the heads. Negating a head's
+        rows of ``q_w`` negates its logits. Returns each head's correlation before flipping ``(H,)``.
+        """
+        q = self.q_w(self.q).view(self.n_token, self.heads, self.d_k)  # (T, H, d_k)
+        k = self.k_w(x).view(-1, self.heads, self.d_k)  # (n, H, d_k)
+        logits = torch.einsum("thd,nhd->nh", q, k) / self.n_token  # (n, H), mean over the T queries
+        dist = (x - x.median(dim=0).values).norm(dim=1)  # (n,)
+        corr = _standardise(logits).mul(_standardise(dist).unsqueeze(1)).mean(0)  # (H,)
+        self.q_w.weight.view(self.heads, self.d_k, -1)[corr < 0] *= -1
+        return corr
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, T, D)
         B, L = x.shape[:2]
         v = self.v_w(x).view(B, L, self.heads, self.d_v).transpose(1, 2)  # (B, H, L, d_v)
@@ -48,6 +64,11 @@ class MultiHeadCrossAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, self.n_token, -1)  # (B, T, H * d_v)
         out = self.dropout(self.fc(out)) + self.q
         return self.layer_norm(out)
+
+
+def _standardise(x: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance along dim 0 (a constant column stays zero)."""
+    return (x - x.mean(0)) / x.std(0).clamp_min(1e-12)
 
 
 class MLP(nn.Module):
