@@ -72,7 +72,9 @@ def main() -> None:
             samples.append((time.time() - start, finished(folder / "trials.csv"), mb))
         time.sleep(1.0)
     df = pd.DataFrame(samples, columns=["seconds", "finished", "rss_mb"])
-    late = df[df["finished"] >= args.trials // 2]
+    # the second half of the trials, while they finish: after the last one the driver writes the summary and
+    # shuts Ray down, which is not growth per trial
+    late = df[(df["finished"] >= args.trials // 2) & (df["finished"] < args.trials)]
     slope = (
         float(np.polyfit(late["finished"], late["rss_mb"], 1)[0]) if late["finished"].nunique() > 2 else float("nan")
     )
@@ -87,6 +89,7 @@ def main() -> None:
         "driver_rss_mb_per_trial_second_half": slope,
         "disk_mb": disk,
         "disk_mb_per_trial": disk / args.trials,
+        "checkpoints": sum(1 for p in folder.rglob("checkpoint_*") if p.is_dir()),
     }
     print(json.dumps(stats, indent=2))
     out = Path(args.out)

@@ -271,6 +271,7 @@ def check_local_cpus(settings: SearchSettings, args: argparse.Namespace) -> None
 
 def plan_lines(space: SearchSpace, settings: Any) -> list[str]:
     from ips_search.search import asha_rungs  # imports Ray: only after main() has set its auth mode
+    from ips_search.warmstart import supports_warm_start
 
     rungs = asha_rungs(settings) if settings.scheduler == "asha" else []
     lines = [
@@ -290,6 +291,12 @@ def plan_lines(space: SearchSpace, settings: Any) -> list[str]:
             n = space.n_patches(ps)
             (mlo, mhi), _ = memory_iteration_ranges(space, n)
             lines.append(f"  P={ps:<4} N={n:<5} M in [{mlo:g}, {mhi:g}], I up to N - M")
+    base = space.base_config()
+    if base.train.warm_start and not supports_warm_start(base.data):
+        lines.append(
+            f"note         warm_start is for megapixel canvases; {base.data.dataset} starts from scratch"
+            + ("" if base.model.pretrained else " (model.pretrained: true loads ImageNet weights)")
+        )
     return lines
 
 
