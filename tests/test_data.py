@@ -484,3 +484,17 @@ def test_jitter_keeps_a_digit_recognisably_in_place():
         assert out.shape == image.shape and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
         assert not np.array_equal(out, image)
         assert np.corrcoef(out.ravel(), image.ravel())[0, 1] > 0.4  # a distortion, not a different picture
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="RSS meter needs Linux")
+def test_cache_files_are_memory_mapped_not_read_whole(tmp_path):
+    """A trial reads only the canvases it touches: loading a 160 MB cache file adds little resident memory."""
+    from ips_search.memory import PeakMemory
+
+    path = tmp_path / "big.pt"
+    cache_mod.save_atomic({"images": torch.full((160, 1000, 1000), 7, dtype=torch.uint8)}, path)
+    with PeakMemory("cpu") as mem:
+        images = cache_mod.load(path)["images"]
+        first = int(images[0, 0, 0])
+    assert first == 7 and images.shape == (160, 1000, 1000)
+    assert mem.peak_mb < 40, mem.peak_mb  # read whole, it would be 160 MB
