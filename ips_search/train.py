@@ -248,3 +248,20 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: bool
         "images_per_s": metrics.n / seconds if seconds > 0 else 0.0,
         "images": metrics.n,
     }
+
+
+def fit(exp: ExperimentConfig, splits: DataSplits, device: torch.device) -> dict[str, Any]:
+    """Train one config for ``exp.train.epochs`` outside Ray (as a trial does, without reports or checkpoints),
+    then evaluate: ``{"epochs": [train_one_epoch dicts], "val": ..., "test": ...}``."""
+    model = build_model(exp, splits, device)
+    train = make_loader(splits.train, exp.train, shuffle=True, device=device)
+    optimizer = make_optimizer(model, exp.train)
+    scheduler = make_scheduler(optimizer, exp.train, len(train))
+    epochs = [train_one_epoch(model, train, optimizer, scheduler, exp.train, device) for _ in range(exp.train.epochs)]
+    return {
+        "epochs": epochs,
+        **{
+            name: evaluate(model, make_loader(split, exp.train, shuffle=False, device=device), device, exp.train.amp)
+            for name, split in (("val", splits.val), ("test", splits.test))
+        },
+    }

@@ -16,9 +16,8 @@ from ips_search.data import build_datasets
 from ips_search.space import load_space
 from ips_search.train import (
     _Metrics,
-    build_model,
     evaluate,
-    make_loader,
+    fit,
     make_optimizer,
     make_scheduler,
     task_losses,
@@ -83,14 +82,7 @@ def _short_default_run(seed: int, orient: bool) -> float:
         model=dataclasses.replace(base.model, memory_size=8, iteration_size=8, orient_scores=orient),
         train=dataclasses.replace(base.train, epochs=3, lr=1.2e-3, seed=seed),
     )
-    splits, cpu = build_datasets(exp.data), torch.device("cpu")
-    model = build_model(exp, splits, cpu)
-    train = make_loader(splits.train, exp.train, shuffle=True, device=cpu)
-    opt = make_optimizer(model, exp.train)
-    sched = make_scheduler(opt, exp.train, len(train))
-    for _ in range(exp.train.epochs):
-        train_one_epoch(model, train, opt, sched, exp.train, cpu)
-    return evaluate(model, make_loader(splits.val, exp.train, shuffle=False, device=cpu), cpu)["accuracy"]
+    return fit(exp, build_datasets(exp.data), torch.device("cpu"))["val"]["accuracy"]
 
 
 def test_short_training_on_the_default_data_learns_and_needs_oriented_heads(cache_dir):
