@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ips_search.data.cache import cache_root
+from ips_search.data.dataset import n_validation
 from ips_search.errors import ConfigError
 
 SKLEARN_TRAIN_FRACTION = 0.75
@@ -108,7 +109,7 @@ def split_validation(pool: DigitPool, fraction: float, seed: int) -> tuple[Digit
     val = np.zeros(len(pool), dtype=bool)
     for c in np.unique(pool.labels):
         members = rng.permutation(np.flatnonzero(pool.labels == c))
-        val[members[: max(1, round(fraction * len(members)))]] = True
+        val[members[: n_validation(len(members), fraction)]] = True
     return (
         DigitPool(pool.images[~val], pool.labels[~val], pool.ids[~val]),
         DigitPool(pool.images[val], pool.labels[val], pool.ids[val]),

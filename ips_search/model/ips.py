@@ -191,8 +191,8 @@ class IPSNet(nn.Module):
             flat = patches.flatten(0, 1)  # (B*N, C, P, P)
             step = self.cfg.encode_chunk
             emb = torch.cat([self.encode(flat[s : s + step].to(self.device)) for s in range(0, len(flat), step)])
-            idx = torch.arange(N, device=emb.device).repeat(B)  # (B*N,)
-            emb = self._embed(emb.view(B, N, -1), idx.view(B, N)).flatten(0, 1)  # (B*N, D)
+            idx = torch.arange(N, device=emb.device).expand(B, N)  # (B, N)
+            emb = self._embed(emb.view(B, N, -1), idx).flatten(0, 1)  # (B*N, D)
             return self.transf.crs_attn.orient_heads(emb)
         finally:
             self.train(was_training)
