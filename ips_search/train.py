@@ -177,6 +177,35 @@ def _to(targets: dict[str, torch.Tensor], device: torch.device) -> dict[str, tor
     return {k: v.to(device, non_blocking=True) for k, v in targets.items()}
 
 
+def train_step(
+    model: IPSNet,
+    patches: Any,
+    targets: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """One IPS training step: no-grad selection, gradient pass over the M kept patches, backward, optimiser step.
+
+    ``patches`` is whatever :meth:`IPSNet.ips` takes (``(B, N, C, P, P)``); ``targets`` are on ``device``.
+    Returns the per-task logits and the loss. The scheduler is the caller's (it steps per batch).
+    """
+    tasks = model.cfg.tasks
+    mem_patch, mem_idx = model.ips(patches)  # (B, M, C, P, P), (B, M); no grad
+    with _autocast(device, cfg.amp):
+        logits = as_task_dict(model(mem_patch, mem_idx), tasks)
+        loss = sum(task_losses(logits, targets, tasks).values())
+    value = loss.item()
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"loss is {value}; lower the learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return logits, value
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -188,8 +217,7 @@ def train_one_epoch(
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
     """One pass over ``loader`` (or its first ``max_steps`` batches): IPS, forward, backward, step."""
-    tasks = model.cfg.tasks
-    metrics = _Metrics(tasks)
+    metrics = _Metrics(model.cfg.tasks)
     model.train()
     start = time.perf_counter()
     with PeakMemory(device) as mem:
@@ -197,20 +225,12 @@ def train_one_epoch(
             if max_steps is not None and step >= max_steps:
                 break
             targets = _to(targets, device)
-            mem_patch, mem_idx = model.ips(patches)  # (B, M, C, P, P), (B, M); no grad
-            with _autocast(device, cfg.amp):
-                logits = as_task_dict(model(mem_patch, mem_idx), tasks)
-                losses = task_losses(logits, targets, tasks)
-                loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss is {loss.item()} at step {step}; lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            try:
+                logits, loss = train_step(model, patches, targets, optimizer, cfg, device)
+            except NonFiniteLossError as exc:
+                raise NonFiniteLossError(f"{exc} (step {step})") from None
             scheduler.step()
-            metrics.update(logits, targets, loss.item())
+            metrics.update(logits, targets, loss)
             if on_step is not None:
                 on_step(step, mem.read())
     seconds = time.perf_counter() - start
