@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -11,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ips_search.errors import ConfigError
-from ips_search.layout import EXPERIMENT_FILE, TOOL
-from ips_search.search import SearchSettings
+from ips_search.experiment import TRIALS_CSV, SearchSettings, best, coerce, pareto_front, write_experiment
+from ips_search.plan import plan_lines, prepare_data
 
 # Tune warns when it snapshots experiment state often; with short epochs that is by design (nothing is lost)
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -76,27 +75,13 @@ def fit_resources(settings: SearchSettings, cluster: dict[str, Any], explicit_co
 
 
 def save_experiment(space, settings: SearchSettings, argv: list[str]) -> None:
-    import dataclasses
-
-    folder = settings.experiment_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "tool": TOOL,
-        "version": 1,
-        "argv": argv,
-        "settings": dataclasses.asdict(settings),
-        "space": space.to_dict(),
-        "space_file": space.path,
-    }
-    tmp = folder / f"{EXPERIMENT_FILE}.tmp"
-    tmp.write_text(json.dumps(doc, indent=2, default=str))
-    os.replace(tmp, folder / EXPERIMENT_FILE)
+    """``experiment.json``: the settings, the space as it runs (a resume uses it even if the file changed since)."""
+    write_experiment(settings.experiment_dir, settings.to_dict(), space.to_dict(), argv=argv, space_file=space.path)
 
 
 def run_search(space, settings: SearchSettings, args: argparse.Namespace, resume: bool) -> int:
     import ray
 
-    from ips_search.run import plan_lines, prepare_data
     from ips_search.search import make_tuner, restore_tuner
 
     prepare_data(space)
@@ -115,7 +100,7 @@ def run_search(space, settings: SearchSettings, args: argparse.Namespace, resume
         if resume:
             drop_empty_snapshots(settings.experiment_dir)
         tuner = restore_tuner(settings) if resume else make_tuner(space, settings)
-        grid = tuner.fit()
+        tuner.fit()
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished trials are saved; continue with --resume {settings.name}", file=sys.stderr)
         return 130
@@ -124,7 +109,7 @@ def run_search(space, settings: SearchSettings, args: argparse.Namespace, resume
             f"cannot write to {settings.experiment_dir} ({exc.strerror or exc}); free space or fix the folder, "
             f"then continue with --resume {settings.name}"
         ) from None
-    print_summary(settings, grid)
+    print_summary(settings)
     return 0
 
 
@@ -141,44 +126,28 @@ def drop_empty_snapshots(folder: Path) -> None:
                 path.unlink()
 
 
-def print_summary(settings: SearchSettings, grid: Any) -> None:
+def print_summary(settings: SearchSettings) -> None:
+    """Status counts, the best trial by the ranking rule (and the Pareto set of a two-objective search)."""
     import pandas as pd
 
-    from ips_search.layout import TRIALS_CSV
-
-    df = pd.read_csv(settings.experiment_dir / TRIALS_CSV)
-    done = df[df["status"] == "completed"]
+    df = coerce(pd.read_csv(settings.experiment_dir / TRIALS_CSV, dtype={"trial_id": str}))
     print(f"\n{len(df)} trials: " + ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items()))
-    pool = done[done["feasible"].astype(str) == "True"] if settings.max_memory_mb else done
-    if pool.empty:
+    top = best(df)
+    if top is None:
         print("no trial completed all epochs within the budget")
     else:
-        best = pool.sort_values(["val_accuracy", "peak_memory_mb"], ascending=[False, True]).iloc[0]
+        lr = top.get("lr", float("nan"))
         print(
-            f"best: patch_size={best.get('patch_size')} memory_size={best.get('memory_size')} "
-            f"iteration_size={best.get('iteration_size')} lr={best.get('lr', float('nan')):.2e}"
+            f"best: patch_size={top.get('patch_size')} memory_size={top.get('memory_size')} "
+            f"iteration_size={top.get('iteration_size')} lr={lr:.2e}"
         )
         print(
-            f"      val accuracy {best['val_accuracy']:.4f}, test accuracy {best['test_accuracy']:.4f}, "
-            f"peak memory {best['peak_memory_mb']:.0f} MB ({best['memory_kind']})"
+            f"      val accuracy {top['val_accuracy']:.4f}, test accuracy {top['test_accuracy']:.4f}, "
+            f"peak memory {top['peak_memory_mb']:.0f} MB ({top['memory_kind']})"
         )
         if settings.multi_objective:
-            from ips_search.report.tables import pareto_front
-
-            front = pareto_front(pool)
+            front = pareto_front(df)
             print("Pareto set (val accuracy vs peak memory, full-budget trials):")
-            cols = [
-                c
-                for c in (
-                    "trial_id",
-                    "patch_size",
-                    "memory_size",
-                    "iteration_size",
-                    "val_accuracy",
-                    "test_accuracy",
-                    "peak_memory_mb",
-                )
-                if c in front
-            ]
-            print(front[cols].to_string(index=False))
+            cols = ["trial_id", "patch_size", "memory_size", "iteration_size", "val_accuracy", "peak_memory_mb"]
+            print(front[[c for c in cols if c in front]].to_string(index=False))
     print(f"report: python -m ips_search.report {settings.experiment_dir}")

@@ -1,9 +1,5 @@
-"""``trials.csv``: one tidy row per trial, rewritten by the driver as trials report and finish.
-
-Status of a trial: ``completed`` (all epochs), ``early-stopped`` (stopped by the
-scheduler before its last epoch), ``infeasible`` (over the memory budget),
-``nan-loss``, ``out-of-memory``, ``failed`` (raised), ``running`` or ``pending``.
-"""
+"""``trials.csv``: one row per trial (the record of :mod:`ips_search.experiment.record`), rewritten by the driver
+as trials report and finish."""
 
 from __future__ import annotations
 
@@ -15,43 +11,32 @@ from typing import Any
 import pandas as pd
 from ray.tune import Callback
 
-from ips_search.layout import TRIALS_CSV, trial_status
+from ips_search.experiment import COLUMN_NAMES, METRIC, TRIALS_CSV, trial_record
 from ips_search.space import QUANTILE_SUFFIX
 
 __all__ = ["TRIALS_CSV", "TrialsCsvCallback", "trial_row", "write_trials_csv"]
 
 
 def trial_row(trial: Any) -> dict[str, Any]:
-    """One row for a ``ray.tune.experiment.Trial``."""
-    last = trial.last_result or {}
-    params = {k: v for k, v in trial.config.items() if k not in ("fixed", "max_memory_mb")}
-    params.update({k: last[k] for k in ("memory_size", "iteration_size", "patch_size") if k in last})
-    best = trial.metric_analysis.get("val_accuracy", {}).get("max") if trial.metric_analysis else None
-    row = {"trial_id": trial.trial_id, "status": trial_status(trial.status, last), "ray_status": trial.status}
-    row.update({k: v for k, v in params.items() if not k.endswith(QUANTILE_SUFFIX)})
-    row.update(
-        {
-            "val_accuracy": last.get("val_accuracy"),
-            "best_val_accuracy": best,
-            "test_accuracy": last.get("test_accuracy"),
-            "peak_memory_mb": last.get("peak_memory_mb"),
-            "memory_kind": last.get("memory_kind"),
-            "feasible": last.get("feasible"),
-            "epochs": last.get("training_iteration"),
-            "time_total_s": last.get("time_total_s"),
-            "train_seconds": last.get("train_seconds"),
-            "images_per_s": last.get("images_per_s"),
-            "n_patches": last.get("n_patches"),
-            "node_ip": last.get("node_ip"),
-            "path": trial.path,
-        }
+    """The record of a ``ray.tune.experiment.Trial`` (see :func:`ips_search.experiment.trial_record`)."""
+    params = {
+        k: v for k, v in trial.config.items() if k not in ("fixed", "max_memory_mb") and not k.endswith(QUANTILE_SUFFIX)
+    }
+    analysis = trial.metric_analysis.get(METRIC, {}) if trial.metric_analysis else {}
+    return trial_record(
+        trial.last_result or {},
+        trial_id=trial.trial_id,
+        ray_status=trial.status,
+        params=params,
+        best_val_accuracy=analysis.get("max"),
+        path=trial.path,
     )
-    return row
 
 
 def write_trials_csv(trials: list[Any], path: str | os.PathLike) -> pd.DataFrame:
     """Atomically (re)write ``trials.csv`` so a crash never leaves a half-written file."""
-    df = pd.DataFrame([trial_row(t) for t in trials])
+    rows = [trial_row(t) for t in trials]
+    df = pd.DataFrame(rows, columns=_ordered(rows))
     tmp = Path(f"{path}.tmp")
     df.to_csv(tmp, index=False)
     os.replace(tmp, path)
@@ -87,3 +72,10 @@ class TrialsCsvCallback(Callback):
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self._write(trials)
+
+
+def _ordered(rows: list[dict[str, Any]]) -> list[str]:
+    """Identity columns, then the searched parameters, then the record's columns in their declared order."""
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    params = [k for k in names if k not in COLUMN_NAMES]
+    return [*COLUMN_NAMES[:3], *params, *COLUMN_NAMES[3:]]

@@ -6,25 +6,27 @@ Every input problem is reported as one line with exit code 2 before Ray starts.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
-import math
 import os
 import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, get_args, get_type_hints
+from typing import NoReturn
 
 from ips_search.errors import ConfigError, exit_code_of
-from ips_search.layout import EXPERIMENT_FILE, read_experiment
-from ips_search.space import SearchSpace, load_space, memory_iteration_ranges, saved_space
-
-if TYPE_CHECKING:  # importing search imports Ray, which must wait until main() has set its auth mode
-    from ips_search.search import SearchSettings
+from ips_search.experiment import (
+    EXPERIMENT_FILE,
+    SearchSettings,
+    check_positive,
+    check_settings,
+    read_experiment,
+    settings_from_saved,
+)
+from ips_search.plan import dry_run_lines, plan_lines
+from ips_search.space import SearchSpace, load_space, saved_space
 
 RESUME_FIX = "start a new experiment with --name, or restore the file"
-SEED_LIMIT = 2**32  # numpy's, so Optuna's samplers: seeds are 0 .. 2**32 - 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -119,17 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial")
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (overrides the space's train.epochs)")
-    p.add_argument("--dry-run", action="store_true", help="validate space and data, print the plan, run nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the space, the flags and the data (headers, one sample), print the plan and what the first "
+        "run will build (time, disk); builds and trains nothing",
+    )
     return p
-
-
-def _check_positive(value: float | None, flag: str, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if not math.isfinite(value):  # argparse's float() takes "nan" and "inf": neither is an amount or a budget
-        raise ConfigError(f"{flag} must be a finite number, got {value:g}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{flag} must be {'>= 0' if allow_zero else '> 0'}, got {value:g}")
 
 
 def check_results_dir(path: str) -> Path:
@@ -161,30 +159,7 @@ def check_results_dir(path: str) -> Path:
 def validate_args(args: argparse.Namespace) -> None:
     """Every flag's own rule, before anything starts."""
     check_settings(args)
-    _check_positive(args.num_gpus, "--num-gpus", allow_zero=True)
-
-
-def check_settings(args: argparse.Namespace | SearchSettings) -> None:
-    """The rules shared by the flags and the settings a resumed experiment saved (same attribute names)."""
-    if args.trials < 1:
-        raise ConfigError(f"--trials must be at least 1, got {args.trials}")
-    _check_positive(args.max_memory_mb, "--max-memory-mb")
-    _check_positive(args.cpus_per_trial, "--cpus-per-trial")
-    _check_positive(args.gpus_per_trial, "--gpus-per-trial", allow_zero=True)
-    if args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial):
-        raise ConfigError(f"--gpus-per-trial above 1 must be whole, got {args.gpus_per_trial:g}")
-    if args.concurrency is not None and args.concurrency < 1:
-        raise ConfigError(f"--concurrency must be at least 1, got {args.concurrency}")
-    if args.epochs is not None and args.epochs < 1:
-        raise ConfigError(f"--epochs must be at least 1, got {args.epochs}")
-    if args.grace_period < 1:
-        raise ConfigError(f"--grace-period must be at least 1 epoch, got {args.grace_period}")
-    if args.reduction_factor < 2:
-        raise ConfigError(f"--reduction-factor must be at least 2, got {args.reduction_factor}")
-    if args.name is not None and (not args.name or "/" in args.name or args.name.startswith(".")):
-        raise ConfigError(f"--name {args.name!r} must be a plain folder name (no '/', not starting with '.')")
-    if not 0 <= args.seed < SEED_LIMIT:
-        raise ConfigError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
+    check_positive(args.num_gpus, "--num-gpus", allow_zero=True)
 
 
 def load_experiment(results_dir: Path, name: str) -> tuple[SearchSettings, SearchSpace]:
@@ -195,60 +170,12 @@ def load_experiment(results_dir: Path, name: str) -> tuple[SearchSettings, Searc
         raise ConfigError(f"no experiment {name!r} in {results_dir}; existing: {', '.join(known) or 'none'}")
     saved = read_experiment(folder, "pass the name of a folder this tool created", damaged_hint=RESUME_FIX)
     try:
-        settings = saved_settings(saved.get("settings"))
+        settings = settings_from_saved(saved.get("settings"))
         space = saved_space(saved.get("space"))  # what the experiment ran with, even if the file changed since
     except ConfigError as exc:  # any problem in the file: name the file, then the one fix that always works
         raise ConfigError(f"{folder / EXPERIMENT_FILE} is damaged ({exc}); {RESUME_FIX}") from None
     settings.results_dir = str(results_dir)
     return settings, space
-
-
-def saved_settings(saved: Any) -> SearchSettings:
-    """``SearchSettings`` from ``experiment.json``: exactly its fields, each of its declared type, each valid."""
-    from ips_search.search import SearchSettings
-
-    if not isinstance(saved, dict):
-        raise ConfigError(f"'settings' must be a mapping, got {type(saved).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(SearchSettings)}
-    unknown = sorted(map(str, set(saved) - set(fields)))
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}")
-    missing = [n for n, f in fields.items() if n not in saved and f.default is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"missing setting(s) {', '.join(missing)}")
-    types = get_type_hints(SearchSettings)
-    for key, value in saved.items():
-        if not _is_a(value, types[key]):
-            raise ConfigError(f"setting {key} must be {_type_name(types[key])}, got {value!r}")
-    settings = SearchSettings(**saved)
-    check_settings(settings)
-    _check_choice(settings)
-    return settings
-
-
-def _is_a(value: Any, hint: Any) -> bool:
-    """``value`` fits the annotation ``hint`` (``int``, ``float``, ``str``, or one of those ``| None``)."""
-    for kind in get_args(hint) or (hint,):
-        if kind is type(None) and value is None:
-            return True
-        if isinstance(value, bool):  # JSON true/false is a Python int: never a count or an amount
-            continue
-        if isinstance(value, (int, float) if kind is float else kind):
-            return True
-    return False
-
-
-def _type_name(hint: Any) -> str:
-    return " or ".join("null" if kind is type(None) else kind.__name__ for kind in get_args(hint) or (hint,))
-
-
-def _check_choice(settings: SearchSettings) -> None:
-    """objective, sampler and scheduler are one of the flag's choices (argparse checks them only for new runs)."""
-    from ips_search.search import OBJECTIVES, SAMPLERS, SCHEDULERS
-
-    for key, choices in (("objective", OBJECTIVES), ("sampler", SAMPLERS), ("scheduler", SCHEDULERS)):
-        if getattr(settings, key) not in choices:
-            raise ConfigError(f"setting {key} must be one of {', '.join(choices)}, got {getattr(settings, key)!r}")
 
 
 def check_local_cpus(settings: SearchSettings, args: argparse.Namespace) -> None:
@@ -269,56 +196,6 @@ def check_local_cpus(settings: SearchSettings, args: argparse.Namespace) -> None
         )
 
 
-def plan_lines(space: SearchSpace, settings: Any) -> list[str]:
-    from ips_search.search import asha_rungs  # imports Ray: only after main() has set its auth mode
-    from ips_search.warmstart import supports_warm_start
-
-    rungs = asha_rungs(settings) if settings.scheduler == "asha" else []
-    lines = [
-        f"experiment   {settings.experiment_dir}",
-        f"space        {space.name}: {space.description}".rstrip(": "),
-        f"trials       {settings.trials} ({settings.concurrency} at once, {settings.cpus_per_trial:g} CPU"
-        f" + {settings.gpus_per_trial:g} GPU each), {settings.epochs} epochs max",
-        f"objective    {settings.objective}, sampler {settings.sampler}, scheduler {settings.scheduler}"
-        + (f" (rungs at {', '.join(map(str, rungs))} epochs)" if rungs else "")
-        + (f", budget {settings.max_memory_mb:g} MB" if settings.max_memory_mb else ""),
-    ]
-    for p in space.params.values():
-        rng = f"choices {p.choices}" if p.choices is not None else f"[{p.low}, {p.high}]{' log' if p.log else ''}"
-        lines.append(f"  {p.name:<16} {rng}")
-    if "memory_size" in space.params:
-        for ps in space.patch_sizes():
-            n = space.n_patches(ps)
-            (mlo, mhi), _ = memory_iteration_ranges(space, n)
-            lines.append(f"  P={ps:<4} N={n:<5} M in [{mlo:g}, {mhi:g}], I up to N - M")
-    base = space.base_config()
-    if base.train.warm_start and not supports_warm_start(base.data):
-        lines.append(
-            f"note         warm_start is for megapixel canvases; {base.data.dataset} starts from scratch"
-            + ("" if base.model.pretrained else " (model.pretrained: true loads ImageNet weights)")
-        )
-    return lines
-
-
-def prepare_data(space: SearchSpace) -> None:
-    """Build the dataset cache (and the warm-start encoders) once in the driver, with progress bars,
-    so trials only load them."""
-    import dataclasses
-
-    import torch
-
-    from ips_search.data import build_datasets
-    from ips_search.train import build_model
-
-    base = space.base_config()
-    for patch_size in space.patch_sizes():
-        data = dataclasses.replace(base.data, patch_size=patch_size, patch_stride=None)
-        splits = build_datasets(data)
-        exp = dataclasses.replace(base, data=data)
-        if exp.train.warm_start:
-            build_model(exp, splits, device=torch.device("cpu"), progress=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     return exit_code_of(_main, build_parser().parse_args(argv))
 
@@ -327,8 +204,6 @@ def _main(args: argparse.Namespace) -> int:
     if not args.address:
         # Ray reads this when it is first imported, so it is set before anything imports ray
         os.environ.setdefault("RAY_AUTH_MODE", "token")
-    from ips_search.search import SearchSettings
-
     validate_args(args)
     results_dir = check_results_dir(args.results_dir)
     if args.resume:
@@ -364,12 +239,9 @@ def _main(args: argparse.Namespace) -> int:
         space.fixed.setdefault("train", {})["seed"] = args.seed
     check_local_cpus(settings, args)
     if args.dry_run:
-        prepare_data(space)
-        print(
-            "\n".join(
-                ["dry run: the space and the data are valid; this search would run:"] + plan_lines(space, settings)
-            )
-        )
+        checks = dry_run_lines(space)  # raises on bad data before anything is printed
+        print("\n".join(["dry run: the space, the flags and the data are valid; this search would run:"]))
+        print("\n".join(plan_lines(space, settings) + ["the first run builds (nothing was built now):", *checks]))
         return 0
     from ips_search.launch import run_search
 

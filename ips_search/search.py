@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,44 +24,20 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from ips_search.layout import JOURNAL_FILE, TRIALS_CSV
+from ips_search.experiment import (
+    JOURNAL_FILE,
+    MEMORY_METRIC,
+    METRIC,
+    TRIALS_CSV,
+    SearchSettings,
+    Status,
+    asha_rungs,
+)
 from ips_search.results import TrialsCsvCallback
 from ips_search.space import SearchSpace, first_points, searcher_space
-from ips_search.trainable import MEMORY_METRIC, METRIC, train_ips
+from ips_search.trainable import train_ips
 
-SAMPLERS = ("tpe", "gp", "nsga2", "random")
-SCHEDULERS = ("asha", "fifo")
-OBJECTIVES = ("accuracy", "accuracy-memory")
-
-
-@dataclass
-class SearchSettings:
-    """What the command line decided; saved as ``experiment.json``."""
-
-    name: str
-    results_dir: str
-    space: str
-    trials: int = 50
-    objective: str = "accuracy"
-    sampler: str = "tpe"
-    scheduler: str = "asha"
-    max_memory_mb: float | None = None
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    concurrency: int = 1
-    seed: int = 0
-    epochs: int = 4
-    grace_period: int = 1  # ASHA: Ray's defaults
-    reduction_factor: int = 4
-
-    @property
-    def multi_objective(self) -> bool:
-        return self.objective == "accuracy-memory"
-
-    @property
-    def experiment_dir(self) -> Path:
-        return Path(self.results_dir).resolve() / self.name
-
+__all__ = ["SearchSettings", "asha_rungs", "make_searcher", "make_scheduler", "make_tuner", "restore_tuner"]
 
 NATIVE_CONSTRAINTS = hasattr(optuna.trial.Trial, "set_constraint")  # Optuna >= 5 deprecates constraints_func
 CONSTRAINT = "memory_mb_over_budget"  # peak_memory_mb - max_memory_mb: feasible when <= 0
@@ -111,7 +86,7 @@ class IPSOptunaSearch(OptunaSearch):
         if ot_trial is None or trial_id in self._completed_trials:
             return super().on_trial_complete(trial_id, result, error)
         if result:
-            status = result.get("status", "running")
+            status = result.get("status", Status.RUNNING)
             peak = result.get(MEMORY_METRIC)
             for key in (
                 "status",
@@ -135,7 +110,7 @@ class IPSOptunaSearch(OptunaSearch):
                     ot_trial.set_constraint(CONSTRAINT, over)
                 else:
                     ot_trial.set_user_attr(CONSTRAINT, [over])
-            if status == "running" and not error:  # stopped by the scheduler before its last epoch
+            if status == Status.RUNNING and not error:  # stopped by the scheduler before its last epoch
                 self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
                 self._completed_trials.add(trial_id)
                 return None
@@ -171,15 +146,6 @@ def make_scheduler(settings: SearchSettings):
         grace_period=min(settings.grace_period, settings.epochs),
         reduction_factor=settings.reduction_factor,
     )
-
-
-def asha_rungs(settings: SearchSettings) -> list[int]:
-    """The epochs at which ASHA compares trials (grace_period * reduction_factor**k below max_t)."""
-    rungs, t = [], min(settings.grace_period, settings.epochs)
-    while t < settings.epochs:
-        rungs.append(t)
-        t *= settings.reduction_factor
-    return rungs
 
 
 def make_trainable(settings: SearchSettings):

@@ -25,7 +25,7 @@ import torch
 from ray import tune
 
 from ips_search.data import build_datasets
-from ips_search.layout import CHECKPOINT_FILE
+from ips_search.experiment import CHECKPOINT_FILE, EpochReport, Status
 from ips_search.space import trial_config
 from ips_search.train import (
     NonFiniteLossError,
@@ -37,9 +37,6 @@ from ips_search.train import (
     resolve_device,
     train_one_epoch,
 )
-
-METRIC = "val_accuracy"
-MEMORY_METRIC = "peak_memory_mb"
 
 
 class OverBudgetError(RuntimeError):
@@ -133,7 +130,6 @@ def train_ips(config: dict[str, Any]) -> None:
         "iteration_size": model.cfg.iteration_size,
         "patch_size": model.cfg.patch_size,
         "device": device.type,
-        # Which raylet ran it: on a multi-node cluster this is how a slow or failing node is found.
         "node_id": _node_id(),
     }
     for epoch in range(start_epoch, exp.train.epochs):
@@ -148,57 +144,59 @@ def train_ips(config: dict[str, Any]) -> None:
                 on_step=probe if epoch == start_epoch and checkpoint is None else None,
             )
         except OverBudgetError as exc:
-            return _report_stopped(base, "infeasible", exc.peak_mb, _kind(device), epoch)
+            return _report_stopped(base, Status.INFEASIBLE, exc.peak_mb, _kind(device), epoch)
         except NonFiniteLossError as exc:
-            return _report_stopped(base, "nan-loss", peak_mb, _kind(device), epoch, error=str(exc))
+            return _report_stopped(base, Status.NAN_LOSS, peak_mb, _kind(device), epoch, error=str(exc))
         except torch.cuda.OutOfMemoryError:
-            return _report_stopped(base, "out-of-memory", math.inf, "cuda", epoch)
+            return _report_stopped(base, Status.OUT_OF_MEMORY, math.inf, "cuda", epoch)
         val = evaluate(model, val_loader, device, exp.train.amp)
         peak_mb = max(peak_mb, train["peak_memory_mb"])
         last = epoch == exp.train.epochs - 1
-        metrics = {
+        report = EpochReport(
             **base,
-            METRIC: val["accuracy"],
-            "val_loss": val["loss"],
-            "train_loss": train["loss"],
-            "train_accuracy": train["accuracy"],
-            MEMORY_METRIC: peak_mb,
-            "memory_kind": train["memory_kind"],
-            "epoch_seconds": train["seconds"] + val["seconds"],
-            "train_seconds": train["seconds"],
-            "images_per_s": train["images_per_s"],
-            "status": "completed" if last else "running",
-            "feasible": budget is None or peak_mb <= budget,
-            "epoch": epoch + 1,
-        }
-        metrics.update({f"val_{k}": v for k, v in val.items() if "/" in k})
+            status=Status.COMPLETED if last else Status.RUNNING,
+            epoch=epoch + 1,
+            val_accuracy=val["accuracy"],
+            val_loss=val["loss"],
+            train_loss=train["loss"],
+            train_accuracy=train["accuracy"],
+            peak_memory_mb=peak_mb,
+            memory_kind=train["memory_kind"],
+            feasible=budget is None or peak_mb <= budget,
+            epoch_seconds=train["seconds"] + val["seconds"],
+            train_seconds=train["seconds"],
+            images_per_s=train["images_per_s"],
+            per_task={f"val_{k}": v for k, v in val.items() if "/" in k},
+        )
         if last:
             test = evaluate(
                 model, make_loader(splits.test, exp.train, shuffle=False, device=device), device, exp.train.amp
             )
-            metrics.update(
-                {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_seconds": test["seconds"]}
+            report.test_accuracy, report.test_loss, report.test_seconds = (
+                test["accuracy"],
+                test["loss"],
+                test["seconds"],
             )
-            metrics.update({f"test_{k}": v for k, v in test.items() if "/" in k})
+            report.per_task.update({f"test_{k}": v for k, v in test.items() if "/" in k})
         with tempfile.TemporaryDirectory() as directory:
-            tune.report(metrics, checkpoint=_save_checkpoint(directory, model, optimizer, scheduler, epoch, peak_mb))
+            checkpoint_out = _save_checkpoint(directory, model, optimizer, scheduler, epoch, peak_mb)
+            tune.report(report.to_metrics(), checkpoint=checkpoint_out)
 
 
-def _report_stopped(base: dict, status: str, peak_mb: float, kind: str, epoch: int, **extra: Any) -> None:
+def _report_stopped(base: dict, status: Status, peak_mb: float, kind: str, epoch: int, **extra: Any) -> None:
     """The last report of a trial that can't go on: accuracy 0 so the searcher ranks it last."""
-    feasible = status == "nan-loss"  # it fit in memory; it diverged
-    tune.report(
-        {
-            **base,
-            METRIC: 0.0,
-            MEMORY_METRIC: peak_mb,
-            "memory_kind": kind,
-            "status": status,
-            "feasible": feasible,
-            "epoch": epoch + 1,
-            **extra,
-        }
+    feasible = status == Status.NAN_LOSS  # it fit in memory; it diverged
+    report = EpochReport(
+        **base,
+        status=status,
+        epoch=epoch + 1,
+        val_accuracy=0.0,
+        peak_memory_mb=peak_mb,
+        memory_kind=kind,
+        feasible=feasible,
+        **extra,
     )
+    tune.report(report.to_metrics())
 
 
 def _kind(device: torch.device) -> str:

@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 
 from ips_search import run
+from ips_search.experiment import METRIC
 from ips_search.run import plan_lines
 from ips_search.search import SearchSettings, asha_rungs, make_scheduler, trial_constraints
 from ips_search.space import define_space, load_space, searcher_space
-from ips_search.trainable import METRIC
 
 pytestmark = pytest.mark.ray
 

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from ips_search.errors import ConfigError
-from ips_search.layout import CHECKPOINT_FILE, PARAMS_FILE, RESULT_FILE
+from ips_search.experiment import CHECKPOINT_FILE, PARAMS_FILE, RESULT_FILE
 from ips_search.report.load import (
     Experiment,
     _read_json,

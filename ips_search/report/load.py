@@ -26,36 +26,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from ips_search.errors import ConfigError
-from ips_search.layout import (
+from ips_search.experiment import (
+    COLUMN_NAMES,
     EXPERIMENT_FILE,
     JOURNAL_FILE,
+    METRIC,
+    ORDER,
     PARAMS_FILE,
+    REPORT_DIR,
     RESULT_FILE,
-    STATUSES,
     TRIALS_CSV,
+    Status,
+    best_of,
+    coerce,
     read_experiment,
+    trial_record,
     trial_status,
 )
 from ips_search.space import QUANTILE_SUFFIX
 
 PARAM_ORDER = ("memory_size", "iteration_size", "patch_size", "lr")
-METRIC_COLUMNS = [
-    "val_accuracy",
-    "best_val_accuracy",
-    "test_accuracy",
-    "peak_memory_mb",
-    "memory_kind",
-    "feasible",
-    "epochs",
-    "time_total_s",
-    "train_seconds",
-    "images_per_s",
-    "n_patches",
-]
+METRIC_COLUMNS = [c for c in COLUMN_NAMES if c not in ("trial_id", "status", "ray_status", "node_id", "path")]
 CURVE_COLUMNS = [
     "val_accuracy",
     "val_loss",
@@ -116,7 +110,7 @@ class Experiment:
 
     @property
     def report_dir(self) -> Path:
-        return self.path / "report"
+        return self.path / REPORT_DIR
 
 
 # -- locating ----------------------------------------------------------------------------------------------------------
@@ -223,7 +217,7 @@ def trial_folders(folder: str | Path) -> list[Path]:
     for child in sorted(folder.iterdir()):
         if (
             child.is_dir()
-            and child.name != "report"
+            and child.name != REPORT_DIR
             and ((child / RESULT_FILE).is_file() or (child / PARAMS_FILE).is_file())
         ):
             out.append(child)
@@ -260,26 +254,16 @@ def _folder_row(folder: Path) -> tuple[dict[str, Any], pd.DataFrame]:
     params = _read_json(folder / PARAMS_FILE)
     trial_id = _trial_id(folder, results)
     last = results[-1] if results else {}
-    row: dict[str, Any] = {"trial_id": trial_id, **_sampled(params)}
-    row.update({k: last[k] for k in ("memory_size", "iteration_size", "patch_size") if k in last})
-    accs = [v for v in (_finite(r.get("val_accuracy")) for r in results) if v is not None]
-    row.update(
-        {
-            "val_accuracy": last.get("val_accuracy"),
-            "best_val_accuracy": max(accs) if accs else None,
-            "test_accuracy": last.get("test_accuracy"),
-            "peak_memory_mb": last.get("peak_memory_mb"),
-            "memory_kind": last.get("memory_kind"),
-            "feasible": last.get("feasible"),
-            "epochs": last.get("training_iteration", last.get("epoch")),
-            "time_total_s": last.get("time_total_s"),
-            "train_seconds": last.get("train_seconds"),
-            "images_per_s": last.get("images_per_s"),
-            "n_patches": last.get("n_patches"),
-            "path": str(folder),
-            "_last": last,
-        }
+    row = trial_record(
+        last,
+        trial_id=trial_id,
+        ray_status=None,
+        params=_sampled(params),
+        best_val_accuracy=best_of([r.get(METRIC) for r in results]),
+        path=str(folder),
     )
+    del row["status"], row["ray_status"]  # the merge decides them, with Ray's status from trials.csv or its state
+    row["_last"] = last
     curve = pd.DataFrame(
         [
             {
@@ -299,16 +283,6 @@ def _newer(folder_row: dict[str, Any], csv_row: dict[str, Any]) -> bool:
     return a is not None and (b is None or a >= b)
 
 
-def _as_bool(value: Any) -> Any:
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
-        return bool(value)
-    return pd.NA
-
-
 def param_columns(df: pd.DataFrame, space: dict[str, Any] | None = None) -> list[str]:
     """Searched-parameter columns of a trials table, M, I, P and lr first."""
     searched = list((space or {}).get("search") or {})
@@ -322,36 +296,16 @@ def _tidy(rows: list[dict[str, Any]], space: dict[str, Any]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    for col in ("status", "ray_status", *METRIC_COLUMNS, "path"):  # early on, no trial has reported some of them
-        if col not in df:
-            df[col] = None
-    df["trial_id"] = df["trial_id"].astype(str)
-    for col in (
-        "val_accuracy",
-        "best_val_accuracy",
-        "test_accuracy",
-        "peak_memory_mb",
-        "time_total_s",
-        "train_seconds",
-        "images_per_s",
-    ):
-        if col in df:
-            df[col] = pd.to_numeric(df[col], errors="coerce")
-    for col in ("epochs", "n_patches", "memory_size", "iteration_size", "patch_size"):
-        if col in df:
-            df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
-    if "feasible" in df:
-        df["feasible"] = df["feasible"].map(_as_bool).astype("boolean")
+    df = coerce(df)  # early on, no trial has reported some columns: they are added empty
     params = param_columns(df, space)
     front = ["trial_id", "status", "ray_status", *params]
     rest = [c for c in METRIC_COLUMNS if c in df]
-    others = [c for c in df.columns if c not in front and c not in rest and c not in ("path", "node_ip")]
-    order = [c for c in front if c in df] + rest + others + [c for c in ("node_ip", "path") if c in df]
+    others = [c for c in df.columns if c not in front and c not in rest and c not in ("path", "node_id")]
+    order = [c for c in front if c in df] + rest + others + [c for c in ("node_id", "path") if c in df]
     df = df[order]
-    rank = {s: i for i, s in enumerate(STATUSES)}
     df = (
-        df.assign(_order=df["status"].map(rank).fillna(len(rank)))
-        .sort_values(["_order", "val_accuracy"], ascending=[True, False], kind="stable")
+        df.assign(_order=df["status"].map(ORDER).fillna(len(ORDER)))
+        .sort_values(["_order", METRIC], ascending=[True, False], kind="stable")
         .drop(columns="_order")
     )
     return df.reset_index(drop=True)
@@ -394,8 +348,8 @@ def load_experiment(path: str | Path) -> Experiment:
         ray_status = clean.get("ray_status")
         if _newer(row, clean):
             merged = {**clean, **{k: v for k, v in row.items() if v is not None}}
-            merged["status"] = trial_status(ray_status, last) if last else clean.get("status", "pending")
-            if merged["status"] == "running" and clean.get("status") in ("early-stopped", "failed"):
+            merged["status"] = trial_status(ray_status, last) if last else clean.get("status", Status.PENDING)
+            if merged["status"] == Status.RUNNING and clean.get("status") in (Status.EARLY_STOPPED, Status.FAILED):
                 merged["status"] = clean["status"]  # the CSV knows Ray stopped it
         else:
             merged = {**row, **clean}
@@ -415,7 +369,7 @@ def load_experiment(path: str | Path) -> Experiment:
             continue
         if state.get("ray_status") in ("PENDING", "PAUSED", "RUNNING"):  # not started yet: no folder is normal
             row = {"trial_id": trial_id, **_sampled(state.get("config") or {})}
-            out.append({**row, "status": "pending", "ray_status": state.get("ray_status")})
+            out.append({**row, "status": Status.PENDING, "ray_status": state.get("ray_status")})
         else:
             lost += 1
     if lost:

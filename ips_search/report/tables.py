@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ips_search.experiment import completed, pareto_front, rank
+from ips_search.experiment import finite as _finite
 from ips_search.report.load import param_columns
 
 SHOWN = [
@@ -41,66 +43,14 @@ LABELS = {
 
 
 def full_budget(df: pd.DataFrame, feasible_only: bool = True) -> pd.DataFrame:
-    """Trials that ran all their epochs (``status == completed``), and kept the memory budget if asked."""
-    out = df
-    if "status" in out:
-        out = out[out["status"].astype(str) == "completed"]
-    if feasible_only and "feasible" in out:
-        out = out[out["feasible"].astype(str).str.lower() != "false"]  # True or unknown
-    return out
-
-
-def _finite(df: pd.DataFrame, *cols: str) -> pd.DataFrame:
-    keep = np.ones(len(df), dtype=bool)
-    for col in cols:
-        values = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
-        keep &= np.isfinite(values)
-    return df[keep]
-
-
-def pareto_front(
-    df: pd.DataFrame,
-    x: str = "peak_memory_mb",
-    y: str = "val_accuracy",
-    minimize_x: bool = True,
-    maximize_y: bool = True,
-    completed_only: bool = True,
-) -> pd.DataFrame:
-    """The rows of ``df`` that no other row dominates, sorted by ``x``.
-
-    By default: lower peak memory and higher validation accuracy are better, and
-    only full-budget rows count (``status == completed`` and not ``feasible == False``,
-    where those columns exist). A row is dominated when another is at least as good
-    on both axes and better on one; rows with equal values are all kept. Rows where
-    ``x`` or ``y`` is missing or infinite are ignored.
-    """
-    if x not in df or y not in df:
-        return df.iloc[0:0]
-    pool = full_budget(df) if completed_only else df
-    pool = _finite(pool, x, y)
-    if pool.empty:
-        return pool
-    xs = pd.to_numeric(pool[x]).to_numpy(dtype=float) * (1 if minimize_x else -1)  # smaller is better
-    ys = pd.to_numeric(pool[y]).to_numpy(dtype=float) * (-1 if maximize_y else 1)  # smaller is better
-    no_worse = (xs[None, :] <= xs[:, None]) & (ys[None, :] <= ys[:, None])  # [i, j]: j no worse than i
-    better = (xs[None, :] < xs[:, None]) | (ys[None, :] < ys[:, None])
-    dominated = (no_worse & better).any(axis=1)
-    front = pool[~dominated]
-    return front.sort_values([x, y], ascending=[minimize_x, not maximize_y], kind="stable")
+    """Trials that ran all their epochs, within the budget if asked (:func:`ips_search.experiment.completed`)."""
+    return completed(df, feasible_only)
 
 
 def ranked(df: pd.DataFrame) -> pd.DataFrame:
-    """Trials best first: full-budget feasible trials by validation accuracy (ties: less memory), or, when
-    there are none yet, every trial with a validation accuracy."""
-    pool = full_budget(df)
-    if "val_accuracy" in pool:
-        pool = pool[pool["val_accuracy"].notna()]
-    if pool.empty and "val_accuracy" in df:
-        pool = df[df["val_accuracy"].notna()]
-    if pool.empty:
-        return pool
-    keys = [c for c in ("val_accuracy", "test_accuracy", "peak_memory_mb") if c in pool]
-    return pool.sort_values(keys, ascending=[c == "peak_memory_mb" for c in keys], kind="stable", na_position="last")
+    """Trials best first by the ranking rule (:func:`ips_search.experiment.rank`); while none has completed, every
+    trial with a validation accuracy, by the same keys."""
+    return rank(df, provisional=True)
 
 
 def top_trials(df: pd.DataFrame, n: int = 10) -> pd.DataFrame:

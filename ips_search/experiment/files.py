@@ -1,42 +1,41 @@
-"""The on-disk layout of an experiment, shared by the search that writes it and the report that reads it.
+"""The files of an experiment folder, and ``experiment.json``: what says a folder is ours and how it was run.
 
-``results/<name>/`` holds Ray Tune's experiment folder (one ``train_ips_<id>/`` per
-trial with ``params.json``, ``result.json`` and ``checkpoint_*/checkpoint.pt``),
-``experiment.json`` (ours: settings and space), ``trials.csv`` and ``optuna.journal``.
-Imports nothing heavy, so the report can use it without Ray.
+``results/<name>/`` holds Ray Tune's experiment folder (one ``train_ips_<id>/`` per trial with ``params.json``,
+``result.json`` and ``checkpoint_*/checkpoint.pt``), ``experiment.json`` (ours: settings and space),
+``trials.csv``, ``optuna.journal`` and ``search.log`` (Ray's console output).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from ips_search.errors import ConfigError
 
 TOOL = "ips-search"  # experiment.json's "tool": folders without it are not ours
+FORMAT_VERSION = 1
 EXPERIMENT_FILE = "experiment.json"
 TRIALS_CSV = "trials.csv"
 JOURNAL_FILE = "optuna.journal"
+LOG_FILE = "search.log"
 RESULT_FILE = "result.json"
 PARAMS_FILE = "params.json"
 CHECKPOINT_FILE = "checkpoint.pt"
-
-# Statuses of a trial: the trainable reports the first four itself; the rest follow from Ray's state
-STATUSES = ("completed", "early-stopped", "infeasible", "nan-loss", "out-of-memory", "failed", "running", "pending")
-FINAL_STATUSES = ("infeasible", "nan-loss", "out-of-memory")
+REPORT_DIR = "report"
+TRAINABLE_NAME = "train_ips"  # trial folders are train_ips_<trial id>
 
 
-def trial_status(ray_status: str | None, last: dict[str, Any]) -> str:
-    """Our status name from Ray's trial status and the trial's last result."""
-    reported = last.get("status")
-    if reported in FINAL_STATUSES or reported == "completed":
-        return reported
-    if ray_status == "ERROR":
-        return "failed"
-    if ray_status == "TERMINATED":
-        return "early-stopped" if reported == "running" else "failed"
-    return "running" if ray_status == "RUNNING" or last else "pending"
+def write_experiment(folder: Path, settings: dict[str, Any], space: dict[str, Any], **extra: Any) -> Path:
+    """Atomically write ``folder/experiment.json`` (settings, the space as run, and ``extra`` such as argv)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {"tool": TOOL, "version": FORMAT_VERSION, **extra, "settings": settings, "space": space}
+    path = folder / EXPERIMENT_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
 
 
 def read_experiment(folder: Path, hint: str, damaged_hint: str | None = None) -> dict[str, Any]:

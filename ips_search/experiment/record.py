@@ -1,0 +1,181 @@
+"""The trial record: what a trial reports each epoch, and the one row per trial that ``trials.csv`` and the report hold.
+
+:class:`EpochReport` is what the trainable hands to ``tune.report``; :func:`trial_record` turns a trial's last report
+into its row, for the driver's ``trials.csv`` (from Ray's trial objects) and the report's loader (from the trial's
+``result.json``) alike; :data:`COLUMNS` names each column of that row with its type, and :func:`coerce` applies them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ips_search.experiment.status import Status, trial_status
+
+METRIC = "val_accuracy"  # the objective every search maximises, and the scheduler's metric
+MEMORY_METRIC = "peak_memory_mb"  # the second objective, and what the memory budget limits
+SEARCHED_IN_RESULT = ("memory_size", "iteration_size", "patch_size")  # M and I are derived from N: read from the result
+
+
+class MemoryKind(str, enum.Enum):
+    """What ``peak_memory_mb`` measures."""
+
+    CUDA = "cuda"  # the CUDA caching allocator's measured peak of the training steps
+    PREDICTED_CUDA = "predicted-cuda"  # the estimator's CUDA peak of a training step (no GPU: deterministic)
+    CPU_RSS = "cpu-rss"  # growth of the process's resident set (noisy; experiments before the estimator)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class EpochReport:
+    """One ``tune.report`` of the trainable: after every epoch, or once when a trial can't go on."""
+
+    status: Status
+    epoch: int
+    val_accuracy: float
+    peak_memory_mb: float
+    memory_kind: str
+    feasible: bool
+    memory_size: int | None = None  # M
+    iteration_size: int | None = None  # I
+    patch_size: int | None = None  # P
+    n_patches: int | None = None  # N
+    predicted_memory_mb: float | None = None  # the estimator's CUDA peak, beside a measured one
+    host_rss_mb: float | None = None  # host memory the trial process grew by while training
+    device: str | None = None
+    node_id: str | None = None  # which Ray node ran it: how a slow or failing node is found
+    val_loss: float | None = None
+    train_loss: float | None = None
+    train_accuracy: float | None = None
+    epoch_seconds: float | None = None
+    train_seconds: float | None = None
+    images_per_s: float | None = None
+    test_accuracy: float | None = None  # after the last epoch only
+    test_loss: float | None = None
+    test_seconds: float | None = None
+    error: str | None = None
+    per_task: dict[str, float] = field(default_factory=dict)  # val_<task>/accuracy, test_<task>/auc, ...
+
+    def to_metrics(self) -> dict[str, Any]:
+        """The flat dict ``tune.report`` takes; unset fields are left out."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "per_task"}
+        out["status"] = Status(self.status).value
+        out = {k: v for k, v in out.items() if v is not None}
+        out.update(self.per_task)
+        return out
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of the trial record and how to read it back from CSV."""
+
+    name: str
+    kind: str  # float | int | bool | str
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("trial_id", "str"),
+    Column("status", "str"),
+    Column("ray_status", "str"),
+    # the searched parameters come here (memory_size, iteration_size, patch_size, lr, ...): see PARAM_KINDS
+    Column("val_accuracy", "float"),
+    Column("best_val_accuracy", "float"),
+    Column("test_accuracy", "float"),
+    Column("peak_memory_mb", "float"),
+    Column("memory_kind", "str"),
+    Column("predicted_memory_mb", "float"),
+    Column("host_rss_mb", "float"),
+    Column("feasible", "bool"),
+    Column("epochs", "int"),
+    Column("time_total_s", "float"),
+    Column("train_seconds", "float"),
+    Column("images_per_s", "float"),
+    Column("n_patches", "int"),
+    Column("node_id", "str"),
+    Column("path", "str"),
+)
+COLUMN_NAMES = tuple(c.name for c in COLUMNS)
+IDENTITY = ("trial_id", "status", "ray_status")  # the columns before the parameters
+PARAM_KINDS = {"memory_size": "int", "iteration_size": "int", "patch_size": "int"}
+# Filled from the last report, the rest from the trial's bookkeeping
+_FROM_REPORT = tuple(c for c in COLUMN_NAMES if c not in (*IDENTITY, "best_val_accuracy", "epochs", "path"))
+
+
+def trial_record(
+    last: Mapping[str, Any],
+    *,
+    trial_id: str,
+    ray_status: str | None,
+    params: Mapping[str, Any],
+    best_val_accuracy: float | None,
+    path: str | None,
+) -> dict[str, Any]:
+    """The row of one trial: its identity, status, searched parameters (as sampled, M/I/P as used) and last report."""
+    row: dict[str, Any] = {"trial_id": str(trial_id), "status": trial_status(ray_status, last).value}
+    row["ray_status"] = ray_status
+    row.update(params)
+    row.update({k: last[k] for k in SEARCHED_IN_RESULT if k in last})
+    row.update({k: last.get(k) for k in _FROM_REPORT})
+    row["best_val_accuracy"] = best_val_accuracy
+    row["epochs"] = last.get("training_iteration", last.get("epoch"))
+    row["path"] = path
+    return row
+
+
+def best_of(values: list[Any]) -> float | None:
+    """The highest finite value (e.g. a trial's best validation accuracy over its epochs)."""
+    finite = [v for v in (_finite(x) for x in values) if v is not None]
+    return max(finite) if finite else None
+
+
+def coerce(df: pd.DataFrame) -> pd.DataFrame:
+    """Give each known column its type (numbers, nullable ints and booleans), adding missing ones as empty."""
+    df = df.copy()
+    kinds = {c.name: c.kind for c in COLUMNS} | PARAM_KINDS
+    for name in COLUMN_NAMES:
+        if name not in df:
+            df[name] = None
+    for name, kind in kinds.items():
+        if name not in df:
+            continue
+        if kind == "float":
+            df[name] = pd.to_numeric(df[name], errors="coerce")
+        elif kind == "int":
+            df[name] = pd.to_numeric(df[name], errors="coerce").round().astype("Int64")
+        elif kind == "bool":
+            df[name] = df[name].map(as_bool).astype("boolean")
+        else:
+            df[name] = df[name].map(lambda v: v if isinstance(v, str) or v is None else _text(v))
+    return df
+
+
+def as_bool(value: Any) -> Any:
+    """``True``/``False`` from a bool, 0/1 or the text a CSV holds; ``pd.NA`` when unknown."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+        return bool(value)
+    return pd.NA
+
+
+def _text(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else str(value)
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None

@@ -1,0 +1,89 @@
+"""The plan of a search, printed before it runs (and by ``--dry-run``), and the data it prepares once in the driver.
+
+Imports neither Ray nor the search: the command line prints the plan before Ray starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ips_search.data.preview import human_duration
+from ips_search.experiment import SearchSettings, asha_rungs
+from ips_search.space import SearchSpace, memory_iteration_ranges
+from ips_search.warmstart import supports_warm_start
+
+
+def plan_lines(space: SearchSpace, settings: SearchSettings) -> list[str]:
+    """What the search will run: the folder, trials and resources, objective, and each parameter's range."""
+    rungs = asha_rungs(settings) if settings.scheduler == "asha" else []
+    lines = [
+        f"experiment   {settings.experiment_dir}",
+        f"space        {space.name}: {space.description}".rstrip(": "),
+        f"trials       {settings.trials} ({settings.concurrency} at once, {settings.cpus_per_trial:g} CPU"
+        f" + {settings.gpus_per_trial:g} GPU each), {settings.epochs} epochs max",
+        f"objective    {settings.objective}, sampler {settings.sampler}, scheduler {settings.scheduler}"
+        + (f" (rungs at {', '.join(map(str, rungs))} epochs)" if rungs else "")
+        + (f", budget {settings.max_memory_mb:g} MB" if settings.max_memory_mb else ""),
+    ]
+    for p in space.params.values():
+        rng = f"choices {p.choices}" if p.choices is not None else f"[{p.low}, {p.high}]{' log' if p.log else ''}"
+        lines.append(f"  {p.name:<16} {rng}")
+    if "memory_size" in space.params:
+        for ps in space.patch_sizes():
+            n = space.n_patches(ps)
+            (mlo, mhi), _ = memory_iteration_ranges(space, n)
+            lines.append(f"  P={ps:<4} N={n:<5} M in [{mlo:g}, {mhi:g}], I up to N - M")
+    base = space.base_config()
+    if base.train.warm_start and not supports_warm_start(base.data):
+        lines.append(
+            f"note         warm_start is for megapixel canvases; {base.data.dataset} starts from scratch"
+            + ("" if base.model.pretrained else " (model.pretrained: true loads ImageNet weights)")
+        )
+    return lines
+
+
+def prepare_data(space: SearchSpace) -> None:
+    """Build the dataset cache (and the warm-start encoders) once in the driver, with progress bars,
+    so trials only load them."""
+    import torch
+
+    from ips_search.data import build_datasets
+    from ips_search.train import build_model
+
+    base = space.base_config()
+    for patch_size in space.patch_sizes():
+        data = dataclasses.replace(base.data, patch_size=patch_size, patch_stride=None)
+        splits = build_datasets(data)
+        exp = dataclasses.replace(base, data=data)
+        if exp.train.warm_start:
+            build_model(exp, splits, device=torch.device("cpu"), progress=True)
+
+
+def dry_run_lines(space: SearchSpace) -> list[str]:
+    """What the first real run builds, checked without building it: data caches and warm-start encoders.
+
+    The warm start's cost is timed on two pretraining steps at the smallest patch size and scaled by patch area for
+    the others, so a dry run of the paper-scale space stays in seconds."""
+    from ips_search.data import preview_datasets
+    from ips_search.warmstart import pretrain_seconds, warm_start_cached
+
+    base = space.base_config()
+    lines, seen = [], set()
+    timed: tuple[int, float] | None = None  # (P, seconds) of the one timed pretraining
+    for patch_size in sorted(space.patch_sizes()):
+        data = dataclasses.replace(base.data, patch_size=patch_size, patch_stride=None)
+        if data.dataset != "megapixel" or "megapixel" not in seen:  # the canvases don't depend on P
+            seen.add(data.dataset)
+            lines.append(f"data         {preview_datasets(data).line()}")
+        if base.train.warm_start and supports_warm_start(data):
+            # the warm start's encoder sees one-channel digit patches of this P
+            model = dataclasses.replace(base.model, n_chan=1, patch_size=patch_size, patch_stride=None)
+            what = f"warm start   {model.encoder} encoder for P={patch_size}"
+            if warm_start_cached(model, data):
+                lines.append(f"{what}: cached")
+                continue
+            if timed is None:
+                timed = (patch_size, pretrain_seconds(model, data, sample=2))
+            seconds = timed[1] * (patch_size / timed[0]) ** 2
+            lines.append(f"{what}: pretrained on the first run (about {human_duration(seconds)} of CPU)")
+    return lines
