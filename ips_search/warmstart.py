@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ips_search.config import DataConfig, IPSConfig
-from ips_search.data.cache import cached
+from ips_search.data.cache import cache_file, cached
 from ips_search.data.digits import DigitPool, digit_pools, split_validation
 from ips_search.data.strokes import stroke_bank, with_dihedral
 from ips_search.errors import ConfigError
@@ -132,7 +132,10 @@ def _pretrain(
     )
     recent: list[float] = []
     bar = tqdm(range(steps), desc="warm start: pretraining encoder", disable=not progress, leave=False)
-    for _ in bar:
+    first_done = None  # the first step pays one-off costs: later steps give the steady per-step time
+    for step in bar:
+        if step == 1:
+            first_done = time.perf_counter()
         x, y = sampler.sample(BATCH_SIZE)
         x, y = x.to(device), y.to(device)
         logits = model(x)  # (B, 11)
@@ -149,6 +152,7 @@ def _pretrain(
         "head": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
         "train_acc": sum(recent) / max(1, len(recent)),
         "seconds": time.perf_counter() - start,
+        "step_seconds": (time.perf_counter() - first_done) / (steps - 1) if first_done else None,
     }
 
 
@@ -181,6 +185,17 @@ def pretrained_encoder_state(
         data_cfg.cache_dir,
     )
     return payload["encoder"]
+
+
+def warm_start_cached(model_cfg: IPSConfig, data_cfg: DataConfig, steps: int = DEFAULT_STEPS) -> bool:
+    """Whether :func:`pretrained_encoder_state` would load these weights from disk (no pretraining)."""
+    return cache_file("warmstart", warm_start_fields(model_cfg, data_cfg, steps), data_cfg.cache_dir).exists()
+
+
+def pretrain_seconds(model_cfg: IPSConfig, data_cfg: DataConfig, steps: int = DEFAULT_STEPS, sample: int = 3) -> float:
+    """Rough CPU time of the pretraining, timed on ``sample`` (>= 2) steps (for ``--dry-run``; nothing is cached)."""
+    timed = _pretrain(model_cfg, data_cfg, max(2, sample), False, torch.device("cpu"))
+    return float(timed["seconds"]) + steps * float(timed["step_seconds"])
 
 
 def apply_warm_start(encoder: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -14,11 +14,14 @@ from ips_search.config import DataConfig, Task
 from ips_search.data import folder, megapixel, mnist
 from ips_search.data.dataset import PatchDataset
 from ips_search.data.patches import patch_grid, patch_map, patchify, patchify_batch, unpatchify
+from ips_search.data.preview import DataPreview, preview_folder, preview_mnist
 
 __all__ = [
+    "DataPreview",
     "DataSplits",
     "PatchDataset",
     "build_datasets",
+    "preview_datasets",
     "patch_grid",
     "patch_map",
     "patchify",
@@ -57,3 +60,11 @@ def build_datasets(cfg: DataConfig) -> DataSplits:
         grid=grid,
         n_patches=grid[0] * grid[1],
     )
+
+
+def preview_datasets(cfg: DataConfig) -> DataPreview:
+    """What :func:`build_datasets` will build for ``cfg``, checked cheaply (cache files, headers, a small sample)."""
+    side = cfg.canvas_size if cfg.dataset == "megapixel" else cfg.image_size
+    patch_grid(side, side, cfg.patch_size, cfg.patch_stride)
+    previews = {"megapixel": megapixel.preview, "mnist-resized": preview_mnist, "folder": preview_folder}
+    return previews[cfg.dataset](cfg)

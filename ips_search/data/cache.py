@@ -84,6 +84,11 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def cache_file(kind: str, fields: dict[str, Any], cache_dir: str | None = None) -> Path:
+    """Where :func:`cached` keeps the object for ``fields`` (whether or not it was built yet)."""
+    return cache_root(cache_dir) / f"{kind}-{cache_key({'kind': kind, **fields})}.pt"
+
+
 def cached(kind: str, fields: dict[str, Any], build: Callable[[], Any], cache_dir: str | None = None) -> Any:
     """Return the object for ``fields``: from memory, else from disk, else ``build()`` and save it.
 
@@ -91,8 +96,8 @@ def cached(kind: str, fields: dict[str, Any], build: Callable[[], Any], cache_di
     something ``torch.load(weights_only=True)`` can read back (tensors, dicts,
     lists, numbers, strings).
     """
-    root = cache_root(cache_dir)
-    path = root / f"{kind}-{cache_key({'kind': kind, **fields})}.pt"
+    path = cache_file(kind, fields, cache_dir)
+    root = path.parent
     key = str(path.absolute())
     if key in _MEMORY:
         return _MEMORY[key]

@@ -25,14 +25,17 @@ exclusive ends, and source ids).
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ips_search.config import DataConfig, Task
-from ips_search.data.cache import cached
+from ips_search.data.cache import cache_file, cached
 from ips_search.data.dataset import PatchDataset, n_validation
 from ips_search.data.digits import DigitPool, digit_pools, split_validation
+from ips_search.data.preview import DataPreview
 from ips_search.data.strokes import stroke_bank, with_dihedral
 from ips_search.errors import ConfigError
 
@@ -195,6 +198,23 @@ def load_canvases(cfg: DataConfig) -> dict[str, dict[str, torch.Tensor]]:
     """:func:`generate`, cached in memory and on disk under the cache dir."""
     _check(cfg)
     return cached("megapixel", generation_fields(cfg), lambda: generate(cfg), cfg.cache_dir)
+
+
+PREVIEW_CANVASES = 8  # canvases generated to time the generation
+
+
+def preview(cfg: DataConfig) -> DataPreview:
+    """Whether the canvases are cached; if not, their disk size and a generation time timed on a few canvases."""
+    _check(cfg)
+    what = f"megapixel canvases ({cfg.n_train} train + {cfg.n_test} test, {cfg.canvas_size} px)"
+    if cache_file("megapixel", generation_fields(cfg), cfg.cache_dir).exists():
+        return DataPreview(what, cached=True)
+    train_pool, _ = digit_pools(cfg.digits, cfg.digit_size, cfg.seed, cfg.cache_dir, cfg.download)
+    start = time.perf_counter()
+    _generate_split(train_pool, PREVIEW_CANVASES, cfg, np.random.default_rng([cfg.seed, 2]), "preview")
+    per_canvas = (time.perf_counter() - start) / PREVIEW_CANVASES
+    n = cfg.n_train + cfg.n_test
+    return DataPreview(what, cached=False, disk_bytes=n * cfg.canvas_size**2, build_seconds=n * per_canvas)
 
 
 def targets_from_meta(classes: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
