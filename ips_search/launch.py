@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ips_search.console import TrialProgress, terminal_only_ours
 from ips_search.errors import ConfigError
-from ips_search.experiment import TRIALS_CSV, SearchSettings, best, coerce, pareto_front, write_experiment
+from ips_search.experiment import LOG_FILE, TRIALS_CSV, SearchSettings, best, coerce, pareto_front, write_experiment
 from ips_search.plan import plan_lines, prepare_data
 
 # Tune warns when it snapshots experiment state often; with short epochs that is by design (nothing is lost)
@@ -93,14 +94,20 @@ def run_search(space, settings: SearchSettings, args: argparse.Namespace, resume
         if not joined:  # the cluster we just started (or joined with --address) runs nothing: leave it now
             ray.shutdown()
         raise
+    verbose = getattr(args, "verbose", False)
+    log_path = settings.experiment_dir / LOG_FILE
     try:
         if not resume:
             save_experiment(space, settings, sys.argv)
         print("\n".join(plan_lines(space, settings)), flush=True)
+        if not verbose:
+            print(f"Ray's output: {log_path} (--verbose shows it here)", flush=True)
         if resume:
             drop_empty_snapshots(settings.experiment_dir)
-        tuner = restore_tuner(settings) if resume else make_tuner(space, settings)
-        tuner.fit()
+        with terminal_only_ours(log_path, verbose) as terminal:
+            tuner = restore_tuner(settings) if resume else make_tuner(space, settings)
+            with TrialProgress(settings.experiment_dir / TRIALS_CSV, settings.trials, terminal):
+                tuner.fit()
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished trials are saved; continue with --resume {settings.name}", file=sys.stderr)
         return 130

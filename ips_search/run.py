@@ -122,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial")
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (overrides the space's train.epochs)")
     p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own output (progress tables, logs) here instead of only in the experiment's search.log",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="validate the space, the flags and the data (headers, one sample), print the plan and what the first "

@@ -33,7 +33,7 @@ LAYERS = [
     {"warmstart", "space", "train"},
     {"plan", "trainable"},
     {"results", "search"},
-    {"report", "launch"},
+    {"report", "console", "launch"},
     {"run"},
 ]
 
