@@ -11,7 +11,16 @@ from typing import Any
 
 from ips_search.console import TrialProgress, terminal_only_ours
 from ips_search.errors import ConfigError
-from ips_search.experiment import LOG_FILE, TRIALS_CSV, SearchSettings, best, coerce, pareto_front, write_experiment
+from ips_search.experiment import (
+    LOG_FILE,
+    TRIALS_CSV,
+    SearchSettings,
+    best,
+    coerce,
+    pareto_front,
+    update_settings,
+    write_experiment,
+)
 from ips_search.plan import plan_lines, prepare_data
 
 # Tune warns when it snapshots experiment state often; with short epochs that is by design (nothing is lost)
@@ -103,6 +112,7 @@ def run_search(space, settings: SearchSettings, args: argparse.Namespace, resume
         if not verbose:
             print(f"Ray's output: {log_path} (--verbose shows it here)", flush=True)
         if resume:
+            update_settings(settings.experiment_dir, settings.to_dict())  # --trials may have raised the count
             drop_empty_snapshots(settings.experiment_dir)
         with terminal_only_ours(log_path, verbose) as terminal:
             tuner = restore_tuner(settings) if resume else make_tuner(space, settings)

@@ -27,6 +27,7 @@ from ips_search.plan import dry_run_lines, plan_lines
 from ips_search.space import SearchSpace, load_space, saved_space
 
 RESUME_FIX = "start a new experiment with --name, or restore the file"
+DEFAULT_TRIALS = 50
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,7 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         "validation accuracy for a dataset and a memory budget. Results land in RESULTS_DIR/NAME/.",
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("--trials", type=int, default=50, help="number of trials (configs) to run")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help=f"number of trials (configs) to run (default {DEFAULT_TRIALS}); with --resume, a higher number extends "
+        "the finished search with more trials of the same Optuna study",
+    )
     p.add_argument("--space", default="default", help="search space: a name in search_spaces/ or a YAML path")
     p.add_argument("--name", default=None, help="experiment name (default: <space>-<timestamp>)")
     p.add_argument("--results-dir", default="results", help="folder that holds experiments")
@@ -201,6 +208,17 @@ def check_local_cpus(settings: SearchSettings, args: argparse.Namespace) -> None
         )
 
 
+def extend(settings: SearchSettings, trials: int) -> None:
+    """``--resume NAME --trials N``: raise the experiment's trial count to N (saved, so the restored search runs the
+    extra trials); fewer than it already has is a bad input."""
+    if trials < settings.trials:
+        raise ConfigError(
+            f"--trials {trials} is below the {settings.trials} trials experiment {settings.name!r} already has; "
+            f"pass --trials {settings.trials} or more to extend it, or leave --trials out to continue it"
+        )
+    settings.trials = trials
+
+
 def main(argv: list[str] | None = None) -> int:
     return exit_code_of(_main, build_parser().parse_args(argv))
 
@@ -213,7 +231,10 @@ def _main(args: argparse.Namespace) -> int:
     results_dir = check_results_dir(args.results_dir)
     if args.resume:
         settings, space = load_experiment(results_dir, args.resume)
+        if args.trials is not None:
+            extend(settings, args.trials)
     else:
+        args.trials = args.trials or DEFAULT_TRIALS
         space = load_space(args.space)
         if args.epochs:
             space.fixed.setdefault("train", {})["epochs"] = args.epochs

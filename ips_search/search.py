@@ -22,9 +22,12 @@ import optuna
 from optuna.trial import TrialState
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
+from ips_search.errors import ConfigError
 from ips_search.experiment import (
+    EXPERIMENT_FILE,
     JOURNAL_FILE,
     MEMORY_METRIC,
     METRIC,
@@ -32,6 +35,7 @@ from ips_search.experiment import (
     SearchSettings,
     Status,
     asha_rungs,
+    read_experiment,
 )
 from ips_search.results import TrialsCsvCallback
 from ips_search.space import SearchSpace, first_points, searcher_space
@@ -117,6 +121,27 @@ class IPSOptunaSearch(OptunaSearch):
         return super().on_trial_complete(trial_id, result, error)
 
 
+class ExtendableSearch(SearchGenerator):
+    """Tune's wrapper around the searcher, whose trial count a resumed search can raise.
+
+    Tune restores the count it started with; ``--resume NAME --trials N`` writes N into ``experiment.json`` first,
+    and this wrapper takes it from there on restore, so the extra trials continue the same Optuna study.
+    """
+
+    def __init__(self, searcher: Any, experiment_file: Path) -> None:
+        super().__init__(searcher)
+        self.experiment_file = Path(experiment_file)
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        try:
+            trials = int(read_experiment(self.experiment_file.parent, "")["settings"]["trials"])
+        except (ConfigError, KeyError, TypeError, ValueError):  # a moved folder: run the count Tune saved
+            return
+        if trials > self._total_samples:
+            self._total_samples, self._finished = trials, False
+
+
 def make_searcher(space: SearchSpace, settings: SearchSettings) -> IPSOptunaSearch:
     journal = settings.experiment_dir / JOURNAL_FILE
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
@@ -172,12 +197,14 @@ def trial_dirname(trial: Any) -> str:
 def make_tuner(space: SearchSpace, settings: SearchSettings, verbose: int = 1) -> tune.Tuner:
     param_space = {"fixed": space.fixed, "max_memory_mb": settings.max_memory_mb}
     tune_config = tune.TuneConfig(
-        search_alg=make_searcher(space, settings),
+        search_alg=ExtendableSearch(
+            ConcurrencyLimiter(make_searcher(space, settings), max_concurrent=settings.concurrency),
+            settings.experiment_dir / EXPERIMENT_FILE,
+        ),
         scheduler=make_scheduler(settings),
         metric=METRIC,  # ASHA's metric, and the progress table's (the searcher keeps its own objectives)
         mode="max",
         num_samples=settings.trials,
-        max_concurrent_trials=settings.concurrency,
         reuse_actors=True,
         trial_dirname_creator=trial_dirname,
     )

@@ -130,6 +130,22 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_cluster, re
         assert iterations == sorted(set(iterations)), f"a finished trial ran again: {iterations}"
 
 
+def test_resume_with_more_trials_extends_the_same_study(ray_cluster, results_dir, capsys):
+    assert _search(results_dir, "grow", "--trials", "2", "--epochs", "1") == 0
+    folder = results_dir / "grow"
+    first = set(pd.read_csv(folder / "trials.csv", dtype={"trial_id": str})["trial_id"])
+    argv = ["--resume", "grow", "--results-dir", str(results_dir), "--no-dashboard"]
+    assert run.main([*argv, "--trials", "4"]) == 0
+    df = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str})
+    assert len(df) == 4 and first < set(df["trial_id"])  # exactly the two extra trials, the first two kept
+    assert len(_study(folder).trials) == 4  # the sampler's study holds all of them
+    assert json.loads((folder / "experiment.json").read_text())["settings"]["trials"] == 4
+    capsys.readouterr()
+    assert run.main([*argv, "--trials", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--trials 3 is below the 4 trials experiment 'grow' already has" in err and len(err.splitlines()) == 1
+
+
 def test_space_keeps_memory_below_patch_count():
     space = load_space("default")
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))

@@ -17,6 +17,7 @@ from ips_search.experiment.files import (
     TRAINABLE_NAME,
     TRIALS_CSV,
     read_experiment,
+    update_settings,
     write_experiment,
 )
 from ips_search.experiment.ranking import best, completed, finite, pareto_front, rank
@@ -85,5 +86,6 @@ __all__ = [
     "settings_from_saved",
     "trial_record",
     "trial_status",
+    "update_settings",
     "write_experiment",
 ]

@@ -38,6 +38,13 @@ def write_experiment(folder: Path, settings: dict[str, Any], space: dict[str, An
     return path
 
 
+def update_settings(folder: Path, settings: dict[str, Any]) -> None:
+    """Rewrite the settings of an existing ``experiment.json`` (e.g. a resumed search's raised trial count)."""
+    meta = read_experiment(folder, "pass the name of a folder this tool created")
+    extra = {k: v for k, v in meta.items() if k not in ("tool", "version", "settings", "space")}
+    write_experiment(folder, settings, meta["space"], **extra)
+
+
 def read_experiment(folder: Path, hint: str, damaged_hint: str | None = None) -> dict[str, Any]:
     """``folder/experiment.json``; a one-line :class:`ConfigError` ending in ``hint`` unless this tool wrote it.
 

@@ -60,7 +60,7 @@ def check_positive(value: float | None, flag: str, allow_zero: bool = False) -> 
 
 def check_settings(args: Any) -> None:
     """The rules shared by the flags and the settings a resumed experiment saved (same attribute names)."""
-    if args.trials < 1:
+    if args.trials is not None and args.trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {args.trials}")
     check_positive(args.max_memory_mb, "--max-memory-mb")
     check_positive(args.cpus_per_trial, "--cpus-per-trial")
