@@ -14,6 +14,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -270,18 +271,56 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: bool
     }
 
 
+@dataclass
+class Training:
+    """One config's training, set up once: the model, the three loaders, the optimiser and its LR schedule."""
+
+    model: IPSNet
+    train_loader: DataLoader
+    val_loader: DataLoader
+    test_loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue training where it stopped."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def setup(exp: ExperimentConfig, splits: DataSplits, device: torch.device) -> Training:
+    """The model (warm-started and oriented as configured), loaders, AdamW and its per-step schedule for ``exp``."""
+    model = build_model(exp, splits, device)
+    train_loader = make_loader(splits.train, exp.train, shuffle=True, device=device)
+    optimizer = make_optimizer(model, exp.train)
+    return Training(
+        model=model,
+        train_loader=train_loader,
+        val_loader=make_loader(splits.val, exp.train, shuffle=False, device=device),
+        test_loader=make_loader(splits.test, exp.train, shuffle=False, device=device),
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, exp.train, len(train_loader)),
+    )
+
+
 def fit(exp: ExperimentConfig, splits: DataSplits, device: torch.device) -> dict[str, Any]:
     """Train one config for ``exp.train.epochs`` outside Ray (as a trial does, without reports or checkpoints),
     then evaluate: ``{"epochs": [train_one_epoch dicts], "val": ..., "test": ...}``."""
-    model = build_model(exp, splits, device)
-    train = make_loader(splits.train, exp.train, shuffle=True, device=device)
-    optimizer = make_optimizer(model, exp.train)
-    scheduler = make_scheduler(optimizer, exp.train, len(train))
-    epochs = [train_one_epoch(model, train, optimizer, scheduler, exp.train, device) for _ in range(exp.train.epochs)]
+    run = setup(exp, splits, device)
+    epochs = [
+        train_one_epoch(run.model, run.train_loader, run.optimizer, run.scheduler, exp.train, device)
+        for _ in range(exp.train.epochs)
+    ]
     return {
         "epochs": epochs,
-        **{
-            name: evaluate(model, make_loader(split, exp.train, shuffle=False, device=device), device, exp.train.amp)
-            for name, split in (("val", splits.val), ("test", splits.test))
-        },
+        "val": evaluate(run.model, run.val_loader, device, exp.train.amp),
+        "test": evaluate(run.model, run.test_loader, device, exp.train.amp),
     }

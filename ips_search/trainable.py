@@ -27,16 +27,7 @@ from ray import tune
 from ips_search.data import build_datasets
 from ips_search.experiment import CHECKPOINT_FILE, EpochReport, Status
 from ips_search.space import trial_config
-from ips_search.train import (
-    NonFiniteLossError,
-    build_model,
-    evaluate,
-    make_loader,
-    make_optimizer,
-    make_scheduler,
-    resolve_device,
-    train_one_epoch,
-)
+from ips_search.train import NonFiniteLossError, Training, evaluate, resolve_device, setup, train_one_epoch
 
 
 class OverBudgetError(RuntimeError):
@@ -60,16 +51,9 @@ def _node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
-def _save_checkpoint(directory: str, model, optimizer, scheduler, epoch: int, peak_mb: float) -> tune.Checkpoint:
+def _save_checkpoint(directory: str, run: Training, epoch: int, peak_mb: float) -> tune.Checkpoint:
     torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "peak_memory_mb": peak_mb,
-        },
-        os.path.join(directory, CHECKPOINT_FILE),
+        {**run.state_dict(), "epoch": epoch, "peak_memory_mb": peak_mb}, os.path.join(directory, CHECKPOINT_FILE)
     )
     return tune.Checkpoint.from_directory(directory)
 
@@ -104,20 +88,15 @@ def train_ips(config: dict[str, Any]) -> None:
         torch.cuda.set_per_process_memory_fraction(gpus, device)
 
     splits = build_datasets(exp.data)  # cached on disk and in-process: reused actors don't rebuild it
-    model = build_model(exp, splits, device)
-    train_loader = make_loader(splits.train, exp.train, shuffle=True, device=device)
-    val_loader = make_loader(splits.val, exp.train, shuffle=False, device=device)
-    optimizer = make_optimizer(model, exp.train)
-    scheduler = make_scheduler(optimizer, exp.train, len(train_loader))
+    run = setup(exp, splits, device)
+    model = run.model
 
     start_epoch, peak_mb = 0, 0.0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(directory)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        run.load_state_dict(state)
         start_epoch, peak_mb = state["epoch"] + 1, state["peak_memory_mb"]
 
     def probe(step: int, mem_mb: float) -> None:
@@ -136,9 +115,9 @@ def train_ips(config: dict[str, Any]) -> None:
         try:
             train = train_one_epoch(
                 model,
-                train_loader,
-                optimizer,
-                scheduler,
+                run.train_loader,
+                run.optimizer,
+                run.scheduler,
                 exp.train,
                 device,
                 on_step=probe if epoch == start_epoch and checkpoint is None else None,
@@ -149,7 +128,7 @@ def train_ips(config: dict[str, Any]) -> None:
             return _report_stopped(base, Status.NAN_LOSS, peak_mb, _kind(device), epoch, error=str(exc))
         except torch.cuda.OutOfMemoryError:
             return _report_stopped(base, Status.OUT_OF_MEMORY, math.inf, "cuda", epoch)
-        val = evaluate(model, val_loader, device, exp.train.amp)
+        val = evaluate(model, run.val_loader, device, exp.train.amp)
         peak_mb = max(peak_mb, train["peak_memory_mb"])
         last = epoch == exp.train.epochs - 1
         report = EpochReport(
@@ -169,9 +148,7 @@ def train_ips(config: dict[str, Any]) -> None:
             per_task={f"val_{k}": v for k, v in val.items() if "/" in k},
         )
         if last:
-            test = evaluate(
-                model, make_loader(splits.test, exp.train, shuffle=False, device=device), device, exp.train.amp
-            )
+            test = evaluate(model, run.test_loader, device, exp.train.amp)
             report.test_accuracy, report.test_loss, report.test_seconds = (
                 test["accuracy"],
                 test["loss"],
@@ -179,7 +156,7 @@ def train_ips(config: dict[str, Any]) -> None:
             )
             report.per_task.update({f"test_{k}": v for k, v in test.items() if "/" in k})
         with tempfile.TemporaryDirectory() as directory:
-            checkpoint_out = _save_checkpoint(directory, model, optimizer, scheduler, epoch, peak_mb)
+            checkpoint_out = _save_checkpoint(directory, run, epoch, peak_mb)
             tune.report(report.to_metrics(), checkpoint=checkpoint_out)
 
 

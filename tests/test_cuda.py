@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from reference import agreement, as_sets, bar_batch, bar_net, notebook_ips
 
 from ips_search import IPSConfig, IPSNet
 from ips_search.config import TrainConfig
 from ips_search.memory import PeakMemory
-from ips_search.train import evaluate, make_optimizer, make_scheduler, train_one_epoch
+from ips_search.train import evaluate, make_optimizer, make_scheduler, train_one_epoch, train_step
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -74,16 +73,13 @@ def test_bfloat16_selection_agrees_with_float32():
 def _step_mb(N: int, full: bool) -> float:
     """Peak CUDA memory of one training step (after a warm-up step), batch 8, ResNet-18, M = I = 4."""
     net = _resnet(N if full else 4, 4, encode_chunk=256)
-    opt = make_optimizer(net, TrainConfig())
+    cfg = TrainConfig()
+    opt = make_optimizer(net, cfg)
     patches, labels = torch.rand(8, N, 1, 32, 32, device=CUDA), torch.randint(0, 10, (8,), device=CUDA)
 
     def step() -> None:
         net.train()
-        mem_patch, mem_idx = net.ips(patches)
-        loss = F.cross_entropy(net(mem_patch, mem_idx), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(net, patches, {"label": labels}, opt, cfg, CUDA)
 
     step()
     with PeakMemory(CUDA) as mem:

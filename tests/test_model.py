@@ -226,7 +226,7 @@ def _sparse_images(n_images: int, N: int = 32, n_content: int = 2) -> tuple[torc
 
 
 def test_orient_scores_makes_every_seed_keep_the_content_patches():
-    """With a random init some seeds keep blank patches, and then training can't recover (README); oriented, all
+    """With a random init some seeds keep blank patches, and then training can't recover (docs/ips.md); oriented, all
     seeds keep the textured ones. The selection rule itself is unchanged: still the notebook's, for the new weights."""
     missed_before = 0
     for seed in range(8):

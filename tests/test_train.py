@@ -86,7 +86,7 @@ def _short_default_run(seed: int, orient: bool) -> float:
 
 
 def test_short_training_on_the_default_data_learns_and_needs_oriented_heads(cache_dir):
-    """Seed 1 is one of the 4 in 8 whose random heads score the blank canvas first (README): unoriented it stays at
+    """Seed 1 is one of the 4 in 8 whose random heads score the blank canvas first (docs/ips.md): unoriented it stays at
     chance, oriented it learns like the others (0.64-0.75 for seeds 0-7 when measured)."""
     assert _short_default_run(seed=1, orient=True) >= 0.45
     assert _short_default_run(seed=1, orient=False) <= 0.2

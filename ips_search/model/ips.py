@@ -181,7 +181,7 @@ class IPSNet(nn.Module):
         A data-driven init, run once before training (``train.build_model``). On sparse images (5 digits on a
         blank canvas, tissue on a white slide) a head that prefers the background fills the memory with
         identical background patches; identical keys give the query and keys no gradient, so training never
-        leaves chance: 4 of 8 seeds of the default search's best config (README). The selection rule is
+        leaves chance: 4 of 8 seeds of the default search's best config (docs/ips.md). The selection rule is
         untouched: the same weights still choose the notebook's patches.
         """
         was_training = self.training
