@@ -35,8 +35,9 @@ from ips_search.report import (
     write_report,
 )
 from ips_search.report.__main__ import main as report_main
+from ips_search.report.importance import MIN_IMPORTANCE_TRIALS
 from ips_search.report.notebook import build_notebook, path_literal
-from ips_search.report.tables import MIN_IMPORTANCE_TRIALS, _bins, budget_table, build_tables, parameter_effects
+from ips_search.report.tables import _bins, budget_table, build_tables, parameter_effects
 
 STATUSES = {"completed", "early-stopped", "infeasible", "nan-loss", "out-of-memory", "failed", "running", "pending"}
 TABLES = ["all_trials.csv", "top.csv", "pareto.csv", "budgets.csv", "effects.csv", "status.csv", "importance.csv"]
@@ -372,7 +373,7 @@ def test_crashed_experiment_with_hostile_names_reports_and_runs_nothing(smoke_ex
     assert not list(tmp_path.rglob("PWNED")) and not Path("PWNED").exists()
     # the notebook holds the path only as data: one string constant, decoded by json.loads, no other code
     assert eval(path_literal(str(folder)), {"json": json}) == str(folder)  # noqa: S307 - the literal under test
-    setup = build_notebook(folder).cells[1].source
+    setup = next(c.source for c in build_notebook(folder).cells if "EXPERIMENT = Path(" in c.source)
     tree = ast.parse(setup.replace("%matplotlib inline", ""))
     calls = {ast.unparse(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
     assert "os.system" not in calls and "system" not in calls
