@@ -21,8 +21,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.figure import Figure
+from test_report_notebook import visible_cells
 
 from ips_search.errors import EXIT_BAD_INPUT
+from ips_search.experiment import best
 from ips_search.report import (
     load_experiment,
     load_results,
@@ -124,7 +126,11 @@ def test_report_writes_every_file_and_the_notebook_runs(smoke_experiment, tmp_pa
     assert "load_experiment(EXPERIMENT)" in source
     top_id = str(pd.read_csv(out / "top.csv", dtype={"trial_id": str})["trial_id"].iloc[0])
     assert top_id not in source
-    assert "<html" in (out / "report.html").read_text()[:2000].lower()
+    html = (out / "report.html").read_text()
+    assert "<html" in html[:2000].lower()
+    cells, code_inputs = visible_cells(html)  # the page opens with the best configuration and shows no code
+    assert code_inputs == 0 and cells[0].startswith("Best configuration")
+    assert f"Trial {best(load_results(folder))['trial_id']} (completed)" in cells[0]
 
 
 def test_library_api_returns_frames_and_figures(smoke_experiment):
