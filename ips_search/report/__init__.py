@@ -9,6 +9,9 @@ Command line: ``python -m ips_search.report results/<name>`` (or ``--latest``) w
     pareto_front(df)                      # completed, feasible trials no other beats on accuracy and memory
     plot_accuracy_vs_memory(df)           # a matplotlib Figure
 
+Each plot is computed before it is drawn: ``accuracy_vs_memory_data(df)`` and its siblings return small frozen
+data objects (points per status, the front, the budget, axis scales) that ``plot_*`` then draws.
+
 Nothing here imports Ray or unpickles anything from the experiment folder.
 Plotting and attention names are imported on first use, so ``ips_search.report.tables``
 stays a light import (pandas only).

@@ -10,8 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
-from ips_search.experiment import MEMORY_METRIC, MemoryKind, Status
-from ips_search.report.axes import AxisSpec
+from ips_search.experiment import MemoryKind, Status
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,6 @@ STATUS_STYLE: dict[Status, MarkerStyle] = {
 # completed trials found over the budget after the probe step (feasible is False)
 OVER_BUDGET_STYLE = MarkerStyle("o", "tab:red", "completed, over the budget", hollow=True)
 MEMORY_KINDS = {MemoryKind.CUDA: "GPU, CUDA peak allocated", MemoryKind.CPU_RSS: "CPU, process RSS"}
-MEMORY_AXIS = AxisSpec(MEMORY_METRIC, "peak memory (MB)")
 LOG_RATIO = 5.0  # a memory axis whose values span this factor is drawn log-scaled
 
 
