@@ -21,8 +21,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.figure import Figure
+from test_report_notebook import visible_cells
 
 from ips_search.errors import EXIT_BAD_INPUT
+from ips_search.experiment import best
 from ips_search.report import (
     load_experiment,
     load_results,
@@ -35,8 +37,9 @@ from ips_search.report import (
     write_report,
 )
 from ips_search.report.__main__ import main as report_main
+from ips_search.report.importance import MIN_IMPORTANCE_TRIALS
 from ips_search.report.notebook import build_notebook, path_literal
-from ips_search.report.tables import MIN_IMPORTANCE_TRIALS, _bins, budget_table, build_tables, parameter_effects
+from ips_search.report.tables import _bins, budget_table, build_tables, parameter_effects
 
 STATUSES = {"completed", "early-stopped", "infeasible", "nan-loss", "out-of-memory", "failed", "running", "pending"}
 TABLES = ["all_trials.csv", "top.csv", "pareto.csv", "budgets.csv", "effects.csv", "status.csv", "importance.csv"]
@@ -123,7 +126,11 @@ def test_report_writes_every_file_and_the_notebook_runs(smoke_experiment, tmp_pa
     assert "load_experiment(EXPERIMENT)" in source
     top_id = str(pd.read_csv(out / "top.csv", dtype={"trial_id": str})["trial_id"].iloc[0])
     assert top_id not in source
-    assert "<html" in (out / "report.html").read_text()[:2000].lower()
+    html = (out / "report.html").read_text()
+    assert "<html" in html[:2000].lower()
+    cells, code_inputs = visible_cells(html)  # the page opens with the best configuration and shows no code
+    assert code_inputs == 0 and cells[0].startswith("Best configuration")
+    assert f"Trial {best(load_results(folder))['trial_id']} (completed)" in cells[0]
 
 
 def test_library_api_returns_frames_and_figures(smoke_experiment):
@@ -372,7 +379,7 @@ def test_crashed_experiment_with_hostile_names_reports_and_runs_nothing(smoke_ex
     assert not list(tmp_path.rglob("PWNED")) and not Path("PWNED").exists()
     # the notebook holds the path only as data: one string constant, decoded by json.loads, no other code
     assert eval(path_literal(str(folder)), {"json": json}) == str(folder)  # noqa: S307 - the literal under test
-    setup = build_notebook(folder).cells[1].source
+    setup = next(c.source for c in build_notebook(folder).cells if "EXPERIMENT = Path(" in c.source)
     tree = ast.parse(setup.replace("%matplotlib inline", ""))
     calls = {ast.unparse(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
     assert "os.system" not in calls and "system" not in calls

@@ -23,14 +23,10 @@ from matplotlib.patches import Rectangle
 
 from ips_search.errors import ConfigError
 from ips_search.experiment import CHECKPOINT_FILE, PARAMS_FILE, RESULT_FILE
-from ips_search.report.load import (
-    Experiment,
-    _read_json,
-    _sampled,
-    load_experiment,
-    read_json_lines,
-)
-from ips_search.report.plots import literal_text
+from ips_search.report.load import Experiment, load_experiment
+from ips_search.report.plots.style import literal_text
+from ips_search.report.sources import read_json, read_json_lines
+from ips_search.report.sources import sampled as sampled_params
 from ips_search.report.tables import ranked
 
 
@@ -93,12 +89,12 @@ def load_trial_model(trial_dir: str | Path, device: str = "cpu") -> TrialModel:
     from ips_search.train import build_model
 
     trial_dir = Path(trial_dir)
-    params = _read_json(trial_dir / PARAMS_FILE)
+    params = read_json(trial_dir / PARAMS_FILE)
     if "fixed" not in params:
         raise FileNotFoundError(f"{trial_dir} has no readable {PARAMS_FILE} with the trial's config")
     results = read_json_lines(trial_dir / RESULT_FILE)
     last = results[-1] if results else {}
-    sampled = _sampled(params)
+    sampled = sampled_params(params)
     sampled.update({k: last[k] for k in ("memory_size", "iteration_size") if last.get(k) is not None})
     config = trial_config(params["fixed"], sampled)
     splits = build_datasets(config.data)

@@ -5,6 +5,10 @@ disk (while the search runs too). The experiment path is the only thing from the
 experiment that goes into it, and only as data: a JSON document inside a Python
 string literal (``json.dumps`` twice, ASCII-only), decoded with ``json.loads`` at
 run time. A path or trial name that looks like code stays a string.
+
+It opens with what a team reads: the best configuration, accuracy against peak memory and the Pareto set; the
+settings, the other tables and plots follow. The set-up cell (imports, the path) prints nothing and is folded in
+Jupyter; ``report.html`` shows outputs only, without code.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from IPython.display import Markdown, display
 
 from ips_search.report import (
     attention_or_note,
+    best_config_markdown,
     budget_table,
     load_experiment,
     load_study,
@@ -69,41 +74,41 @@ if not (EXPERIMENT / "experiment.json").is_file() and (Path.cwd().parent / "expe
     EXPERIMENT = Path.cwd().parent
 exp = load_experiment(EXPERIMENT)
 df = exp.trials
-print(f"experiment {{exp.name!r}} at {{exp.path}}: {{len(df)}} trials")
-for note in exp.notes:
-    print("note:", note)
-status_counts(df)"""
+HIDE = ["path", "node_ip"]  # long, and in all_trials.csv"""
 
+# What a team reads first: the best configuration, accuracy against memory and the Pareto set; then the rest.
 CELLS = [
+    ("setup", SETUP),
+    ("code", "display(Markdown(best_config_markdown(df, exp.max_memory_mb, heading='#', search=exp.name)))"),
     (
         "md",
-        "# IPS search report\n\n"
-        "Iterative Patch Selection (Bergner et al., ICLR 2023): a search over memory size M, iteration size I, "
-        "patch size P and learning rate. Every cell reads the experiment from disk with `ips_search.report`, so "
-        "*Run All* refreshes the report (also while the search is still running).",
+        "## Accuracy vs peak memory\n\nEvery trial by status; the line is the Pareto front of completed feasible "
+        "trials, the dashed line the memory budget.",
     ),
-    ("code", SETUP),
-    ("md", "## Settings"),
-    ("code", "pd.Series(exp.settings, dtype=object).to_frame('value')"),
+    ("code", "plot_accuracy_vs_memory(df, exp.max_memory_mb)"),
     (
         "md",
-        "## All trials\n\nOne row per trial. `val_accuracy` is the last epoch's, `best_val_accuracy` the best "
-        "epoch's; `test_accuracy` is measured after the last epoch of completed trials; `peak_memory_mb` is of the "
-        "kind in `memory_kind` (`cuda`: peak allocated GPU memory, `cpu-rss`: process resident memory).",
+        "### The Pareto set\n\nCompleted feasible trials that no other trial beats on both validation accuracy and "
+        "peak memory.",
     ),
-    ("code", "df.drop(columns=['path', 'node_ip'], errors='ignore')"),
-    ("md", "## Top 10\n\nCompleted (full-budget) trials within the memory budget, by validation accuracy."),
-    ("code", "top_trials(df, 10).drop(columns=['path', 'node_ip'], errors='ignore')"),
+    ("code", "pareto_front(df).drop(columns=HIDE, errors='ignore')"),
     (
         "md",
-        "## Accuracy vs peak memory\n\nThe Pareto set: completed feasible trials that no other trial beats on "
-        "both validation accuracy and peak memory.",
+        "## The search\n\nIterative Patch Selection (Bergner et al., ICLR 2023): a search over memory size M, "
+        "iteration size I, patch size P and learning rate. Every cell reads the experiment from disk with "
+        "`ips_search.report`, so *Run All* refreshes the report (also while the search is still running).",
     ),
     (
         "code",
-        "display(pareto_front(df).drop(columns=['path', 'node_ip'], errors='ignore'))\n"
-        "plot_accuracy_vs_memory(df, exp.max_memory_mb)",
+        'print(f"experiment {exp.name!r} at {exp.path}: {len(df)} trials")\n'
+        "for note in exp.notes:\n"
+        '    print("note:", note)\n'
+        "status_counts(df)",
     ),
+    ("md", "## Settings"),
+    ("code", "pd.Series(exp.settings, dtype=object).to_frame('value')"),
+    ("md", "## Top 10\n\nCompleted (full-budget) trials within the memory budget, by validation accuracy."),
+    ("code", "top_trials(df, 10).drop(columns=HIDE, errors='ignore')"),
     ("md", "## Best trial under each memory budget"),
     ("code", "budget_table(df, max_memory_mb=exp.max_memory_mb)"),
     (
@@ -136,6 +141,13 @@ CELLS = [
         "if note:\n    print('note: attention maps:', note)\n"
         "plot_attention(maps, trial) if maps else None",
     ),
+    (
+        "md",
+        "## All trials\n\nOne row per trial. `val_accuracy` is the last epoch's, `best_val_accuracy` the best "
+        "epoch's; `test_accuracy` is measured after the last epoch of completed trials; `peak_memory_mb` is of the "
+        "kind in `memory_kind` (`cuda`: peak allocated GPU memory, `cpu-rss`: process resident memory).",
+    ),
+    ("code", "df.drop(columns=HIDE, errors='ignore')"),
 ]
 
 
@@ -146,8 +158,12 @@ def build_notebook(experiment_path: str | Path) -> nbformat.NotebookNode:
     for kind, source in CELLS:
         if kind == "md":
             cells.append(new_markdown_cell(source))
+        elif kind == "setup":  # imports and path handling: folded away in Jupyter, and it prints nothing
+            cell = new_code_cell(source.format(literal=literal))
+            cell.metadata["jupyter"] = {"source_hidden": True}
+            cells.append(cell)
         else:
-            cells.append(new_code_cell(source.format(literal=literal) if source is SETUP else source))
+            cells.append(new_code_cell(source))
     nb = new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
@@ -188,6 +204,18 @@ def execute_notebook(nb: nbformat.NotebookNode, cwd: str | Path, timeout: int = 
     return nb
 
 
+def notebook_html(nb: nbformat.NotebookNode) -> str:
+    """The executed notebook as HTML for reading: outputs only, no code and no ``In [n]:`` prompts.
+
+    The ``.ipynb`` keeps the code; the HTML is what a team opens, so it starts with the best configuration.
+    """
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nb)
+    return body
+
+
 def write_notebook(
     experiment_path: str | Path, out_dir: str | Path, execute: bool = True, html: bool = True
 ) -> tuple[dict[str, Path], str | None]:
@@ -211,9 +239,6 @@ def write_notebook(
             error = f"a notebook cell failed: {lines[-1] if lines else type(exc).__name__}"
     nbformat.write(nb, paths["notebook"])
     if html and execute and error is None:
-        from nbconvert import HTMLExporter
-
-        body, _ = HTMLExporter().from_notebook_node(nb)
         paths["html"] = out_dir / HTML_FILE
-        paths["html"].write_text(body, encoding="utf-8")
+        paths["html"].write_text(notebook_html(nb), encoding="utf-8")
     return paths, error

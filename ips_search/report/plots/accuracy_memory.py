@@ -1,0 +1,194 @@
+"""Accuracy against peak memory: every trial by status, the Pareto front of full-budget trials, the budget line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from ips_search.experiment import MEMORY_METRIC, METRIC, Status, as_bool, pareto_front
+from ips_search.report.axes import describe
+from ips_search.report.plots.style import (
+    STATUS_STYLE,
+    MarkerStyle,
+    as_status,
+    empty,
+    figure,
+    memory_label,
+    numeric,
+    plain_log_ticks,
+    style_of,
+    wide,
+)
+
+TITLE = "Validation accuracy vs peak memory"
+ANNOTATED = 8  # front points labelled with their M, I, P, lr
+FRONT_COLOR = "tab:purple"
+
+
+@dataclass(frozen=True)
+class StatusPoints:
+    """The trials of one status (completed trials over the budget apart), as drawn."""
+
+    status: Status
+    over_budget: bool
+    trial_ids: tuple[str, ...]
+    memory_mb: tuple[float, ...]
+    accuracy: tuple[float, ...]
+
+    @property
+    def style(self) -> MarkerStyle:
+        return style_of(self.status, self.over_budget)
+
+    @property
+    def label(self) -> str:
+        return f"{self.style.label} ({len(self.trial_ids)})"
+
+
+@dataclass(frozen=True)
+class AccuracyMemoryPlot:
+    """What :func:`plot_accuracy_vs_memory` draws; ``message`` (when set) says why it draws nothing."""
+
+    title: str
+    x_label: str = ""
+    y_label: str = ""
+    points: tuple[StatusPoints, ...] = ()
+    front_ids: tuple[str, ...] = ()  # the Pareto front, by increasing memory
+    front_memory_mb: tuple[float, ...] = ()
+    front_accuracy: tuple[float, ...] = ()
+    front_notes: tuple[str, ...] = ()  # "M=4 I=2 P=32 lr=1.0e-03" of the first ANNOTATED front points
+    front_until: float | None = None  # the front's step runs on to here (right of every point)
+    budget_mb: float | None = None
+    log_x: bool = False
+    x_values: tuple[float, ...] = ()  # every memory value on the axis, budget included: where ticks go
+    shown: int = 0
+    trials: int = 0
+    message: str | None = None
+
+
+def accuracy_vs_memory_data(
+    df: pd.DataFrame, max_memory_mb: float | None = None, y: str = METRIC, title: str | None = None
+) -> AccuracyMemoryPlot:
+    """The points, front and budget line of :func:`plot_accuracy_vs_memory`, computed without drawing."""
+    title = title or TITLE
+    if df.empty or MEMORY_METRIC not in df or y not in df:
+        return AccuracyMemoryPlot(title, message="no trial has reported yet", trials=len(df))
+    shown = df[np.isfinite(numeric(df[MEMORY_METRIC])) & np.isfinite(numeric(df[y]))]
+    if shown.empty:
+        return AccuracyMemoryPlot(title, message="no trial has reported memory and accuracy yet", trials=len(df))
+    statuses = shown["status"].map(as_status) if "status" in shown else pd.Series(Status.COMPLETED, shown.index)
+    over = (statuses == Status.COMPLETED) & _infeasible(shown)
+    points = []
+    for status in STATUS_STYLE:
+        for over_budget in (False, True) if status == Status.COMPLETED else (False,):
+            sub = shown[(statuses == status) & (over == over_budget)]
+            if not sub.empty:
+                points.append(
+                    StatusPoints(
+                        status,
+                        over_budget,
+                        tuple(sub["trial_id"].astype(str)) if "trial_id" in sub else ("",) * len(sub),
+                        tuple(numeric(sub[MEMORY_METRIC])),
+                        tuple(numeric(sub[y])),
+                    )
+                )
+    front = pareto_front(df, y=y)
+    memory = np.append(numeric(shown[MEMORY_METRIC]), max_memory_mb or np.nan)
+    front_memory = tuple(numeric(front[MEMORY_METRIC]))
+    return AccuracyMemoryPlot(
+        title=title,
+        x_label=memory_label(shown),
+        y_label="validation accuracy (last epoch)" if y == METRIC else y.replace("_", " "),
+        points=tuple(points),
+        front_ids=tuple(front["trial_id"].astype(str)) if "trial_id" in front else (),
+        front_memory_mb=front_memory,
+        front_accuracy=tuple(numeric(front[y])),
+        front_notes=tuple(describe(row) for _, row in front.head(ANNOTATED).iterrows()),
+        front_until=max(float(np.nanmax(memory[:-1])) * 1.05, front_memory[-1]) if front_memory else None,
+        budget_mb=float(max_memory_mb) if max_memory_mb else None,
+        log_x=wide(memory),
+        x_values=tuple(float(v) for v in memory if np.isfinite(v)),
+        shown=len(shown),
+        trials=len(df),
+    )
+
+
+def _infeasible(df: pd.DataFrame) -> pd.Series:
+    if "feasible" not in df:
+        return pd.Series(False, index=df.index)
+    return df["feasible"].map(lambda v: as_bool(v) is False).astype(bool)
+
+
+def draw_accuracy_vs_memory(data: AccuracyMemoryPlot, annotate: bool = True) -> Figure:
+    """The figure of ``data``."""
+    fig = figure(7.5, 5)
+    if data.message:
+        return empty(fig, data.title, data.message)
+    ax = fig.add_subplot()
+    for group in data.points:
+        style = group.style
+        ax.scatter(
+            group.memory_mb,
+            group.accuracy,
+            marker=style.marker,
+            s=36,
+            facecolors="none" if style.hollow else style.color,
+            edgecolors=style.color,
+            linewidths=1.2,
+            label=group.label,
+            zorder=3,
+        )
+    if data.front_memory_mb:
+        n = len(data.front_memory_mb)
+        ax.step(
+            [*data.front_memory_mb, data.front_until],
+            [*data.front_accuracy, data.front_accuracy[-1]],
+            where="post",
+            color=FRONT_COLOR,
+            linewidth=1.6,
+            alpha=0.8,
+            zorder=2,
+            label=f"Pareto front ({n} trial{'' if n == 1 else 's'})",
+        )
+        ax.scatter(
+            data.front_memory_mb,
+            data.front_accuracy,
+            s=110,
+            facecolors="none",
+            edgecolors=FRONT_COLOR,
+            linewidths=1.6,
+            zorder=4,
+        )
+        if annotate:
+            for note, px, py in zip(data.front_notes, data.front_memory_mb, data.front_accuracy, strict=False):
+                ax.annotate(note, (px, py), xytext=(6, 6), textcoords="offset points", fontsize=7.5, color=FRONT_COLOR)
+    if data.budget_mb:
+        ax.axvline(
+            data.budget_mb,
+            color="tab:red",
+            linestyle="--",
+            linewidth=1.3,
+            label=f"memory budget ({data.budget_mb:g} MB)",
+        )
+    if data.log_x:
+        ax.set_xscale("log")
+        plain_log_ticks(ax, values=data.x_values)
+    ax.set_xlabel(data.x_label)
+    ax.set_ylabel(data.y_label)
+    ax.set_title(f"{data.title} ({data.shown} of {data.trials} trials)")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def plot_accuracy_vs_memory(
+    df: pd.DataFrame,
+    max_memory_mb: float | None = None,
+    y: str = METRIC,
+    annotate: bool = True,
+    title: str | None = None,
+) -> Figure:
+    """Accuracy against peak memory of every trial, the Pareto front of full-budget trials, the budget line."""
+    return draw_accuracy_vs_memory(accuracy_vs_memory_data(df, max_memory_mb, y, title), annotate=annotate)

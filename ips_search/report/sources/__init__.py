@@ -1,0 +1,35 @@
+"""The files an experiment folder holds, one reader per source; each reads only and never raises on damage.
+
+* :mod:`.trials_csv`: ``trials.csv``, the driver's table of trials and Ray's status of each;
+* :mod:`.trial_folders`: each trial's ``params.json`` and ``result.json`` (its config, metrics and curve);
+* :mod:`.ray_state`: Ray's ``experiment_state-*.json``, a private format, for trials ``trials.csv`` does not list;
+* :mod:`.optuna_journal`: the Optuna study, from a private copy of ``optuna.journal``.
+
+:mod:`ips_search.report.merge` puts them together. Nothing here unpickles anything or imports Ray.
+"""
+
+from ips_search.report.sources.json_files import read_json, read_json_lines
+from ips_search.report.sources.optuna_journal import load_study
+from ips_search.report.sources.ray_state import RayTrialState, read_ray_states
+from ips_search.report.sources.trial_folders import (
+    CURVE_COLUMNS,
+    TrialFolder,
+    read_trial_folder,
+    sampled,
+    trial_folders,
+)
+from ips_search.report.sources.trials_csv import read_trials_csv
+
+__all__ = [
+    "CURVE_COLUMNS",
+    "RayTrialState",
+    "TrialFolder",
+    "load_study",
+    "read_json",
+    "read_json_lines",
+    "read_ray_states",
+    "read_trial_folder",
+    "read_trials_csv",
+    "sampled",
+    "trial_folders",
+]
