@@ -74,8 +74,8 @@ class TrialProgress:
     starts (a resumed search) count towards the bar without a line.
     """
 
-    def __init__(self, csv_path: Path, total: int, stream: TextIO) -> None:
-        self.csv_path, self.total, self.stream = csv_path, total, stream
+    def __init__(self, csv_path: Path, total: int, stream: TextIO, desc: str = "trials") -> None:
+        self.csv_path, self.total, self.stream, self.desc = csv_path, total, stream, desc
         self.seen: set[str] = set()
         self.best: float | None = None
         self._stop = threading.Event()
@@ -85,7 +85,7 @@ class TrialProgress:
     def __enter__(self) -> TrialProgress:
         finished = self._finished_rows()
         self._note(finished, show=False)
-        self.bar = tqdm(total=self.total, initial=len(self.seen), file=self.stream, desc="trials", unit="trial")
+        self.bar = tqdm(total=self.total, initial=len(self.seen), file=self.stream, desc=self.desc, unit="trial")
         self._show_best()
         self._thread.start()
         return self

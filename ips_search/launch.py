@@ -12,6 +12,7 @@ from typing import Any
 from ips_search.console import TrialProgress, terminal_only_ours
 from ips_search.errors import ConfigError
 from ips_search.experiment import (
+    CONFIRM_DIR,
     LOG_FILE,
     TRIALS_CSV,
     SearchSettings,
@@ -118,6 +119,16 @@ def run_search(space, settings: SearchSettings, args: argparse.Namespace, resume
             tuner = restore_tuner(settings) if resume else make_tuner(space, settings)
             with TrialProgress(settings.experiment_dir / TRIALS_CSV, settings.trials, terminal):
                 tuner.fit()
+            if settings.confirm:
+                from ips_search.confirm import run_confirm
+
+                runs = settings.confirm * settings.confirm_top
+                print(
+                    f"confirm stage: the best {settings.confirm_top} configs, {settings.confirm} more seeds each",
+                    file=terminal,
+                )
+                with TrialProgress(settings.experiment_dir / CONFIRM_DIR / TRIALS_CSV, runs, terminal, "confirm"):
+                    run_confirm(settings)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished trials are saved; continue with --resume {settings.name}", file=sys.stderr)
         return 130
@@ -162,6 +173,12 @@ def print_summary(settings: SearchSettings) -> None:
             f"      val accuracy {top['val_accuracy']:.4f}, test accuracy {top['test_accuracy']:.4f}, "
             f"peak memory {top['peak_memory_mb']:.0f} MB ({top['memory_kind']})"
         )
+        if pd.notna(top.get("confirm_val_mean")):
+            print(
+                f"      confirmed over {top['confirm_runs']} seeds: val accuracy {top['confirm_val_mean']:.4f} "
+                f"± {top['confirm_val_std']:.4f}, test accuracy {top['confirm_test_mean']:.4f} "
+                f"± {top['confirm_test_std']:.4f}"
+            )
         if settings.multi_objective:
             front = pareto_front(df)
             print("Pareto set (val accuracy vs peak memory, full-budget trials):")

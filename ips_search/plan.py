@@ -25,6 +25,11 @@ def plan_lines(space: SearchSpace, settings: SearchSettings) -> list[str]:
         + (f" (rungs at {', '.join(map(str, rungs))} epochs)" if rungs else "")
         + (f", budget {settings.max_memory_mb:g} MB" if settings.max_memory_mb else ""),
     ]
+    if settings.confirm:
+        lines.append(
+            f"confirm      the best {settings.confirm_top} configs again with {settings.confirm} more seeds each; "
+            "the winner by mean validation accuracy"
+        )
     for p in space.params.values():
         rng = f"choices {p.choices}" if p.choices is not None else f"[{p.low}, {p.high}]{' log' if p.log else ''}"
         lines.append(f"  {p.name:<16} {rng}")

@@ -12,6 +12,7 @@ import pandas as pd
 from ray.tune import Callback
 
 from ips_search.experiment import COLUMN_NAMES, METRIC, TRIALS_CSV, trial_record
+from ips_search.experiment.confirmation import RUN
 from ips_search.space import QUANTILE_SUFFIX
 
 __all__ = ["TRIALS_CSV", "TrialsCsvCallback", "trial_row", "write_trials_csv"]
@@ -19,8 +20,9 @@ __all__ = ["TRIALS_CSV", "TrialsCsvCallback", "trial_row", "write_trials_csv"]
 
 def trial_row(trial: Any) -> dict[str, Any]:
     """The record of a ``ray.tune.experiment.Trial`` (see :func:`ips_search.experiment.trial_record`)."""
+    config = trial.config.get(RUN, trial.config)  # a confirm run wraps a search trial's config
     params = {
-        k: v for k, v in trial.config.items() if k not in ("fixed", "max_memory_mb") and not k.endswith(QUANTILE_SUFFIX)
+        k: v for k, v in config.items() if k not in ("fixed", "max_memory_mb") and not k.endswith(QUANTILE_SUFFIX)
     }
     analysis = trial.metric_analysis.get(METRIC, {}) if trial.metric_analysis else {}
     return trial_record(

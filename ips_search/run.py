@@ -126,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="continue experiment NAME in --results-dir (finished trials are kept)",
     )
+    p.add_argument(
+        "--confirm",
+        type=int,
+        default=0,
+        metavar="K",
+        help="after the search, train the best --confirm-top configs again with K more seeds and pick the winner by "
+        "mean validation accuracy (0: off)",
+    )
+    p.add_argument("--confirm-top", type=int, default=3, help="how many of the best configs --confirm retrains")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial")
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (overrides the space's train.epochs)")
     p.add_argument(
@@ -260,6 +269,8 @@ def _main(args: argparse.Namespace) -> int:
             epochs=base.train.epochs,
             grace_period=args.grace_period,
             reduction_factor=args.reduction_factor,
+            confirm=args.confirm,
+            confirm_top=args.confirm_top,
             concurrency=args.concurrency or max(1, min(args.trials, int((os.cpu_count() or 1) // args.cpus_per_trial))),
         )
         space.fixed.setdefault("train", {})["seed"] = args.seed

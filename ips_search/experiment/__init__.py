@@ -5,8 +5,11 @@ trial record and its columns (:mod:`.record`), the folder's files and ``experime
 ranking rule (:mod:`.ranking`).
 """
 
+from ips_search.experiment.confirmation import attach, summarize
 from ips_search.experiment.files import (
     CHECKPOINT_FILE,
+    CONFIRM_CSV,
+    CONFIRM_DIR,
     EXPERIMENT_FILE,
     JOURNAL_FILE,
     LOG_FILE,
@@ -24,6 +27,7 @@ from ips_search.experiment.ranking import best, completed, finite, pareto_front,
 from ips_search.experiment.record import (
     COLUMN_NAMES,
     COLUMNS,
+    CONFIRM_COLUMNS,
     MEMORY_METRIC,
     METRIC,
     Column,
@@ -48,6 +52,9 @@ from ips_search.experiment.status import ORDER, STOPPED, Status, trial_status
 
 __all__ = [
     "CHECKPOINT_FILE",
+    "CONFIRM_COLUMNS",
+    "CONFIRM_CSV",
+    "CONFIRM_DIR",
     "COLUMNS",
     "COLUMN_NAMES",
     "EXPERIMENT_FILE",
@@ -72,6 +79,7 @@ __all__ = [
     "SearchSettings",
     "Status",
     "as_bool",
+    "attach",
     "asha_rungs",
     "best",
     "best_of",
@@ -84,6 +92,7 @@ __all__ = [
     "rank",
     "read_experiment",
     "settings_from_saved",
+    "summarize",
     "trial_record",
     "trial_status",
     "update_settings",

@@ -2,7 +2,8 @@
 
 ``results/<name>/`` holds Ray Tune's experiment folder (one ``train_ips_<id>/`` per trial with ``params.json``,
 ``result.json`` and ``checkpoint_*/checkpoint.pt``), ``experiment.json`` (ours: settings and space),
-``trials.csv``, ``optuna.journal`` and ``search.log`` (Ray's console output).
+``trials.csv``, ``optuna.journal`` and ``search.log`` (Ray's console output); with a confirm stage, ``confirm/``
+(its Tune experiment and ``trials.csv``) and ``confirm.csv``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ PARAMS_FILE = "params.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 REPORT_DIR = "report"
 TRAINABLE_NAME = "train_ips"  # trial folders are train_ips_<trial id>
+CONFIRM_DIR = "confirm"  # the confirm stage's own Tune experiment (its trials.csv inside)
+CONFIRM_CSV = "confirm.csv"  # per confirmed config: runs, mean and standard deviation
 
 
 def write_experiment(folder: Path, settings: dict[str, Any], space: dict[str, Any], **extra: Any) -> Path:

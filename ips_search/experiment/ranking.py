@@ -1,6 +1,7 @@
 """The ranking rule, one for the CLI summary, the report's tables and its attention maps.
 
 Completed, feasible trials by validation accuracy; ties go to lower peak memory, then to fewer trial-seconds.
+After a confirm stage, the confirmed configs come first, by their mean validation accuracy over seeds.
 Test accuracy never takes part: model selection must not see the test set.
 """
 
@@ -12,6 +13,7 @@ import pandas as pd
 from ips_search.experiment.record import MEMORY_METRIC, METRIC, as_bool
 from ips_search.experiment.status import Status
 
+CONFIRMED_MEAN = "confirm_val_mean"
 RANK_KEYS = ((METRIC, False), (MEMORY_METRIC, True), ("time_total_s", True))  # (column, ascending)
 
 
@@ -38,6 +40,11 @@ def rank(df: pd.DataFrame, provisional: bool = False) -> pd.DataFrame:
         return pool
     keys = [(c, asc) for c, asc in RANK_KEYS if c in pool]
     numeric = pool.assign(**{f"_rank_{c}": pd.to_numeric(pool[c], errors="coerce") for c, _ in keys})
+    if CONFIRMED_MEAN in pool:  # confirmed configs first, by their mean over seeds, then the rest by one run
+        mean = pd.to_numeric(pool[CONFIRMED_MEAN], errors="coerce")
+        numeric["_rank_confirmed"] = mean.notna()
+        numeric[f"_rank_{METRIC}"] = mean.fillna(numeric[f"_rank_{METRIC}"])
+        keys = [("confirmed", False), *keys]
     ordered = numeric.sort_values(
         [f"_rank_{c}" for c, _ in keys], ascending=[asc for _, asc in keys], kind="stable", na_position="last"
     )

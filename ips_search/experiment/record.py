@@ -101,13 +101,22 @@ COLUMNS: tuple[Column, ...] = (
     Column("images_per_s", "float"),
     Column("n_patches", "int"),
     Column("node_id", "str"),
+    # the confirm stage's figures, on the rows of confirmed configs (the search's own run included)
+    Column("confirm_runs", "int"),
+    Column("confirm_val_mean", "float"),
+    Column("confirm_val_std", "float"),
+    Column("confirm_test_mean", "float"),
+    Column("confirm_test_std", "float"),
     Column("path", "str"),
 )
+CONFIRM_COLUMNS = ("confirm_runs", "confirm_val_mean", "confirm_val_std", "confirm_test_mean", "confirm_test_std")
 COLUMN_NAMES = tuple(c.name for c in COLUMNS)
 IDENTITY = ("trial_id", "status", "ray_status")  # the columns before the parameters
 PARAM_KINDS = {"memory_size": "int", "iteration_size": "int", "patch_size": "int"}
 # Filled from the last report, the rest from the trial's bookkeeping
-_FROM_REPORT = tuple(c for c in COLUMN_NAMES if c not in (*IDENTITY, "best_val_accuracy", "epochs", "path"))
+_FROM_REPORT = tuple(
+    c for c in COLUMN_NAMES if c not in (*IDENTITY, *CONFIRM_COLUMNS, "best_val_accuracy", "epochs", "path")
+)
 
 
 def trial_record(

@@ -35,6 +35,8 @@ class SearchSettings:
     epochs: int = 4
     grace_period: int = 1  # ASHA: Ray's defaults
     reduction_factor: int = 4
+    confirm: int = 0  # after the search, retrain the best configs with this many more seeds (0: no confirm stage)
+    confirm_top: int = 3  # how many of the best configs the confirm stage retrains
 
     @property
     def multi_objective(self) -> bool:
@@ -75,6 +77,10 @@ def check_settings(args: Any) -> None:
         raise ConfigError(f"--grace-period must be at least 1 epoch, got {args.grace_period}")
     if args.reduction_factor < 2:
         raise ConfigError(f"--reduction-factor must be at least 2, got {args.reduction_factor}")
+    if args.confirm < 0:
+        raise ConfigError(f"--confirm must be 0 (off) or a number of extra seeds, got {args.confirm}")
+    if args.confirm_top < 1:
+        raise ConfigError(f"--confirm-top must be at least 1, got {args.confirm_top}")
     if args.name is not None and (not args.name or "/" in args.name or args.name.startswith(".")):
         raise ConfigError(f"--name {args.name!r} must be a plain folder name (no '/', not starting with '.')")
     if not 0 <= args.seed < SEED_LIMIT:

@@ -1,0 +1,128 @@
+"""The confirm stage (``--confirm K``): after the search, the best configs are trained again with K more seeds.
+
+One validation accuracy over a few hundred images decides between configs a point apart, which one seed's luck can
+flip. The confirm stage runs the top ``confirm_top`` configs (by the ranking rule) again with seeds
+``seed + 1 .. seed + K`` as trials of their own Tune experiment in ``<experiment>/confirm/`` (on the dashboard,
+resumable like the search), then writes each config's mean and standard deviation over its runs (the search's own
+included) into ``confirm.csv``, ``trials.csv`` and the Optuna study's user attributes; the ranking rule then picks the
+winner by the mean.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+from ray import tune
+from ray.tune.schedulers import FIFOScheduler
+
+from ips_search.experiment import (
+    CONFIRM_CSV,
+    CONFIRM_DIR,
+    JOURNAL_FILE,
+    PARAMS_FILE,
+    TRIALS_CSV,
+    SearchSettings,
+    attach,
+    coerce,
+    rank,
+    summarize,
+)
+from ips_search.experiment.confirmation import RUN, SEED, SOURCE
+from ips_search.results import TrialsCsvCallback
+from ips_search.search import trial_dirname
+from ips_search.trainable import train_ips
+
+
+def confirm_ips(config: dict[str, Any]) -> None:
+    """Tune trainable of a confirm run: the search's trainable on one stored config with another seed."""
+    train_ips(config[RUN])
+
+
+def confirm_runs(settings: SearchSettings, trials: pd.DataFrame) -> list[dict[str, Any]]:
+    """The configs to run: each of the top trials' own config (its ``params.json``) with seeds seed+1 .. seed+K."""
+    runs = []
+    for row in rank(trials).head(settings.confirm_top).to_dict("records"):
+        config = json.loads((Path(str(row["path"])) / PARAMS_FILE).read_text())
+        for k in range(1, settings.confirm + 1):
+            run = copy.deepcopy(config)
+            run["fixed"].setdefault("train", {})["seed"] = settings.seed + k
+            run[SOURCE], run[SEED] = str(row["trial_id"]), settings.seed + k
+            runs.append(run)
+    return runs
+
+
+def _trainable(settings: SearchSettings) -> Any:
+    return tune.with_resources(confirm_ips, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
+
+
+def make_confirm_tuner(settings: SearchSettings, runs: list[dict[str, Any]]) -> tune.Tuner:
+    folder = settings.experiment_dir / CONFIRM_DIR
+    return tune.Tuner(
+        _trainable(settings),
+        param_space={RUN: tune.grid_search(runs)},
+        tune_config=tune.TuneConfig(
+            scheduler=FIFOScheduler(),
+            num_samples=1,
+            max_concurrent_trials=settings.concurrency,
+            reuse_actors=True,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=CONFIRM_DIR,
+            storage_path=str(settings.experiment_dir),
+            # one kept checkpoint: Tune then snapshots the experiment after every checkpoint, so a killed stage
+            # resumes without training a finished run again (its one epoch may be the whole run)
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=1),
+            callbacks=[TrialsCsvCallback(folder / TRIALS_CSV)],
+        ),
+    )
+
+
+def run_confirm(settings: SearchSettings) -> pd.DataFrame:
+    """Run (or resume) the confirm stage and record its figures; returns ``confirm.csv``'s table."""
+    folder = settings.experiment_dir
+    trials = coerce(pd.read_csv(folder / TRIALS_CSV, dtype={"trial_id": str}))
+    stage = folder / CONFIRM_DIR
+    if tune.Tuner.can_restore(str(stage)):  # interrupted during the stage: finished runs are kept
+        tuner = tune.Tuner.restore(
+            str(stage),
+            trainable=tune.with_resources(
+                confirm_ips, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
+            ),
+            resume_unfinished=True,
+            resume_errored=True,
+        )
+    else:
+        runs = confirm_runs(settings, trials.drop(columns=["confirm_val_mean"], errors="ignore"))
+        if not runs:
+            return pd.DataFrame()
+        tuner = make_confirm_tuner(settings, runs)
+    tuner.fit()
+    return record(settings, trials)
+
+
+def record(settings: SearchSettings, trials: pd.DataFrame) -> pd.DataFrame:
+    """Write the confirm figures to ``confirm.csv``, into ``trials.csv`` and into the study's user attributes."""
+    folder = settings.experiment_dir
+    runs = pd.read_csv(folder / CONFIRM_DIR / TRIALS_CSV, dtype={"trial_id": str, SOURCE: str})
+    summary = summarize(trials, runs)
+    summary.to_csv(folder / CONFIRM_CSV, index=False)
+    merged = attach(trials, summary)
+    tmp = folder / f"{TRIALS_CSV}.tmp"
+    merged.to_csv(tmp, index=False)
+    tmp.replace(folder / TRIALS_CSV)
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / JOURNAL_FILE)))
+    study = optuna.load_study(study_name=settings.name, storage=storage)
+    figures = {
+        row["trial_id"]: {k: None if pd.isna(row[k]) else float(row[k]) for k in summary.columns if k != "trial_id"}
+        for row in summary.to_dict("records")
+    }
+    study.set_user_attr("confirm", figures)  # by the search's Ray trial id
+    study.set_user_attr("confirm_seeds", [settings.seed + k for k in range(1, settings.confirm + 1)])
+    return summary

@@ -1,0 +1,50 @@
+"""The confirm stage's arithmetic: each confirmed config's runs (the search's own and its extra seeds), their mean
+and standard deviation, written beside the search's trials. Ray-free: the stage itself is :mod:`ips_search.confirm`.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from ips_search.experiment.record import CONFIRM_COLUMNS, METRIC
+from ips_search.experiment.status import Status
+
+RUN = "run"  # the confirm trainable's one config key: a whole search-trial config
+SOURCE = "confirm_of"  # a confirm run's config key: the trial id of the config it retrains
+SEED = "confirm_seed"
+
+
+def summarize(trials: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per confirmed config: ``trial_id`` (the search's trial) and the confirm columns.
+
+    ``runs`` are the confirm stage's trials (``confirm/trials.csv``) with ``confirm_of``; only completed runs count,
+    and the search's own completed run counts as one of them. The standard deviation is the sample one (``ddof=1``).
+    """
+    rows = []
+    done = runs[runs["status"].astype(str) == Status.COMPLETED] if not runs.empty else runs
+    for source in runs[SOURCE].dropna().astype(str).unique() if SOURCE in runs else []:
+        own = trials[trials["trial_id"].astype(str) == source]
+        mine = done[done[SOURCE].astype(str) == source]
+        both = pd.concat([own[own["status"].astype(str) == Status.COMPLETED], mine])
+        val = pd.to_numeric(both[METRIC], errors="coerce").dropna()
+        test = pd.to_numeric(both.get("test_accuracy", pd.Series(dtype=float)), errors="coerce").dropna()
+        rows.append(
+            {
+                "trial_id": source,
+                "confirm_runs": len(val),
+                "confirm_val_mean": val.mean() if len(val) else None,
+                "confirm_val_std": val.std(ddof=1) if len(val) > 1 else 0.0 if len(val) else None,
+                "confirm_test_mean": test.mean() if len(test) else None,
+                "confirm_test_std": test.std(ddof=1) if len(test) > 1 else 0.0 if len(test) else None,
+            }
+        )
+    return pd.DataFrame(rows, columns=["trial_id", *CONFIRM_COLUMNS])
+
+
+def attach(trials: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
+    """``trials`` with the confirm columns filled from ``summary`` (replacing any earlier ones)."""
+    out = trials.drop(columns=[c for c in CONFIRM_COLUMNS if c in trials])
+    if summary.empty:
+        return out
+    keyed = summary.assign(trial_id=summary["trial_id"].astype(str))
+    return out.assign(trial_id=out["trial_id"].astype(str)).merge(keyed, on="trial_id", how="left")

@@ -1,0 +1,129 @@
+"""The confirm stage: the best configs again with more seeds, the winner by the mean, resumable mid-stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from ips_search import run
+from ips_search.experiment import CONFIRM_CSV, CONFIRM_DIR, TRIALS_CSV, best, coerce, summarize
+
+
+def _trials() -> pd.DataFrame:
+    return coerce(
+        pd.DataFrame(
+            [
+                dict(trial_id="a", status="completed", val_accuracy=0.90, test_accuracy=0.9, peak_memory_mb=10.0),
+                dict(trial_id="b", status="completed", val_accuracy=0.88, test_accuracy=0.8, peak_memory_mb=10.0),
+                dict(trial_id="c", status="completed", val_accuracy=0.95, test_accuracy=0.9, peak_memory_mb=10.0),
+            ]
+        )
+    )
+
+
+def test_summary_counts_the_search_run_and_completed_confirm_runs_only():
+    runs = pd.DataFrame(
+        [
+            dict(trial_id="r1", confirm_of="a", status="completed", val_accuracy=0.80, test_accuracy=0.7),
+            dict(trial_id="r2", confirm_of="a", status="completed", val_accuracy=0.70, test_accuracy=0.7),
+            dict(trial_id="r3", confirm_of="b", status="completed", val_accuracy=0.92, test_accuracy=0.9),
+            dict(trial_id="r4", confirm_of="b", status="failed", val_accuracy=0.0, test_accuracy=None),
+        ]
+    )
+    summary = summarize(_trials(), runs).set_index("trial_id")
+    assert summary.loc["a", "confirm_runs"] == 3 and summary.loc["a", "confirm_val_mean"] == pytest.approx(0.8)
+    assert summary.loc["a", "confirm_val_std"] == pytest.approx(0.1)  # sample standard deviation of .9, .8, .7
+    assert summary.loc["b", "confirm_runs"] == 2 and summary.loc["b", "confirm_val_mean"] == pytest.approx(0.9)
+
+
+def test_the_winner_is_chosen_by_the_confirmed_mean():
+    from ips_search.experiment import attach
+
+    runs = pd.DataFrame(
+        [
+            dict(trial_id="r1", confirm_of="a", status="completed", val_accuracy=0.80, test_accuracy=0.7),
+            dict(trial_id="r2", confirm_of="b", status="completed", val_accuracy=0.92, test_accuracy=0.9),
+        ]
+    )
+    df = coerce(attach(_trials(), summarize(_trials(), runs)))
+    assert best(df)["trial_id"] == "b"  # mean .90 beats a's .85; c (.95, one run, unconfirmed) comes after both
+
+
+def _search(results_dir: Path, name: str) -> list[str]:
+    return [
+        "--space",
+        "smoke",
+        "--trials",
+        "3",
+        "--epochs",
+        "1",
+        "--confirm",
+        "2",
+        "--confirm-top",
+        "2",
+        "--concurrency",
+        "1",
+        "--results-dir",
+        str(results_dir),
+        "--name",
+        name,
+        "--no-dashboard",
+    ]
+
+
+@pytest.mark.ray
+def test_confirm_stage_runs_k_seeds_per_top_config_and_records_mean_and_std(ray_cluster, results_dir, capsys):
+    assert run.main(_search(results_dir, "sure")) == 0
+    folder = results_dir / "sure"
+    runs = pd.read_csv(folder / CONFIRM_DIR / TRIALS_CSV, dtype={"trial_id": str, "confirm_of": str})
+    assert len(runs) == 4 and runs.groupby("confirm_of").size().tolist() == [2, 2]
+    assert sorted(runs["confirm_seed"]) == [1, 1, 2, 2]
+    summary = pd.read_csv(folder / CONFIRM_CSV, dtype={"trial_id": str})
+    assert set(summary["trial_id"]) == set(runs["confirm_of"])
+    trials = coerce(pd.read_csv(folder / TRIALS_CSV, dtype={"trial_id": str}))
+    confirmed = trials[trials["confirm_val_mean"].notna()]
+    assert len(confirmed) == 2 and (confirmed["confirm_runs"] == 3).all()
+    top = best(trials)
+    assert top["confirm_val_mean"] == confirmed["confirm_val_mean"].max()
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / "optuna.journal")))
+    study = optuna.load_study(study_name="sure", storage=storage)
+    assert set(study.user_attrs["confirm"]) == set(summary["trial_id"])
+    assert "confirmed over 3 seeds" in capsys.readouterr().out
+
+
+@pytest.mark.ray
+def test_a_search_killed_during_its_confirm_stage_resumes_without_rerunning_finished_runs(ray_cluster, results_dir):
+    cmd = [sys.executable, "-m", "ips_search.run", *_search(results_dir, "halt")]
+    cmd += ["--address", ray_cluster.address_info["gcs_address"]]
+    driver = subprocess.Popen(
+        cmd, env={**os.environ, "RAY_AUTH_MODE": "token"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    csv = results_dir / "halt" / CONFIRM_DIR / TRIALS_CSV
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        if csv.exists() and (pd.read_csv(csv)["status"] == "completed").sum() >= 1:
+            break
+        time.sleep(0.5)
+    else:
+        driver.kill()
+        pytest.fail("no confirm run finished in time")
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    before = set(pd.read_csv(csv, dtype={"trial_id": str}).query("status == 'completed'")["trial_id"])
+
+    assert run.main(["--resume", "halt", "--results-dir", str(results_dir), "--no-dashboard"]) == 0
+    runs = pd.read_csv(csv, dtype={"trial_id": str})
+    assert len(runs) == 4 and (runs["status"] == "completed").all() and before <= set(runs["trial_id"])
+    for path in runs[runs["trial_id"].isin(before)]["path"]:
+        lines = [json.loads(x) for x in (Path(path) / "result.json").read_text().splitlines() if x.strip()]
+        assert [r["training_iteration"] for r in lines] == [1], "a finished confirm run ran again"
+    assert (results_dir / "halt" / CONFIRM_CSV).is_file()
