@@ -98,7 +98,11 @@ class IPSNet(nn.Module):
             return self.encoder
         if not self._fold_tried:
             dtype = torch.bfloat16 if self.cfg.ips_dtype == "bfloat16" else torch.float32
-            self._folded, self._fold_tried = try_fold(self.encoder, dtype), True
+            # built outside inference mode (ips runs in it): parameters created there are inference tensors, and a
+            # Linear whose weight is later re-pointed at the live one by refresh() then fails ("do not track version
+            # counter"); convs escaped it only because refresh copies them to channels-last
+            with torch.inference_mode(False):
+                self._folded, self._fold_tried = try_fold(self.encoder, dtype), True
         if self._folded is None:
             return self.encoder
         self._folded.refresh()
