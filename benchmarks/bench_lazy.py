@@ -17,6 +17,11 @@ pixels to a ``.npy`` file (what a slide reader hands over after decoding) and re
 * ``memmap cold + latency`` (with and without prefetch): each read first sleeps ``--latency-ms`` (a stand-in
   for remote storage or slide decoding), to show what the read-ahead hides.
 
+OpenMP's worker threads sleep while waiting (``OMP_WAIT_POLICY=PASSIVE``, unless the environment sets it): on
+the shared 2-core development VM the default busy-wait made the no-grad pass 10-40x slower in wall time and
+~4x in CPU time whenever other processes held the cores, and by different amounts in different modes (a
+reader thread alive changed it), which would have swamped the comparison.
+
 Target: ``memmap cold`` <= 1.15x ``tensor`` at the largest N. Every mode's selection is checked to be the
 tensor path's. Writes ``benchmarks/results/lazy-<date>.json`` and ``.md``.
 """
@@ -33,8 +38,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ips import OthersLoad, machine_info, wait_quiet  # noqa: E402
@@ -190,9 +197,10 @@ def write_results(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
         "all_selections_equal": all(r["same_selection"] for r in rows),
     }
     command = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
-    result = {"command": command, "machine": machine_info(), "setting": {"patch": PATCH, "M": M, "I": I,
-              "encode_chunk": CHUNK, "dim": DIM, "encoder": "small-cnn", "latency_ms": args.latency_ms,
-              "repeats": args.repeats}, "summary": summary, "rows": rows}  # fmt: skip
+    wait_policy = os.environ["OMP_WAIT_POLICY"]
+    setting = {"patch": PATCH, "M": M, "I": I, "encode_chunk": CHUNK, "dim": DIM, "encoder": "small-cnn",
+               "latency_ms": args.latency_ms, "omp_wait_policy": wait_policy, "repeats": args.repeats}  # fmt: skip
+    result = {"command": command, "machine": machine_info(), "setting": setting, "summary": summary, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"lazy-{time.strftime('%Y%m%d-%H%M%S')}" + ("-quick" if args.quick else "")
@@ -203,8 +211,9 @@ def write_results(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
         "",
         f"`{command}` on {m['cpu']}, {m['usable_cores']} usable cores, {m['threads']} torch threads, "
         f"torch {m['torch']}. One image per `ips` call; small-cnn (D = {DIM}), 1x{PATCH}x{PATCH} uint8 patches, "
-        f"M = {M}, I = {I}, encode_chunk = {CHUNK}. Fastest of {args.repeats} round-robin rounds; `others` = cores "
-        "other processes kept busy during that run; CPU s = this process's CPU time (all threads) in that run.",
+        f"M = {M}, I = {I}, encode_chunk = {CHUNK}, OMP_WAIT_POLICY={wait_policy}. Fastest of {args.repeats} "
+        "round-robin rounds; `others` = cores other processes kept busy during that run; CPU s = this process's "
+        "CPU time (all threads) in that run.",
         "",
         "| N | mode | s | CPU s | us/patch | x tensor | others | same selection | disk cold MB/s | warm MB/s |",
         "|---:|---|---:|---:|---:|---:|---:|---|---:|---:|",

@@ -264,7 +264,8 @@ class IPSNet(nn.Module):
         blank canvas, tissue on a white slide) a head that prefers the background fills the memory with
         identical background patches; identical keys give the query and keys no gradient, so training never
         leaves chance: 4 of 8 seeds of the default search's best config (README). The selection rule is
-        untouched: the same weights still choose the notebook's patches.
+        untouched: the same weights still choose the notebook's patches. ``patches`` may also be a list of patch
+        sources, of which at most ``ORIENT_PATCHES`` evenly spaced patches each are encoded.
         """
         if not isinstance(patches, torch.Tensor):
             return self._orient_sources(list(patches))
