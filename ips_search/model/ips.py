@@ -315,6 +315,6 @@ class IPSNet(nn.Module):
         logits = {t.name: self.heads[t.name](image_emb[:, i]) for i, t in enumerate(self.cfg.tasks)}
         return next(iter(logits.values())) if len(logits) == 1 else logits
 
-    def predict(self, patches: torch.Tensor):
-        """``ips`` then ``forward``: the whole pipeline for a batch of patches."""
+    def predict(self, patches: torch.Tensor | Sequence[PatchSource]):
+        """``ips`` then ``forward``: the whole pipeline for a batch of patches (a tensor or a list of sources)."""
         return self(*self.ips(patches))
