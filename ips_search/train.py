@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ips_search.config import ExperimentConfig, Task, TrainConfig
 from ips_search.data import DataSplits
+from ips_search.data.source import collate_sources, is_patch_source
 from ips_search.memory import PeakMemory
 from ips_search.model import IPSNet
 
@@ -43,13 +44,18 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def make_loader(dataset: Dataset, cfg: TrainConfig, shuffle: bool, device: torch.device) -> DataLoader:
+    """Batches of ``(patches (B, N, C, P, P), {task: (B, ...)})``, or, for a dataset whose items are lazy patch
+    sources (detected from its first item), ``(list of B sources, {task: (B, ...)})``: N may then differ per
+    image, and ``IPSNet.ips`` reads (and pins) the patches chunk by chunk, so the loader pins nothing."""
     generator = torch.Generator().manual_seed(cfg.seed)
+    sources = len(dataset) > 0 and is_patch_source(dataset[0][0])
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
         shuffle=shuffle,
         num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
+        collate_fn=collate_sources if sources else None,
+        pin_memory=device.type == "cuda" and not sources,
         generator=generator,
         drop_last=False,
     )
@@ -78,7 +84,7 @@ def build_model(
     model.to(device)
     if model_cfg.orient_scores:  # after the warm start: the heads are oriented on the embeddings training starts from
         sample = [splits.train[i][0] for i in range(min(ORIENT_IMAGES, len(splits.train)))]
-        model.orient_scores(torch.stack(sample))
+        model.orient_scores(sample if is_patch_source(sample[0]) else torch.stack(sample))
     return model
 
 

@@ -14,20 +14,31 @@ own encoder call, ``ips`` encodes ``encode_chunk`` patches per call (the chunk,
 not N, bounds memory) and runs the same top-M iterations over the embeddings.
 The selection is the same; ``ips_impl="reference"`` keeps the notebook's loop for
 comparison.
+
+``ips`` also takes a list of B lazy patch sources (:mod:`ips_search.data.source`; N may differ per image):
+each image is selected on its own, its patches read a chunk at a time in a background thread while the
+encoder runs on the previous chunk, so host memory holds a few chunks and the M kept embeddings, whatever N.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from ips_search.config import IPSConfig
+from ips_search.data.source import PatchSource, read_patches
+from ips_search.errors import ConfigError
 from ips_search.model.encoders import build_encoder
 from ips_search.model.fold import FoldedEncoder, try_fold
+from ips_search.model.prefetch import Prefetcher
 from ips_search.model.transformer import PositionalEncoding, Transformer
+
+PREFETCH_DEPTH = 2  # chunks a source's reader thread may run ahead of the encoder
+ORIENT_PATCHES = 4096  # at most this many patches per source image in orient_scores (evenly spaced)
 
 
 class _EmbeddingStream:
@@ -87,7 +98,11 @@ class IPSNet(nn.Module):
             return self.encoder
         if not self._fold_tried:
             dtype = torch.bfloat16 if self.cfg.ips_dtype == "bfloat16" else torch.float32
-            self._folded, self._fold_tried = try_fold(self.encoder, dtype), True
+            # built outside inference mode (ips runs in it): parameters created there are inference tensors, and a
+            # Linear whose weight is later re-pointed at the live one by refresh() then fails ("do not track version
+            # counter"); convs escaped it only because refresh copies them to channels-last
+            with torch.inference_mode(False):
+                self._folded, self._fold_tried = try_fold(self.encoder, dtype), True
         if self._folded is None:
             return self.encoder
         self._folded.refresh()
@@ -106,7 +121,6 @@ class IPSNet(nn.Module):
     def _select_streaming(self, patches: torch.Tensor, device: torch.device) -> torch.Tensor:
         """mem_idx ``(B, M)`` for ``patches`` ``(B, N, C, P, P)`` (on any device)."""
         B, N = patches.shape[:2]
-        M, I = self.cfg.memory_size, self.cfg.iteration_size
         encoder = self._no_grad_encoder()
         step = max(1, self.cfg.encode_chunk // B)  # patches per image per encoder call
 
@@ -116,15 +130,44 @@ class IPSNet(nn.Module):
                 with self._autocast(device):
                     yield encoder(chunk.flatten(0, 1)).view(B, chunk.shape[1], -1)  # (B, n, D)
 
-        stream = _EmbeddingStream(chunks())
-        idx = torch.arange(N, device=device).unsqueeze(0).expand(B, -1)  # (B, N)
-        mem_emb, mem_idx = stream.take(M), idx[:, :M]
+        return self._iterate(_EmbeddingStream(chunks()), B, N, device)
+
+    def _iterate(self, stream: _EmbeddingStream, B: int, N: int, device: torch.device) -> torch.Tensor:
+        """The top-M iterations over the embeddings of patches ``0..N-1`` (``N > M``): mem_idx ``(B, M)``."""
+        M, I = self.cfg.memory_size, self.cfg.iteration_size
+
+        def idx(start: int, end: int) -> torch.Tensor:  # (B, end - start); never (B, N), which grows with N
+            return torch.arange(start, end, device=device).unsqueeze(0).expand(B, -1)
+
+        mem_emb, mem_idx = stream.take(M), idx(0, M)
         for start in range(M, N, I):
             end = min(start + I, N)
             all_emb = torch.cat((mem_emb, stream.take(end - start)), dim=1)  # (B, M + I, D)
-            all_idx = torch.cat((mem_idx, idx[:, start:end]), dim=1)
+            all_idx = torch.cat((mem_idx, idx(start, end)), dim=1)
             mem_emb, mem_idx = self._select_top(all_emb, all_idx, M)
         return mem_idx
+
+    def _select_source(self, source: PatchSource, device: torch.device, depth: int) -> torch.Tensor:
+        """mem_idx ``(M,)`` of one lazy source: chunks of ``encode_chunk`` patches read ``depth`` ahead."""
+        N, step = len(source), self.cfg.encode_chunk
+        if N == self.cfg.memory_size:
+            return torch.arange(N, device=device)
+        encoder = self._no_grad_encoder()
+        pin = device.type == "cuda"
+
+        def read(start: int) -> torch.Tensor:  # (n, *patch_shape) on the host, pinned for an async copy on CUDA
+            chunk = read_patches(source, np.arange(start, min(start + step, N), dtype=np.int64))
+            return chunk.pin_memory() if pin else chunk
+
+        with Prefetcher(read, range(0, N, step), depth) as reads:
+
+            def chunks() -> Iterator[torch.Tensor]:
+                for chunk in reads:
+                    chunk = chunk.to(device, non_blocking=True)
+                    with self._autocast(device):
+                        yield encoder(chunk).unsqueeze(0)  # (1, n, D)
+
+            return self._iterate(_EmbeddingStream(chunks()), 1, N, device)[0]
 
     def _select_reference(self, patches: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The reference notebook's loop: one encoder call per iteration of I patches."""
@@ -141,7 +184,9 @@ class IPSNet(nn.Module):
         return mem_idx
 
     @torch.no_grad()
-    def ips(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def ips(
+        self, patches: torch.Tensor | Sequence[PatchSource], prefetch: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Select M of N patches: ``(B, N, C, P, P) -> (mem_patch (B, M, C, P, P), mem_idx (B, M))``.
 
         Runs without gradients in eval mode; the module's mode is restored after.
@@ -149,7 +194,12 @@ class IPSNet(nn.Module):
         ``eager`` moves the batch to the model's device first; ``eager-sequential``
         one image at a time; ``lazy`` leaves patches where they are and moves each
         encoder chunk (and finally the M kept patches) to the device.
+
+        ``patches`` may instead be a list of B patch sources (N may differ per image; any ``patch_shape``):
+        see :meth:`_ips_sources`. ``prefetch=False`` reads their chunks in this thread (for comparison).
         """
+        if not isinstance(patches, torch.Tensor):
+            return self._ips_sources(list(patches), PREFETCH_DEPTH if prefetch else 0)
         device = self.device
         B, N = patches.shape[:2]
         if self.cfg.memory_size >= N:
@@ -173,8 +223,40 @@ class IPSNet(nn.Module):
         mem_patch = torch.gather(patches, 1, gather_idx.expand(-1, -1, *patches.shape[2:]))
         return mem_patch.to(device, non_blocking=True), mem_idx
 
+    def _ips_sources(self, sources: list[PatchSource], depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ips`` over lazy sources: ``mem_patch (B, M, *patch_shape)`` on the model's device, ``mem_idx (B, M)``.
+
+        Every image is selected on its own (as ``loading: eager-sequential`` does; ``loading`` and ``ips_impl``
+        don't apply), streaming its N patches through the encoder ``encode_chunk`` at a time. Each image needs
+        N >= M (N == M keeps all); a smaller one is a ConfigError, since a batch's memories must all hold M.
+        ``mem_idx`` rows are ascending: the kept patches are then read back in file order.
+        """
+        M = self.cfg.memory_size
+        if not sources:
+            raise ValueError("ips needs at least one patch source")
+        for b, source in enumerate(sources):
+            if len(source) < M:
+                raise ConfigError(
+                    f"image {b} of the batch has {len(source)} patches, fewer than memory_size {M}; "
+                    f"lower memory_size to {len(source)} or leave out images with fewer than {M} patches"
+                )
+        device = self.device
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                rows = [self._select_source(source, device, depth) for source in sources]  # B x (M,)
+        finally:
+            self.train(was_training)
+        mem_idx = torch.stack(rows).sort(dim=1).values  # (B, M), a normal tensor outside inference mode
+        host_idx = mem_idx.cpu().numpy()
+        mem_patch = torch.stack([read_patches(s, host_idx[b]) for b, s in enumerate(sources)])  # (B, M, *shape)
+        if device.type == "cuda":
+            mem_patch = mem_patch.pin_memory()
+        return mem_patch.to(device, non_blocking=True), mem_idx
+
     @torch.no_grad()
-    def orient_scores(self, patches: torch.Tensor) -> torch.Tensor:
+    def orient_scores(self, patches: torch.Tensor | Sequence[PatchSource]) -> torch.Tensor:
         """Start every attention head scoring unusual patches above common ones; ``patches`` ``(B, N, C, P, P)``
         are a few training images. Returns each head's correlation before (``(H,)``; negative ones were flipped).
 
@@ -182,8 +264,11 @@ class IPSNet(nn.Module):
         blank canvas, tissue on a white slide) a head that prefers the background fills the memory with
         identical background patches; identical keys give the query and keys no gradient, so training never
         leaves chance: 4 of 8 seeds of the default search's best config (docs/ips.md). The selection rule is
-        untouched: the same weights still choose the notebook's patches.
+        untouched: the same weights still choose the notebook's patches. ``patches`` may also be a list of patch
+        sources, of which at most ``ORIENT_PATCHES`` evenly spaced patches each are encoded.
         """
+        if not isinstance(patches, torch.Tensor):
+            return self._orient_sources(list(patches))
         was_training = self.training
         self.eval()
         try:
@@ -194,6 +279,27 @@ class IPSNet(nn.Module):
             idx = torch.arange(N, device=emb.device).expand(B, N)  # (B, N)
             emb = self._embed(emb.view(B, N, -1), idx).flatten(0, 1)  # (B*N, D)
             return self.transf.crs_attn.orient_heads(emb)
+        finally:
+            self.train(was_training)
+
+    def _orient_sources(self, sources: list[PatchSource]) -> torch.Tensor:
+        """``orient_scores`` over lazy sources: up to ``ORIENT_PATCHES`` evenly spaced patches of each image."""
+        was_training = self.training
+        self.eval()
+        try:
+            step = self.cfg.encode_chunk
+            embs = []
+            for source in sources:
+                N = len(source)
+                idx = np.unique(np.linspace(0, N - 1, min(N, ORIENT_PATCHES)).round().astype(np.int64))  # (n,)
+                emb = torch.cat(
+                    [
+                        self.encode(read_patches(source, idx[s : s + step]).to(self.device))
+                        for s in range(0, len(idx), step)
+                    ]
+                )  # (n, D)
+                embs.append(self._embed(emb.unsqueeze(0), torch.from_numpy(idx).to(self.device)[None])[0])
+            return self.transf.crs_attn.orient_heads(torch.cat(embs))  # over (sum n, D)
         finally:
             self.train(was_training)
 
@@ -209,6 +315,6 @@ class IPSNet(nn.Module):
         logits = {t.name: self.heads[t.name](image_emb[:, i]) for i, t in enumerate(self.cfg.tasks)}
         return next(iter(logits.values())) if len(logits) == 1 else logits
 
-    def predict(self, patches: torch.Tensor):
-        """``ips`` then ``forward``: the whole pipeline for a batch of patches."""
+    def predict(self, patches: torch.Tensor | Sequence[PatchSource]):
+        """``ips`` then ``forward``: the whole pipeline for a batch of patches (a tensor or a list of sources)."""
         return self(*self.ips(patches))
