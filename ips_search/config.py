@@ -17,6 +17,7 @@ from ips_search.errors import ConfigError
 
 ENCODERS = ("resnet18", "resnet50", "resnet18-2", "resnet18-3", "resnet50-2", "resnet50-3", "small-cnn")
 LOADING_MODES = ("eager", "eager-sequential", "lazy")
+SHUFFLES = ("none", "batch", "instance")
 DATASETS = ("megapixel", "mnist-resized", "folder")
 MEGAPIXEL_TASKS = ("majority", "max", "top", "multilabel")
 
@@ -61,6 +62,9 @@ class IPSConfig:
     tasks: tuple[Task, ...] = ()  # empty: one softmax task "label" with n_class classes
     encode_chunk: int = 256  # patches per encoder call in the no-grad IPS pass
     loading: str = "eager"  # eager | eager-sequential | lazy
+    # training only: stream the patches in a random order (one per batch, or one per image), as the original IPS
+    # code can; with several heads a patch's score depends on its company, so the order changes what is kept
+    shuffle: str = "none"  # none | batch | instance
     fold_bn: bool = True  # fold BatchNorm into convs for the no-grad pass (same result, faster)
     ips_dtype: str = "float32"  # float32 | bfloat16: autocast dtype of the no-grad pass
     ips_impl: str = "streaming"  # streaming (chunked encoding) | reference (the notebook's per-iteration loop)
@@ -90,6 +94,8 @@ class IPSConfig:
             raise ConfigError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}")
         if self.loading not in LOADING_MODES:
             raise ConfigError(f"unknown loading mode {self.loading!r}; choose one of {', '.join(LOADING_MODES)}")
+        if self.shuffle not in SHUFFLES:
+            raise ConfigError(f"unknown shuffle {self.shuffle!r}; choose one of {', '.join(SHUFFLES)}")
         if self.ips_impl not in ("streaming", "reference"):
             raise ConfigError(f"ips_impl must be streaming or reference, got {self.ips_impl!r}")
         if self.ips_dtype not in ("float32", "bfloat16"):

@@ -59,6 +59,12 @@ class _EmbeddingStream:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+def _gather_rows(patches: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``patches[b, order[b]]`` for every image b: ``(B, N, ...)``, ``(B, n)`` -> ``(B, n, ...)``."""
+    index = order.view(*order.shape, *(1,) * (patches.dim() - 2)).expand(-1, -1, *patches.shape[2:])
+    return torch.gather(patches, 1, index)
+
+
 class IPSNet(nn.Module):
     """Iterative Patch Selection network configured by :class:`IPSConfig`."""
 
@@ -118,25 +124,36 @@ class IPSNet(nn.Module):
         top = torch.topk(self.score(emb.float(), idx), k, dim=-1).indices  # (B, k)
         return torch.gather(emb, 1, top.unsqueeze(-1).expand(-1, -1, emb.shape[-1])), torch.gather(idx, 1, top)
 
-    def _select_streaming(self, patches: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """mem_idx ``(B, M)`` for ``patches`` ``(B, N, C, P, P)`` (on any device)."""
+    def _select_streaming(
+        self, patches: torch.Tensor, device: torch.device, order: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """mem_idx ``(B, M)`` for ``patches`` ``(B, N, C, P, P)`` (on any device), streamed in ``order``."""
         B, N = patches.shape[:2]
         encoder = self._no_grad_encoder()
         step = max(1, self.cfg.encode_chunk // B)  # patches per image per encoder call
 
         def chunks() -> Iterator[torch.Tensor]:
             for s in range(0, N, step):
-                chunk = patches[:, s : s + step].to(device, non_blocking=True)  # (B, n, C, P, P)
+                if order is None:
+                    chunk = patches[:, s : s + step].to(device, non_blocking=True)  # (B, n, C, P, P)
+                else:
+                    chunk = _gather_rows(patches, order[:, s : s + step].to(patches.device)).to(device)
                 with self._autocast(device):
                     yield encoder(chunk.flatten(0, 1)).view(B, chunk.shape[1], -1)  # (B, n, D)
 
-        return self._iterate(_EmbeddingStream(chunks()), B, N, device)
+        return self._iterate(_EmbeddingStream(chunks()), B, N, device, order)
 
-    def _iterate(self, stream: _EmbeddingStream, B: int, N: int, device: torch.device) -> torch.Tensor:
-        """The top-M iterations over the embeddings of patches ``0..N-1`` (``N > M``): mem_idx ``(B, M)``."""
+    def _iterate(
+        self, stream: _EmbeddingStream, B: int, N: int, device: torch.device, order: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The top-M iterations over the embeddings of patches ``0..N-1`` (``N > M``), or of ``order`` ``(B, N)``
+        when the patches stream in another order (their indices, and so their positional encodings, go with them):
+        mem_idx ``(B, M)``."""
         M, I = self.cfg.memory_size, self.cfg.iteration_size
 
         def idx(start: int, end: int) -> torch.Tensor:  # (B, end - start); never (B, N), which grows with N
+            if order is not None:
+                return order[:, start:end].to(device)
             return torch.arange(start, end, device=device).unsqueeze(0).expand(B, -1)
 
         mem_emb, mem_idx = stream.take(M), idx(0, M)
@@ -169,11 +186,15 @@ class IPSNet(nn.Module):
 
             return self._iterate(_EmbeddingStream(chunks()), 1, N, device)[0]
 
-    def _select_reference(self, patches: torch.Tensor, device: torch.device) -> torch.Tensor:
+    def _select_reference(
+        self, patches: torch.Tensor, device: torch.device, order: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The reference notebook's loop: one encoder call per iteration of I patches."""
         B, N = patches.shape[:2]
         M, I = self.cfg.memory_size, self.cfg.iteration_size
-        idx = torch.arange(N, device=device).unsqueeze(0).expand(B, -1)
+        if order is not None:
+            patches = _gather_rows(patches, order.to(patches.device))
+        idx = order.to(device) if order is not None else torch.arange(N, device=device).unsqueeze(0).expand(B, -1)
         mem_emb = self.encode(patches[:, :M].to(device).flatten(0, 1)).view(B, M, -1)
         mem_idx = idx[:, :M]
         for start in range(M, N, I):
@@ -183,9 +204,23 @@ class IPSNet(nn.Module):
             mem_emb, mem_idx = self._select_top(all_emb, torch.cat((mem_idx, idx[:, start:end]), 1), M)
         return mem_idx
 
+    def shuffle_order(self, B: int, N: int) -> torch.Tensor | None:
+        """The order ``(B, N)`` a training batch streams in under ``cfg.shuffle`` (``None``: as stored).
+
+        ``batch`` draws one permutation for the whole batch, ``instance`` one per image, from torch's global
+        generator (seeded per trial), as the original IPS code does; evaluation never shuffles."""
+        if self.cfg.shuffle == "none" or not self.training:
+            return None
+        if self.cfg.shuffle == "batch":
+            return torch.randperm(N).unsqueeze(0).expand(B, -1)
+        return torch.argsort(torch.rand(B, N), dim=1)
+
     @torch.no_grad()
     def ips(
-        self, patches: torch.Tensor | Sequence[PatchSource], prefetch: bool = True
+        self,
+        patches: torch.Tensor | Sequence[PatchSource],
+        prefetch: bool = True,
+        order: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Select M of N patches: ``(B, N, C, P, P) -> (mem_patch (B, M, C, P, P), mem_idx (B, M))``.
 
@@ -195,8 +230,13 @@ class IPSNet(nn.Module):
         one image at a time; ``lazy`` leaves patches where they are and moves each
         encoder chunk (and finally the M kept patches) to the device.
 
+        ``order`` ``(B, N)``: stream each image's patches in this order (with their indices, so a patch keeps its
+        positional encoding); by default :meth:`shuffle_order` (``cfg.shuffle``, in training only). ``mem_idx``
+        always holds the stored indices.
+
         ``patches`` may instead be a list of B patch sources (N may differ per image; any ``patch_shape``):
-        see :meth:`_ips_sources`. ``prefetch=False`` reads their chunks in this thread (for comparison).
+        see :meth:`_ips_sources`. ``prefetch=False`` reads their chunks in this thread (for comparison). Sources
+        stream in file order.
         """
         if not isinstance(patches, torch.Tensor):
             return self._ips_sources(list(patches), PREFETCH_DEPTH if prefetch else 0)
@@ -204,6 +244,7 @@ class IPSNet(nn.Module):
         B, N = patches.shape[:2]
         if self.cfg.memory_size >= N:
             return patches.to(device), torch.arange(N, device=device).unsqueeze(0).expand(B, -1).clone()
+        order = order if order is not None else self.shuffle_order(B, N)
         select = self._select_reference if self.cfg.ips_impl == "reference" else self._select_streaming
         was_training = self.training
         self.eval()
@@ -211,11 +252,12 @@ class IPSNet(nn.Module):
             with torch.inference_mode():
                 if self.cfg.loading == "eager":
                     patches = patches.to(device, non_blocking=True)
-                    mem_idx = select(patches, device)
+                    mem_idx = select(patches, device, order)
                 elif self.cfg.loading == "eager-sequential":
-                    mem_idx = torch.cat([select(patches[b : b + 1].to(device), device) for b in range(B)])
+                    rows = [None if order is None else order[b : b + 1] for b in range(B)]
+                    mem_idx = torch.cat([select(patches[b : b + 1].to(device), device, rows[b]) for b in range(B)])
                 else:  # lazy
-                    mem_idx = select(patches, device)
+                    mem_idx = select(patches, device, order)
         finally:
             self.train(was_training)
         mem_idx = mem_idx.clone()  # a normal tensor, usable outside inference mode
