@@ -7,7 +7,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
+
+# Before torch loads OpenMP: idle threads sleep instead of spinning, which on 2 cores shared with Ray's trial
+# processes made in-process selection passes many times slower in wall time
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 # Ray reads its auth mode when first imported: token auth on, as the CLI runs it
 os.environ.setdefault("RAY_AUTH_MODE", "token")
