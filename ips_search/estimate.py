@@ -208,7 +208,7 @@ def estimate_step_memory(
     ``exp.train.amp``); ``device="cpu"``: the exact bytes of the live tensors (a CPU step, no autocast). Cached per
     process: the same config again costs nothing.
     """
-    kind = torch.device(device).type if isinstance(device, str) and device else device
+    kind = device.split(":")[0] if isinstance(device, str) else device
     if kind not in ("cuda", "cpu"):
         raise ConfigError(f"device must be cuda or cpu, got {device!r}")
     for name, value in (("n_patches", n_patches), ("n_chan", n_chan)):
@@ -247,6 +247,49 @@ def estimate_config(space: SearchSpace, params: dict[str, Any], device: str = "c
     n = space.n_patches(exp.data.patch_size, exp.data.patch_stride)
     n_chan, tasks = data_shape(exp.data)
     return estimate_step_memory(exp, n, n_chan, tasks, device)
+
+
+def measure_step_memory(
+    exp: ExperimentConfig, n_patches: int, n_chan: int, tasks: tuple[Task, ...], device: str = "cuda"
+) -> dict[str, float]:
+    """What :func:`estimate_step_memory` predicts, measured on a real CUDA device: a model with random weights, one
+    warm-up training step, then one step of a random batch (pinned on the host, as the training loader gives it).
+
+    Returns ``peak_mb`` (``torch.cuda.max_memory_allocated`` during the step), ``workspace_mb`` (cuBLAS workspaces
+    alive after it, which the allocator books too but are no tensor) and ``tensors_mb`` (their difference).
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        raise ConfigError(f"measuring needs an available CUDA device, got {device!r}; run it on a GPU machine")
+    model_cfg = dataclasses.replace(
+        exp.model, tasks=tuple(tasks), n_chan=n_chan, patch_size=exp.data.patch_size, patch_stride=exp.data.patch_stride
+    )
+    torch.manual_seed(exp.train.seed)
+    model = IPSNet(model_cfg).to(dev)
+    optimizer = make_optimizer(model, exp.train)
+    batch, side = exp.train.batch_size, model_cfg.patch_size
+    patches = torch.rand(batch, n_patches, n_chan, side, side).pin_memory()  # (B, N, C, P, P)
+    targets = {
+        t.name: torch.randint(0, 2, (batch, t.n_class), device=dev).float()
+        if t.multi_label
+        else torch.randint(0, t.n_class, (batch,), device=dev)
+        for t in model_cfg.tasks
+    }
+    model.train()
+    train_step(model, patches, targets, optimizer, exp.train, dev)
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    train_step(model, patches, targets, optimizer, exp.train, dev)
+    torch.cuda.synchronize(dev)
+    peak = torch.cuda.max_memory_allocated(dev)
+    before = torch.cuda.memory_allocated(dev)
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+    workspace = before - torch.cuda.memory_allocated(dev)
+    del model, optimizer, patches, targets
+    torch.cuda.empty_cache()
+    return {"peak_mb": peak / MB, "workspace_mb": workspace / MB, "tensors_mb": (peak - workspace) / MB}
 
 
 # -- command line ----------------------------------------------------------------------------------------------------
