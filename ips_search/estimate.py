@@ -222,7 +222,10 @@ def estimate_step_memory(
         patch_stride=exp.data.patch_stride,
         pretrained=False,  # the values don't matter, and ImageNet weights would be downloaded
     )
-    key = json.dumps([dataclasses.asdict(model_cfg), dataclasses.asdict(exp.train), kind, n_patches], default=str)
+    train = exp.train  # only what changes the step's tensors: lr, epochs, seed... share an estimate
+    key = json.dumps(
+        [dataclasses.asdict(model_cfg), train.batch_size, train.amp, train.grad_clip, kind, n_patches], default=str
+    )
     return _estimate(key, model_cfg, exp.train, kind, n_patches)
 
 
