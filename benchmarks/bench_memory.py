@@ -92,11 +92,6 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def _clear_caches() -> None:
-    estimate._ESTIMATES.clear()
-    estimate._TRAINERS.clear()
-
-
 def _timed(fn) -> tuple[Any, float]:
     start = time.perf_counter()
     out = fn()
@@ -107,7 +102,7 @@ def _timed(fn) -> tuple[Any, float]:
 def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     space = load_space("default")
     best = {"patch_size": 32, "memory_size": 8, "iteration_size": 8}
-    _clear_caches()
+    estimate.clear_cache()
     smoke = {"patch_size": 32, "memory_size": 4, "iteration_size": 4}  # another model: torch's one-off setup
     _, first_s = _timed(lambda: estimate.estimate_config(load_space("smoke"), smoke))
     cold, cold_s = _timed(lambda: estimate.estimate_config(space, best))
@@ -116,7 +111,7 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     paper, paper_s = _timed(lambda: estimate.estimate_step_memory(exp, n, n_chan, tasks))
     grid = estimate.space_grid(space)
     sample = estimate.even_sample(grid, 60)
-    _clear_caches()
+    estimate.clear_cache()
     _, sample_s = _timed(lambda: [estimate.estimate_config(space, p) for p in sample])
     res: dict[str, Any] = {
         "first_in_process_s": first_s,
@@ -125,7 +120,7 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
         "grid": {"configs": len(grid), "sampled": len(sample), "sample_s": sample_s},
     }
     if args.full_grid:
-        _clear_caches()
+        estimate.clear_cache()
         _, full_s = _timed(lambda: [estimate.estimate_config(space, p) for p in grid])
         res["grid"]["full_s"] = full_s
     res["targets"] = {

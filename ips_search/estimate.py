@@ -179,6 +179,12 @@ _TRAINERS: dict[str, _FakeTrainer] = {}  # per model structure
 _ESTIMATES: dict[str, MemoryEstimate] = {}  # per full config: a trial's repeated calls are free
 
 
+def clear_cache() -> None:
+    """Forget every estimate and fake model of this process (the next estimate of each model starts cold)."""
+    _ESTIMATES.clear()
+    _TRAINERS.clear()
+
+
 def _estimate(key: str, model_cfg: IPSConfig, train_cfg: TrainConfig, device: str, n_patches: int) -> MemoryEstimate:
     if key in _ESTIMATES:
         return _ESTIMATES[key]

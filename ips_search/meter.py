@@ -17,6 +17,7 @@ CUDA caching allocator's accounting of ``allocated_bytes`` (``torch.cuda.max_mem
 
 from __future__ import annotations
 
+import gc
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -59,7 +60,8 @@ class StorageMeter(TorchDispatchMode):
     Counts storages on ``device`` (a device type such as ``cpu`` or ``cuda``; None: every device but ``meta``).
     ``current_bytes`` is what is alive now, ``peak_bytes`` the most alive at once since entry (or
     :meth:`reset_peak`). Usable again after exit: counts carry over, so a second region can start from the first's
-    survivors.
+    survivors. Python's cyclic garbage collector is paused inside the region (after a collection at entry): a tensor
+    held in a reference cycle then dies at the same point in every run, not whenever the collector happens to run.
     """
 
     def __init__(self, device: str | torch.device | None = None, rounding: Callable[[int], int] = tensor_bytes) -> None:
@@ -70,6 +72,18 @@ class StorageMeter(TorchDispatchMode):
         self.peak_bytes = 0
         self._live: dict[int, int] = {}  # storage id (its C++ address while alive) -> counted bytes
         self._finalizers: dict[int, weakref.finalize] = {}
+        self._gc_was_enabled: list[bool] = []
+
+    def __enter__(self) -> StorageMeter:
+        gc.collect()
+        self._gc_was_enabled.append(gc.isenabled())
+        gc.disable()
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        if self._gc_was_enabled.pop():
+            gc.enable()
 
     # -- counting ------------------------------------------------------------------------------------------------
     def _counts(self, tensor: torch.Tensor) -> bool:

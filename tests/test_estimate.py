@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
 from ips_search.config import DataConfig, ExperimentConfig, IPSConfig, Task, TrainConfig
 from ips_search.estimate import (
+    clear_cache,
     estimate_config,
     estimate_step_memory,
     even_sample,
@@ -69,6 +72,22 @@ def test_bfloat16_autocast_shrinks_the_cuda_estimate_and_is_ignored_on_the_cpu()
     assert amp < 0.85 * fp32, (amp, fp32)
     cpu_amp, cpu_fp32 = (estimate_step_memory(e, 64, 1, LABEL, device="cpu").peak_mb for e in (exp_amp, exp_fp32))
     assert cpu_amp == cpu_fp32  # autocast only applies to CUDA steps, as in train_step
+
+
+def test_the_estimate_does_not_depend_on_when_the_garbage_collector_runs():
+    """Tensors held in reference cycles die when Python's collector runs; the meter pauses it, so a cold estimate
+    gives the same bytes however often the collector would have run."""
+    saved = gc.get_threshold()
+    seen = set()
+    try:
+        for threshold in (1, 10, 700):
+            gc.set_threshold(threshold)
+            clear_cache()
+            est = estimate_step_memory(_exp(memory_size=24, batch_size=8), 64, 1, LABEL, device="cpu")
+            seen.add((est.peak_mb, est.state_mb))
+    finally:
+        gc.set_threshold(*saved)
+    assert len(seen) == 1, seen
 
 
 def test_several_tasks_and_a_multi_label_head_are_estimated():
