@@ -60,12 +60,14 @@ from ips_search import IPSConfig, IPSNet, TrainConfig
 from ips_search.memory import PeakMemory
 from ips_search.model.fold import FoldedEncoder
 from ips_search.train import make_optimizer
+from ips_search.train import train_step as library_train_step
 
 BATCH, PATCH, M, I = 8, 32, 4, 4
 THREADS = 2
 PINNED_MMAP_THRESHOLD = 256 * 1024
 QUIET_CORES, QUIET_RETRIES = 0.15, 3  # a round during which others used more cores is re-measured (--quiet-wait)
 TRAIN_CFG = TrainConfig(lr=1e-4)  # the training loop's optimiser (AdamW) and gradient clipping
+UNCLIPPED = TrainConfig(lr=3e-4, grad_clip=None)  # the briefly trained model's steps (its own AdamW, no clipping)
 
 # mode -> IPSConfig overrides (on top of the benchmark's base config)
 MODES: dict[str, dict[str, Any]] = {
@@ -122,16 +124,10 @@ def make_model(cfg: IPSConfig, channels_last: bool | None = None, seed: int = 0,
 
 
 def train_step(net: IPSNet, opt: torch.optim.Optimizer, patches: torch.Tensor, labels: torch.Tensor) -> float:
-    """One training step as ``train.train_one_epoch`` does it: IPS, forward, backward, clip, AdamW step."""
+    """One training step as ``train.train_one_epoch`` does it (``train.train_step``): IPS, forward (bfloat16
+    autocast on CUDA), backward, clip, AdamW step."""
     net.train()
-    mem_patch, mem_idx = net.ips(patches)
-    loss = F.cross_entropy(net(mem_patch, mem_idx), labels)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if TRAIN_CFG.grad_clip:
-        torch.nn.utils.clip_grad_norm_(net.parameters(), TRAIN_CFG.grad_clip)
-    opt.step()
-    return float(loss.detach())
+    return library_train_step(net, patches, {"label": labels}, opt, TRAIN_CFG, net.device)[1]
 
 
 def random_batch(n: int, batch: int = BATCH, seed: int = 0, n_class: int = 10):
@@ -397,12 +393,7 @@ def train_briefly(steps: int, n: int, n_signal: int, encoder: str = "resnet18") 
     for step in range(steps):
         x, y, _ = synthetic_batch(n, BATCH, n_signal, seed=1000 + step)
         net.train()
-        mem_patch, mem_idx = net.ips(x)
-        logits = net(mem_patch, mem_idx)
-        loss = F.cross_entropy(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        logits = library_train_step(net, x, {"label": y}, opt, UNCLIPPED, net.device)[0]["label"]
         hits.append(float((logits.argmax(1) == y).float().mean()))
     return net.state_dict(), sum(hits[-20:]) / len(hits[-20:]), time.perf_counter() - start
 

@@ -70,15 +70,16 @@ def test_cuda_region_measures_a_cuda_allocation():
     del keep
 
 
-# One training step (ips + forward + backward + AdamW) in a fresh interpreter, after a
-# warm-up step (which allocates the one-off AdamW state, gradients and folded encoder);
-# the patches exist before the region. Prints {"step": MB, "kind": ...}.
+# One training step (``train.train_step``: ips + forward + backward + AdamW, no clipping) in a fresh interpreter,
+# after a warm-up step (which allocates the one-off AdamW state, gradients and folded encoder); the patches exist
+# before the region. Prints {"step": MB, "kind": ...}.
 _WORKER = r"""
 import json, sys
 import torch
-import torch.nn.functional as F
 from ips_search import IPSConfig, IPSNet
+from ips_search.config import TrainConfig
 from ips_search.memory import PeakMemory
+from ips_search.train import train_step
 
 torch.set_num_threads(1)  # memory does not need speed; one thread is immune to a busy machine
 n, full = int(sys.argv[1]), sys.argv[2] == "full"
@@ -88,19 +89,13 @@ cfg = IPSConfig(encoder="small-cnn", dim=64, d_inner=128, n_chan=1, patch_size=3
 torch.manual_seed(0)
 net = IPSNet(cfg)
 opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-patches, labels = torch.rand(B, n, 1, 32, 32), torch.randint(0, 10, (B,))
-
-def step():
-    net.train()
-    mem_patch, mem_idx = net.ips(patches)
-    loss = F.cross_entropy(net(mem_patch, mem_idx), labels)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-
-step()
+train = TrainConfig(lr=1e-4, grad_clip=None)
+patches, targets = torch.rand(B, n, 1, 32, 32), {"label": torch.randint(0, 10, (B,))}
+cpu = torch.device("cpu")
+net.train()
+train_step(net, patches, targets, opt, train, cpu)
 with PeakMemory("cpu") as mem:
-    step()
+    train_step(net, patches, targets, opt, train, cpu)
 print(json.dumps({"step": mem.peak_mb, "kind": mem.kind}))
 """
 
