@@ -18,14 +18,17 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from typing import Any
 
 import ray
 import torch
 from ray import tune
 
-from ips_search.data import build_datasets
-from ips_search.experiment import CHECKPOINT_FILE, EpochReport, Status
+from ips_search.config import ExperimentConfig
+from ips_search.data import DataSplits, build_datasets
+from ips_search.estimate import estimate_step_memory
+from ips_search.experiment import CHECKPOINT_FILE, EpochReport, MemoryKind, Status
 from ips_search.space import trial_config
 from ips_search.train import NonFiniteLossError, Training, evaluate, resolve_device, setup, train_one_epoch
 
@@ -51,10 +54,9 @@ def _node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
-def _save_checkpoint(directory: str, run: Training, epoch: int, peak_mb: float) -> tune.Checkpoint:
-    torch.save(
-        {**run.state_dict(), "epoch": epoch, "peak_memory_mb": peak_mb}, os.path.join(directory, CHECKPOINT_FILE)
-    )
+def _save_checkpoint(directory: str, run: Training, epoch: int, peak_mb: float, host_rss_mb: float) -> tune.Checkpoint:
+    state = {**run.state_dict(), "epoch": epoch, "peak_memory_mb": peak_mb, "host_rss_mb": host_rss_mb}
+    torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
     return tune.Checkpoint.from_directory(directory)
 
 
@@ -88,29 +90,37 @@ def train_ips(config: dict[str, Any]) -> None:
         torch.cuda.set_per_process_memory_fraction(gpus, device)
 
     splits = build_datasets(exp.data)  # cached on disk and in-process: reused actors don't rebuild it
+    predicted = predict_peak_mb(exp, splits)
+    base = {
+        "n_patches": splits.n_patches,
+        "memory_size": exp.model.memory_size,
+        "iteration_size": exp.model.iteration_size,
+        "patch_size": exp.data.patch_size,
+        "device": device.type,
+        "node_id": _node_id(),
+        "predicted_memory_mb": predicted,
+    }
+    if budget and predicted is not None and predicted > budget:  # told to Optuna as infeasible, never trained
+        return _report_stopped(base, Status.INFEASIBLE, predicted, MemoryKind.PREDICTED_CUDA.value, epoch=-1)
+    # On a GPU the caching allocator's peak is exact and the first step is probed against the budget; on the CPU
+    # the process's RSS is noise, so the deterministic prediction stands for the memory and RSS gets its own column
+    measured = device.type == "cuda" or predicted is None
     run = setup(exp, splits, device)
     model = run.model
 
-    start_epoch, peak_mb = 0, 0.0
+    start_epoch, peak_mb, host_rss_mb = 0, 0.0, 0.0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(directory)
         run.load_state_dict(state)
         start_epoch, peak_mb = state["epoch"] + 1, state["peak_memory_mb"]
+        host_rss_mb = state.get("host_rss_mb", 0.0)
 
     def probe(step: int, mem_mb: float) -> None:
-        if budget and step == 0 and mem_mb > budget:
+        if budget and measured and step == 0 and mem_mb > budget:
             raise OverBudgetError(mem_mb, budget)
 
-    base = {
-        "n_patches": splits.n_patches,
-        "memory_size": model.cfg.memory_size,
-        "iteration_size": model.cfg.iteration_size,
-        "patch_size": model.cfg.patch_size,
-        "device": device.type,
-        "node_id": _node_id(),
-    }
     for epoch in range(start_epoch, exp.train.epochs):
         try:
             train = train_one_epoch(
@@ -125,11 +135,15 @@ def train_ips(config: dict[str, Any]) -> None:
         except OverBudgetError as exc:
             return _report_stopped(base, Status.INFEASIBLE, exc.peak_mb, _kind(device), epoch)
         except NonFiniteLossError as exc:
-            return _report_stopped(base, Status.NAN_LOSS, peak_mb, _kind(device), epoch, error=str(exc))
+            kind = _kind(device) if measured else MemoryKind.PREDICTED_CUDA.value
+            peak = peak_mb if measured else predicted
+            return _report_stopped(base, Status.NAN_LOSS, peak, kind, epoch, error=str(exc))
         except torch.cuda.OutOfMemoryError:
-            return _report_stopped(base, Status.OUT_OF_MEMORY, math.inf, "cuda", epoch)
+            return _report_stopped(base, Status.OUT_OF_MEMORY, math.inf, MemoryKind.CUDA.value, epoch)
         val = evaluate(model, run.val_loader, device, exp.train.amp)
-        peak_mb = max(peak_mb, train["peak_memory_mb"])
+        if device.type == "cpu":
+            host_rss_mb = max(host_rss_mb, train["peak_memory_mb"])
+        peak_mb = max(peak_mb, train["peak_memory_mb"]) if measured else predicted
         last = epoch == exp.train.epochs - 1
         report = EpochReport(
             **base,
@@ -140,7 +154,8 @@ def train_ips(config: dict[str, Any]) -> None:
             train_loss=train["loss"],
             train_accuracy=train["accuracy"],
             peak_memory_mb=peak_mb,
-            memory_kind=train["memory_kind"],
+            memory_kind=train["memory_kind"] if measured else MemoryKind.PREDICTED_CUDA.value,
+            host_rss_mb=host_rss_mb if device.type == "cpu" else None,
             feasible=budget is None or peak_mb <= budget,
             epoch_seconds=train["seconds"] + val["seconds"],
             train_seconds=train["seconds"],
@@ -156,8 +171,18 @@ def train_ips(config: dict[str, Any]) -> None:
             )
             report.per_task.update({f"test_{k}": v for k, v in test.items() if "/" in k})
         with tempfile.TemporaryDirectory() as directory:
-            checkpoint_out = _save_checkpoint(directory, run, epoch, peak_mb)
+            checkpoint_out = _save_checkpoint(directory, run, epoch, peak_mb, host_rss_mb)
             tune.report(report.to_metrics(), checkpoint=checkpoint_out)
+
+
+def predict_peak_mb(exp: ExperimentConfig, splits: DataSplits) -> float | None:
+    """The estimator's CUDA peak of one training step of ``exp`` (:mod:`ips_search.estimate`), or ``None`` if it
+    can't estimate this config (the trial then reports measured memory, as before the estimator)."""
+    try:
+        return estimate_step_memory(exp, splits.n_patches, splits.n_chan, splits.tasks, "cuda").peak_mb
+    except Exception as exc:  # noqa: BLE001 - an estimator gap must not cost the trial
+        warnings.warn(f"no memory estimate for this config ({type(exc).__name__}: {exc}); measuring", stacklevel=2)
+        return None
 
 
 def _report_stopped(base: dict, status: Status, peak_mb: float, kind: str, epoch: int, **extra: Any) -> None:
@@ -177,4 +202,4 @@ def _report_stopped(base: dict, status: Status, peak_mb: float, kind: str, epoch
 
 
 def _kind(device: torch.device) -> str:
-    return "cuda" if device.type == "cuda" else "cpu-rss"
+    return (MemoryKind.CUDA if device.type == "cuda" else MemoryKind.CPU_RSS).value

@@ -194,7 +194,7 @@ def test_four_trials_share_one_logical_gpu_concurrently(tmp_path):
         rows = result_rows(path)
         # Without CUDA the logical GPU only schedules, and each trial trains on the CPU; with one, on the GPU.
         assert {r["device"] for r in rows} == {"cuda" if torch.cuda.is_available() else "cpu"}
-        assert {r["memory_kind"] for r in rows} == {"cuda" if torch.cuda.is_available() else "cpu-rss"}
+        assert {r["memory_kind"] for r in rows} == {"cuda" if torch.cuda.is_available() else "predicted-cuda"}
         intervals.append((rows[0]["timestamp"] - rows[0]["time_this_iter_s"], rows[-1]["timestamp"]))
     latest_start, earliest_end = max(s for s, _ in intervals), min(e for _, e in intervals)
     assert latest_start < earliest_end - 1, f"the 4 trials did not all run at once: {intervals}"

@@ -38,7 +38,9 @@ def test_smoke_search_end_to_end(ray_cluster, results_dir, capsys):
     df = pd.read_csv(folder / "trials.csv")
     assert len(df) == 4 and set(df["status"]) <= {"completed", "early-stopped"}
     assert df["val_accuracy"].notna().all() and (df["peak_memory_mb"] > 0).all()
-    assert set(df["memory_kind"]) == {"cpu-rss"}
+    # without a GPU the memory is the estimator's CUDA peak (deterministic); the process's RSS has its own column
+    assert set(df["memory_kind"]) == {"predicted-cuda"} and (df["predicted_memory_mb"] == df["peak_memory_mb"]).all()
+    assert (df["host_rss_mb"] >= 0).all()
     assert ((df["memory_size"] < df["n_patches"]) & (df["iteration_size"] <= df["n_patches"] - df["memory_size"])).all()
     study = _study(folder)
     assert len(study.trials) == 4
@@ -81,7 +83,10 @@ def test_memory_budget_marks_trials_infeasible(ray_cluster, results_dir):
     assert _search(results_dir, "budget", "--trials", "2", "--max-memory-mb", "1") == 0
     df = pd.read_csv(results_dir / "budget" / "trials.csv")
     assert (df["status"] == "infeasible").all() and (df["peak_memory_mb"] > 1).all()
-    assert (df["epochs"] == 1).all()  # stopped after the probe step
+    assert (df["memory_kind"] == "predicted-cuda").all() and (df["epochs"] == 1).all()
+    for path in df["path"]:  # rejected on the prediction: not one training step
+        (last,) = [json.loads(line) for line in (Path(path) / "result.json").read_text().splitlines() if line.strip()]
+        assert last["epoch"] == 0 and "train_seconds" not in last and last["time_this_iter_s"] < 30
     study = _study(results_dir / "budget")
     assert all(len(trial_constraints(t)) == 1 and trial_constraints(t)[0] > 0 for t in study.trials)
 
