@@ -40,13 +40,15 @@ def _visible_dirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _images_in(folder: Path) -> list[Path]:
-    files = (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+def _images_in(folder: Path, exts: tuple[str, ...] = IMAGE_EXTS) -> list[Path]:
+    files = (p for p in folder.rglob("*") if p.suffix.lower() in exts and not p.name.startswith("."))
     return sorted(p for p in files if p.is_file())
 
 
-def _scan(split_root: Path, classes: list[str] | None = None) -> tuple[list[str], list[Path], list[int]]:
-    """Class names, image paths and labels under ``split_root/<class>/``."""
+def scan(
+    split_root: Path, classes: list[str] | None = None, exts: tuple[str, ...] = IMAGE_EXTS
+) -> tuple[list[str], list[Path], list[int]]:
+    """Class names, image paths (files ending in one of ``exts``) and labels under ``split_root/<class>/``."""
     found = [d.name for d in _visible_dirs(split_root)]
     if not found:
         raise ConfigError(
@@ -61,10 +63,10 @@ def _scan(split_root: Path, classes: list[str] | None = None) -> tuple[list[str]
         )
     paths, labels = [], []
     for name in found:
-        files = _images_in(split_root / name)
+        files = _images_in(split_root / name, exts)
         if not files:
             raise ConfigError(
-                f"class folder {split_root / name} has no images ({', '.join(IMAGE_EXTS)}); add images or remove it"
+                f"class folder {split_root / name} has no images ({', '.join(exts)}); add images or remove it"
             )
         paths += files
         labels += [classes.index(name)] * len(files)
@@ -130,13 +132,13 @@ def build(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchDataset, tu
             f"{root} has {present}/ but no {missing}/; add {root}/{missing}/<class>/ or put class folders in {root}"
         )
     if has_train:
-        classes, train_paths, train_labels = _scan(root / "train")
-        _, test_paths, test_labels = _scan(root / "test", classes)
+        classes, train_paths, train_labels = scan(root / "train")
+        _, test_paths, test_labels = scan(root / "test", classes)
         paths, labels = train_paths + test_paths, train_labels + test_labels
         test_idx = np.arange(len(train_paths), len(paths))
         rest = rng.permutation(len(train_paths))
     else:
-        classes, paths, labels = _scan(root)
+        classes, paths, labels = scan(root)
         if len(paths) < 3:
             raise ConfigError(f"found {len(paths)} image(s) in {root}; need at least 3 (train, validation and test)")
         perm = rng.permutation(len(paths))
