@@ -185,8 +185,9 @@ def _check_level(reader: SlideReader, cfg: DataConfig) -> tuple[int, int, int]:
     return level, read_size, stride
 
 
-def make_source(path: Path, cfg: DataConfig) -> SlidePatchSource:
+def make_source(path: str | Path, cfg: DataConfig) -> SlidePatchSource:
     """Check one slide and build its source (coordinates from the on-disk cache when already computed)."""
+    path = Path(path).expanduser()
     kind = detect(path)
     reader = open_slide(path, kind, cfg.cache_dir)
     try:

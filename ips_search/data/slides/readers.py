@@ -315,7 +315,7 @@ def detect(path: Path) -> str:
         vendor = openslide.OpenSlide.detect_format(str(path))
     except openslide.OpenSlideError:
         vendor = None
-    if vendor is not None:
+    if vendor is not None and not (vendor == "generic-tiff" and _more_tiff_levels(path)):
         return "openslide"
     if is_tiff:
         try:
@@ -327,6 +327,21 @@ def detect(path: Path) -> str:
     if suffix in SLIDE_EXTS and not is_tiff:
         raise ConfigError(f"cannot open slide {path} (OpenSlide does not recognise it); replace or remove the file")
     return "memmap"
+
+
+def _more_tiff_levels(path: Path) -> bool:
+    """Whether tifffile sees a deeper pyramid than OpenSlide's generic-tiff driver (which ignores the SubIFD
+    pyramids of OME-TIFF and sees only the full-resolution page)."""
+    import openslide
+
+    try:
+        reader = TiffReader(path)
+    except ConfigError:
+        return False
+    with openslide.OpenSlide(str(path)) as slide:
+        ours = slide.level_count
+    reader.close()
+    return reader.level_count > ours
 
 
 def open_slide(path: str | os.PathLike[str], kind: str | None = None, cache_dir: str | None = None) -> SlideReader:
