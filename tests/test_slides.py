@@ -324,3 +324,26 @@ def test_generation_is_deterministic():
     b = render(make_layout(512, seed=4, tumour=True), 0, 0, 512, 512)
     assert np.array_equal(a, b) and not np.array_equal(a, render(make_layout(512, 5, True), 0, 0, 512, 512))
     assert generate.level_sizes(4096, 4096)[-1] == (256, 256)
+
+
+# ---------------------------------------------------------------- report
+
+
+def test_plot_slide_attention_outlines_the_kept_patches(tumour_slide, tmp_path):
+    from matplotlib.patches import Rectangle
+
+    from ips_search.report.slide_maps import plot_slide_attention
+
+    source = make_source(tumour_slide, config(tmp_path))
+    kept = np.array([0, 3, len(source) - 1])
+    fig = plot_slide_attention(
+        tumour_slide, source.coords, kept, source.patch_size_level0, scores=[0.1, 0.5, 0.9], thumbnail_size=256
+    )
+    ax = fig.axes[0]
+    thick = [p for p in ax.patches if isinstance(p, Rectangle) and p.get_linewidth() > 1]
+    assert len(thick) == 3 and len(ax.patches) == len(source)
+    scale = SIDE / ax.images[0].get_array().shape[1]  # level-0 pixels per thumbnail pixel
+    assert thick[2].get_xy() == pytest.approx(tuple(source.coords[kept[2]] / scale))
+    assert thick[0].get_width() == pytest.approx(128 / scale)  # 64 px at level 1
+    with pytest.raises(ValueError, match="index"):
+        plot_slide_attention(tumour_slide, source.coords, [len(source)], source.patch_size_level0)
