@@ -45,6 +45,13 @@ from ips_search.data.slides.readers import open_slide  # noqa: E402
 
 BYTES_PER_TISSUE_PIXEL = 0.35  # JPEG q90 of the synthetic texture, measured on a 16k slide, plus the pyramid
 
+
+def torch_dataset_base() -> type:
+    from torch.utils.data import Dataset
+
+    return Dataset
+
+
 RSS_SCRIPT = """
 import json, sys, numpy as np
 from ips_search.config import DataConfig
@@ -88,21 +95,35 @@ def peak_rss(path: Path, patch: int, level: int, chunk: int, cache: Path) -> dic
     return result
 
 
-def throughput(source: SlidePatchSource, index: np.ndarray, chunk: int) -> float:
-    start = time.perf_counter()
-    for i in range(0, len(index), chunk):
-        source.read(index[i : i + chunk])
-    return len(index) / (time.perf_counter() - start)
+def compare_readers(path: Path, source: SlidePatchSource, index: np.ndarray, chunk: int) -> dict[str, float]:
+    """Patches per second of three readers over the same patches, interleaved chunk by chunk (rotating which goes
+    first) so that the load of a shared machine falls on all three alike:
 
-
-def bare_openslide(path: Path, coords: np.ndarray, level: int, patch: int) -> float:
+    * ``bare_openslide``: OpenSlide's own ``read_region`` + ``np.asarray`` (uint8 RGBA), nothing else;
+    * ``source_openslide``: ``SlidePatchSource.read`` through :class:`OpenSlideReader` (float32 ``(k, C, P, P)``);
+    * ``source_tifffile``: the same through :class:`TiffReader`, the reader ``open_slide`` picks for these files.
+    """
     import openslide
 
-    with openslide.OpenSlide(str(path)) as slide:
-        start = time.perf_counter()
-        for x, y in coords:
-            np.asarray(slide.read_region((int(x), int(y)), level, (patch, patch)))
-        return len(coords) / (time.perf_counter() - start)
+    via_openslide = SlidePatchSource(path, source.coords, source.patch_size, source.level, kind="openslide")
+    size = source.read_size
+    slide = openslide.OpenSlide(str(path))
+
+    def bare(idx: np.ndarray) -> None:
+        for x, y in source.coords[idx]:
+            np.asarray(slide.read_region((int(x), int(y)), source.level, (size, size)))
+
+    readers = {"bare_openslide": bare, "source_openslide": via_openslide.read, "source_tifffile": source.read}
+    seconds = dict.fromkeys(readers, 0.0)
+    names = list(readers)
+    for turn, start in enumerate(range(0, len(index), chunk)):
+        idx = index[start : start + chunk]
+        for name in names[turn % 3 :] + names[: turn % 3]:
+            t0 = time.perf_counter()
+            readers[name](idx)
+            seconds[name] += time.perf_counter() - t0
+    slide.close()
+    return {f"{name}_per_s": len(index) / max(seconds[name], 1e-9) for name in readers}
 
 
 def ips_selection_pass(sources: list[SlidePatchSource], memory_size: int = 16, iteration_size: int = 64) -> dict:
@@ -132,6 +153,77 @@ def ips_selection_pass(sources: list[SlidePatchSource], memory_size: int = 16, i
     return {"seconds": time.perf_counter() - start, "n_patches": [len(s) for s in sources]}
 
 
+class _PaddedSlides(torch_dataset_base()):
+    """A slides split as the current tensor IPS path takes it: each slide's N patches read once (uint8), cycled to
+    the largest N so a batch stacks to ``(B, N_max, C, P, P)`` (repeating a slide's own patches adds no evidence
+    that is not on the slide). Only for :func:`learnability_check`; with patch-source support IPS reads the
+    sources directly."""
+
+    def __init__(self, dataset, n_max: int) -> None:
+        import torch
+
+        self.targets = dataset.targets
+        self.patches = []
+        for source in dataset.sources:
+            index = np.resize(np.arange(len(source)), n_max)  # cycle to n_max
+            regions = torch.from_numpy(source.read_uint8(index)).permute(0, 3, 1, 2).contiguous()  # (N, C, P, P)
+            self.patches.append(regions)
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def __getitem__(self, i: int):
+        return self.patches[i].float().div_(255), {k: v[i] for k, v in self.targets.items()}
+
+
+def learnability_check(args: argparse.Namespace) -> dict:
+    """Train IPS on the ``slides`` search space's cohort with one config (``train.fit``, CPU) and report test
+    accuracy: evidence that the generated label can be learned from the patches IPS keeps."""
+    import dataclasses
+
+    import torch
+
+    from ips_search.data import DataSplits, build_datasets
+    from ips_search.space import load_space
+    from ips_search.train import fit
+
+    torch.set_num_threads(2)
+    space = load_space("slides")
+    base = space.base_config()
+    data = dataclasses.replace(base.data, patch_size=args.learn_patch_size, patch_stride=None)
+    splits = build_datasets(data)
+    n_max = max(max(ds.n_patches) for ds in (splits.train, splits.val, splits.test))
+    padded = DataSplits(
+        train=_PaddedSlides(splits.train, n_max),
+        val=_PaddedSlides(splits.val, n_max),
+        test=_PaddedSlides(splits.test, n_max),
+        tasks=splits.tasks,
+        n_chan=splits.n_chan,
+        image_hw=splits.image_hw,
+        grid=(1, n_max),
+        n_patches=n_max,
+    )
+    model = dataclasses.replace(
+        base.model, memory_size=args.learn_memory_size, iteration_size=args.learn_iteration_size
+    )
+    train = dataclasses.replace(base.train, lr=args.learn_lr, epochs=args.learn_epochs, device="cpu")
+    exp = dataclasses.replace(base, data=data, model=model, train=train)
+    start = time.perf_counter()
+    result = fit(exp, padded, torch.device("cpu"))
+    return {
+        "config": {
+            "patch_size": data.patch_size, "memory_size": model.memory_size,
+            "iteration_size": model.iteration_size, "lr": train.lr, "epochs": train.epochs,
+        },
+        "n_train_val_test": [len(splits.train), len(splits.val), len(splits.test)],
+        "n_patches_min_max": [splits.n_patches, n_max],
+        "seconds": time.perf_counter() - start,
+        "train_loss_per_epoch": [e.get("loss") for e in result["epochs"]],
+        "val": result["val"],
+        "test": result["test"],
+    }  # fmt: skip
+
+
 def bench_size(size: int, args: argparse.Namespace, work: Path) -> dict:
     path = work / f"slide-{size}.tif"
     row: dict = {"size": size}
@@ -158,16 +250,10 @@ def bench_size(size: int, args: argparse.Namespace, work: Path) -> dict:
     sample = np.sort(rng.permutation(len(coords))[: args.sample])
     cfg = DataConfig(dataset="slides", patch_size=args.patch_size, level=args.level, cache_dir=str(cache))
     ours = make_source(path, cfg)
-    via_openslide = SlidePatchSource(path, ours.coords, args.patch_size, args.level, kind="openslide")
-    downsample = open_slide(path, "openslide").downsamples[args.level]
-    level0 = ours.coords[sample]
     row["sample"] = len(sample)
-    row["bare_openslide_per_s"] = bare_openslide(path, level0, args.level, args.patch_size)
-    row["source_openslide_per_s"] = throughput(via_openslide, sample, args.chunk)
-    row["source_tifffile_per_s"] = throughput(ours, sample, args.chunk)
+    row.update(compare_readers(path, ours, sample, args.chunk))
     row["openslide_ratio"] = row["source_openslide_per_s"] / row["bare_openslide_per_s"]
     row["tifffile_ratio"] = row["source_tifffile_per_s"] / row["bare_openslide_per_s"]
-    row["downsample"] = downsample
     if size == min(args.sizes):
         row["ips"] = ips_selection_pass([ours])
     print(json.dumps(row), flush=True)
@@ -219,7 +305,25 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/bench-slides")
     parser.add_argument("--keep", action="store_true", help="keep the slides (default: delete after measuring)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--learn", action="store_true", help="instead: train one config on the slides space")
+    parser.add_argument("--learn-patch-size", type=int, default=64)
+    parser.add_argument("--learn-memory-size", type=int, default=8)
+    parser.add_argument("--learn-iteration-size", type=int, default=16)
+    parser.add_argument("--learn-lr", type=float, default=1e-3)
+    parser.add_argument("--learn-epochs", type=int, default=10)
     args = parser.parse_args()
+    if args.learn:
+        result = {
+            "command": "python benchmarks/bench_slides.py " + " ".join(sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": machine(),
+            **learnability_check(args),
+        }
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"slides-learn-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     need = max(args.sizes) ** 2 * args.tissue * BYTES_PER_TISSUE_PIXEL * 1.5

@@ -66,22 +66,33 @@ class SlidePatchSource:
         """The side of one patch in level-0 pixels (for drawing patches on a thumbnail)."""
         return self.read_size * self.reader.downsamples[self.level]
 
-    def read_uint8(self, index: np.ndarray) -> np.ndarray:
-        """``(k, read_size, read_size, C_file)`` uint8 regions of the patches ``index`` ``(k,)``."""
+    def _regions(self, index: np.ndarray):
+        """``(j, region)`` for each patch in ``index``: ``(read_size, read_size, C_file)`` uint8 at ``level``."""
         reader = self.reader
         downsample = reader.downsamples[self.level]
-        index = np.asarray(index, dtype=np.int64).reshape(-1)
         size = self.read_size
-        out = np.empty((len(index), size, size, reader.n_chan), dtype=np.uint8)
-        for j, (x, y) in enumerate(self.coords[index]):
-            out[j] = reader.read_region(self.level, round(x / downsample), round(y / downsample), size, size)
+        for j, (x, y) in enumerate(self.coords[np.asarray(index, dtype=np.int64).reshape(-1)]):
+            yield j, reader.read_region(self.level, round(x / downsample), round(y / downsample), size, size)
+
+    def read_uint8(self, index: np.ndarray) -> np.ndarray:
+        """``(k, read_size, read_size, C_file)`` uint8 regions of the patches ``index`` ``(k,)``."""
+        k = len(np.asarray(index).reshape(-1))
+        out = np.empty((k, self.read_size, self.read_size, self.reader.n_chan), dtype=np.uint8)
+        for j, region in self._regions(index):
+            out[j] = region
         return out
 
     def read(self, index: np.ndarray) -> torch.Tensor:
         """float32 ``(k, C, P, P)`` in [0, 1] for int64 patch indices ``(k,)``."""
-        regions = torch.from_numpy(self.read_uint8(index)).permute(0, 3, 1, 2)  # (k, C_file, R, R), a view
-        patches = torch.empty(regions.shape, dtype=torch.float32)
-        torch.div(regions, 255, out=patches)  # one pass: convert, scale and make contiguous (.float() then copy: 3)
+        k = len(np.asarray(index).reshape(-1))
+        if self.reader.n_chan == self.n_chan and self.read_size == self.patch_size:
+            # the common case: each region goes straight into the float batch, channels first, in one numpy pass
+            # (4-8x quicker than staging uint8 and converting with torch on a busy 2-core machine)
+            out = np.empty((k, *self.patch_shape), dtype=np.float32)
+            for j, region in self._regions(index):
+                np.divide(region.transpose(2, 0, 1), np.float32(255), out=out[j])
+            return torch.from_numpy(out)
+        patches = torch.from_numpy(self.read_uint8(index)).permute(0, 3, 1, 2).float().div_(255)  # (k, C_file, R, R)
         if patches.shape[1] != self.n_chan:
             patches = patches.mean(1, keepdim=True) if self.n_chan == 1 else patches[:, :1].expand(-1, 3, -1, -1)
         if self.read_size != self.patch_size and len(patches):
