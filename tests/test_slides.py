@@ -210,6 +210,13 @@ def _bad_input(kind: str, tmp: Path, tumour_slide: Path, png_scene: Path) -> tup
         return config(tmp, root=None, manifest=str(_write_manifest(tmp / "m.csv", "path,label", [f"{bad},x"]))), str(
             bad
         )
+    if kind == "corrupt-png":
+        bad = tmp / "corrupt.png"
+        bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
+        return config(tmp, manifest=str(_write_manifest(tmp / "m.csv", "path,label", [f"{bad},x"]))), str(bad)
+    if kind == "no-test-split":
+        manifest = _write_manifest(tmp / "m.csv", "path,label,split", [f"{tumour_slide},x,train"] * 3)
+        return config(tmp, manifest=str(manifest)), "test"
     if kind == "truncated":
         bad = tmp / "truncated.tif"
         data = tumour_slide.read_bytes()
@@ -243,6 +250,8 @@ def _bad_input(kind: str, tmp: Path, tumour_slide: Path, png_scene: Path) -> tup
 
 BAD_INPUTS = [
     "corrupt",
+    "corrupt-png",
+    "no-test-split",
     "truncated",
     "unsupported",
     "missing-file",
@@ -262,7 +271,7 @@ def test_bad_input_is_one_line_config_error(kind, tmp_path, tumour_slide, png_sc
         build_datasets(cfg)
     message = str(info.value)
     assert "\n" not in message and needle in message, message
-    if kind != "no-foreground":  # found from headers, before any pixels are read
+    if kind not in ("no-foreground", "no-test-split"):  # found from headers, before any pixels are read
         assert _counting_thumbnail.calls == 0
 
 

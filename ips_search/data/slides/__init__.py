@@ -218,6 +218,8 @@ def build(cfg: DataConfig) -> tuple[SlideDataset, SlideDataset, SlideDataset, tu
     if entries.splits is not None:
         test_idx = np.array([i for i, s in enumerate(entries.splits) if s == "test"], dtype=np.int64)
         train_idx = np.array([i for i, s in enumerate(entries.splits) if s == "train"], dtype=np.int64)
+        if len(test_idx) == 0:
+            raise ConfigError("the slides' split column names no test slide; mark some rows test or drop the column")
         rest = rng.permutation(train_idx)
     else:
         if len(sources) < 3:

@@ -331,7 +331,24 @@ def detect(path: Path) -> str:
             return "openslide"
     if suffix in SLIDE_EXTS and not is_tiff:
         raise ConfigError(f"cannot open slide {path} (OpenSlide does not recognise it); replace or remove the file")
+    if not is_tiff:
+        _check_image_header(path)
     return "memmap"
+
+
+def _check_image_header(path: Path) -> None:
+    """Pillow can identify the file from its header (``Image.open`` decodes no pixels)."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(path) as im:
+            im.size  # noqa: B018 - parsing the header is the check
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ConfigError(f"cannot read image {path} ({_reason(exc)}); replace or remove the file") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def open_slide(path: str | os.PathLike[str], kind: str | None = None, cache_dir: str | None = None) -> SlideReader:
