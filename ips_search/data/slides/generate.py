@@ -171,7 +171,7 @@ def render(layout: SlideLayout, x0: int, y0: int, width: int, height: int, scale
 
 
 def level_sizes(width: int, height: int) -> list[tuple[int, int]]:
-    """``(width, height)`` of each pyramid level: level 0, then halving while the longer side stays >= 512."""
+    """``(width, height)`` of each pyramid level: level 0, then halving until the longer side is below 512."""
     sizes = [(width, height)]
     while max(sizes[-1]) >= 2 * MIN_LEVEL_SIDE:
         w, h = sizes[-1]
