@@ -46,12 +46,12 @@ def foreground_mask(image: np.ndarray) -> np.ndarray:
     A uniform image (one value everywhere) has no foreground."""
     from skimage.filters import threshold_otsu
 
-    pixels = image.astype(np.float32) / 255.0
-    if pixels.shape[-1] >= 3:
-        top, low = pixels[..., :3].max(-1), pixels[..., :3].min(-1)
-        signal = np.where(top > 0, (top - low) / np.maximum(top, 1e-6), 0.0)  # HSV saturation
+    if image.shape[-1] >= 3:  # uint8 max/min first: one float32 plane, not three (a 64k slide's view is 2k x 2k)
+        top, low = image[..., :3].max(-1), image[..., :3].min(-1)
+        signal = (top - low).astype(np.float32)
+        signal /= np.maximum(top, 1).astype(np.float32)  # HSV saturation; 0 where the pixel is black
     else:
-        signal = 1.0 - pixels[..., 0]
+        signal = 1.0 - image[..., 0].astype(np.float32) / 255.0
     if float(signal.max() - signal.min()) < 0.02:  # nothing to separate (all glass, or all tissue)
         return np.zeros(signal.shape, dtype=bool) if float(signal.mean()) < 0.1 else np.ones(signal.shape, bool)
     return signal > threshold_otsu(signal)
