@@ -18,7 +18,7 @@ from ips_search.errors import ConfigError
 ENCODERS = ("resnet18", "resnet50", "resnet18-2", "resnet18-3", "resnet50-2", "resnet50-3", "small-cnn")
 LOADING_MODES = ("eager", "eager-sequential", "lazy")
 SHUFFLES = ("none", "batch", "instance")
-DATASETS = ("megapixel", "mnist-resized", "folder")
+DATASETS = ("megapixel", "mnist-resized", "folder", "slides")
 MEGAPIXEL_TASKS = ("majority", "max", "top", "multilabel")
 
 
@@ -125,9 +125,16 @@ class DataConfig:
     augment_digits: bool = False  # train canvases only: each placed digit randomly rotated, scaled and sheared
     # mnist-resized
     image_size: int = 500
-    # folder
+    # folder, slides
     root: str | None = None
     n_chan: int = 3
+    # slides: whole-slide images / big scenes read lazily (patch_size and patch_stride are pixels at `level`)
+    manifest: str | None = None  # CSV with columns path,label[,split]; instead of root
+    level: int | None = None  # pyramid level (0 = full resolution); default 0 unless mpp is set
+    mpp: float | None = None  # target microns per pixel: read at the nearest level, resampled to it
+    min_foreground: float = 0.5  # keep patches at least this tissue fraction (Otsu); 0 keeps every patch
+    cohort_size: int = 0  # no root/manifest: generate this many synthetic slides into the cache dir
+    slide_size: int = 3072  # side (level 0 pixels) of the generated slides
     # common
     seed: int = 0
     download: bool = False  # opt-in network access (MNIST)
@@ -152,6 +159,24 @@ class DataConfig:
         for task in self.tasks:
             if task not in MEGAPIXEL_TASKS:
                 raise ConfigError(f"unknown task {task!r}; choose from {', '.join(MEGAPIXEL_TASKS)}")
+        self._validate_slides()
+
+    def _validate_slides(self) -> None:
+        level = self.level
+        if level is not None and (not isinstance(level, int) or isinstance(level, bool) or level < 0):
+            raise ConfigError(f"level must be 0 (full resolution) or a positive integer, got {self.level!r}")
+        if self.mpp is not None:
+            if not isinstance(self.mpp, (int, float)) or isinstance(self.mpp, bool) or self.mpp <= 0:
+                raise ConfigError(f"mpp must be a positive number of microns per pixel, got {self.mpp!r}")
+            if self.level is not None:
+                raise ConfigError("set either level or mpp for dataset: slides, not both")
+        fg = self.min_foreground
+        if not isinstance(fg, (int, float)) or isinstance(fg, bool) or not 0.0 <= fg <= 1.0:
+            raise ConfigError(f"min_foreground must be between 0 and 1 (0 keeps every patch), got {fg!r}")
+        for name in ("cohort_size", "slide_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be 0 or a positive integer, got {value!r}")
 
 
 @dataclass

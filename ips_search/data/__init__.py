@@ -1,8 +1,10 @@
-"""Datasets for IPS: synthetic Megapixel MNIST, the notebook's resized MNIST, and image folders.
+"""Datasets for IPS: synthetic Megapixel MNIST, the notebook's resized MNIST, image folders, and slides.
 
 ``build_datasets(cfg)`` returns train/val/test datasets whose items are
 ``(patches (N, C, P, P) float32 in [0, 1], {task: target})`` plus what the model
-needs to know (tasks, channels, image size, patch grid). Imports nothing above
+needs to know (tasks, channels, image size, patch grid). For ``slides`` an item's
+first element is instead a lazy patch source (:class:`~ips_search.data.slides.SlidePatchSource`)
+whose N differs from slide to slide. Imports nothing above
 ``ips_search.config`` / ``ips_search.errors``.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ips_search.config import DataConfig, Task
-from ips_search.data import folder, megapixel, mnist
+from ips_search.data import folder, megapixel, mnist, slides
 from ips_search.data.dataset import PatchDataset
 from ips_search.data.patches import patch_grid, patch_map, patchify, patchify_batch, unpatchify
 from ips_search.data.preview import DataPreview, preview_folder, preview_mnist
@@ -40,12 +42,14 @@ class DataSplits:
     tasks: tuple[Task, ...]
     n_chan: int
     image_hw: tuple[int, int]
-    grid: tuple[int, int]  # patch rows, cols
-    n_patches: int  # N
+    grid: tuple[int, int]  # patch rows, cols; slides: (1, n_patches)
+    n_patches: int  # N; slides: the smallest N of any slide (M must stay below it)
 
 
 def build_datasets(cfg: DataConfig) -> DataSplits:
     """Build (or load from cache) the datasets ``cfg.dataset`` names; see each module for details."""
+    if cfg.dataset == "slides":
+        return _build_slides(cfg)
     side = cfg.canvas_size if cfg.dataset == "megapixel" else cfg.image_size
     grid = patch_grid(side, side, cfg.patch_size, cfg.patch_stride)  # fail fast, before any generation
     builder = {"megapixel": megapixel.build, "mnist-resized": mnist.build, "folder": folder.build}[cfg.dataset]
@@ -62,8 +66,26 @@ def build_datasets(cfg: DataConfig) -> DataSplits:
     )
 
 
+def _build_slides(cfg: DataConfig) -> DataSplits:
+    """Slides differ in size: ``image_hw`` is (0, 0) and ``n_patches`` the smallest N over all three splits."""
+    train, val, test, tasks = slides.build(cfg)
+    n_min = min(min(ds.n_patches, default=0) for ds in (train, val, test) if len(ds))
+    return DataSplits(
+        train=train,  # type: ignore[arg-type]
+        val=val,  # type: ignore[arg-type]
+        test=test,  # type: ignore[arg-type]
+        tasks=tasks,
+        n_chan=cfg.n_chan,
+        image_hw=(0, 0),
+        grid=(1, n_min),
+        n_patches=n_min,
+    )
+
+
 def preview_datasets(cfg: DataConfig) -> DataPreview:
     """What :func:`build_datasets` will build for ``cfg``, checked cheaply (cache files, headers, a small sample)."""
+    if cfg.dataset == "slides":
+        return slides.preview(cfg)
     side = cfg.canvas_size if cfg.dataset == "megapixel" else cfg.image_size
     patch_grid(side, side, cfg.patch_size, cfg.patch_stride)
     previews = {"megapixel": megapixel.preview, "mnist-resized": preview_mnist, "folder": preview_folder}

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ips_search.errors import ConfigError
@@ -126,3 +127,106 @@ def cached(kind: str, fields: dict[str, Any], build: Callable[[], Any], cache_di
 def clear_memory_cache() -> None:
     """Forget everything cached in this process (the files on disk stay)."""
     _MEMORY.clear()
+
+
+# ---------------------------------------------------------------- numpy arrays (memory-mapped on load)
+
+
+def file_lock(path: Path) -> contextlib.AbstractContextManager[None]:
+    """An exclusive lock on ``path`` (through ``<path>.lock``): concurrent builders of one file wait for the first."""
+    return _file_lock(path)
+
+
+def save_npy_atomic(array: np.ndarray, path: Path) -> None:
+    """``np.save`` to a temporary file next to ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _make_root(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create cache directory {root} ({exc.strerror}); set cache_dir to a writable folder"
+        ) from None
+
+
+def _load_npy(path: Path, mmap: bool) -> np.ndarray | None:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"ignoring unreadable cache file {path} ({type(exc).__name__}); rebuilding it", stacklevel=3)
+        return None
+
+
+def npy_path(kind: str, fields: dict[str, Any], cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where :func:`cached_npy` / :func:`cached_memmap` keep the array for ``kind`` and ``fields``."""
+    return cache_root(cache_dir) / kind / f"{kind}-{cache_key({'kind': kind, **fields})}.npy"
+
+
+def cached_npy(
+    kind: str, fields: dict[str, Any], build: Callable[[], np.ndarray], cache_dir: str | None = None
+) -> np.ndarray:
+    """A small array: from disk (``<cache>/<kind>/<kind>-<hash>.npy``), else ``build()`` and save it.
+
+    Read fully into memory (no memmap): meant for per-image metadata such as patch coordinates."""
+    path = npy_path(kind, fields, cache_dir)
+    _make_root(path.parent)
+    if path.exists():  # the common case: no lock needed to read a file that is only ever renamed into place
+        array = _load_npy(path, mmap=False)
+        if array is not None:
+            return array
+    with _file_lock(path):
+        array = _load_npy(path, mmap=False) if path.exists() else None
+        if array is None:
+            array = np.ascontiguousarray(build())
+            save_npy_atomic(array, path)
+    return array
+
+
+def cached_memmap(
+    kind: str,
+    fields: dict[str, Any],
+    shape: tuple[int, ...],
+    dtype: Any,
+    fill: Callable[[np.ndarray], None],
+    cache_dir: str | None = None,
+) -> np.ndarray:
+    """A large array shared by every process on the machine, read-only and memory-mapped.
+
+    The first caller creates ``<cache>/<kind>/<kind>-<hash>.npy`` as a writable memmap of ``shape``/``dtype``,
+    lets ``fill`` write into it (so the array never has to fit in memory twice), and renames it into place;
+    everyone else (other trials, later runs) maps the finished file: pages are shared through the page cache.
+    """
+    path = npy_path(kind, fields, cache_dir)
+    _make_root(path.parent)
+    with _file_lock(path):
+        array = _load_npy(path, mmap=True) if path.exists() else None
+        if array is not None and (array.shape != tuple(shape) or array.dtype != np.dtype(dtype)):
+            array = None
+        if array is None:
+            fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            try:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
+                fill(out)
+                out.flush()
+                del out
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+    return array

@@ -12,14 +12,19 @@ side is ``image_size``, then zero-padded (black) to a centred square. ``n_chan``
 converts everything to grayscale; ``n_chan`` 3 to RGB (a grayscale image is
 repeated over the 3 channels; transparency is composited onto black).
 
-All images are decoded once at build time (so a truncated or unreadable file is
-reported then, by name, not in the middle of training) and kept in memory as
-uint8: ``n * n_chan * image_size**2`` bytes (1000 RGB images at 512 px: 0.8 GB).
+All images are decoded once per machine at build time (so a truncated or unreadable
+file is reported then, by name, not in the middle of training) into a uint8
+``(n, n_chan, image_size, image_size)`` array in the cache directory
+(``n * n_chan * image_size**2`` bytes on disk; 1000 RGB images at 512 px: 0.8 GB)
+that every trial memory-maps: pages are shared through the page cache, not copied
+per trial, and a trial holds only the images it is reading. The array is keyed by
+each file's path, size and modification time, so an edited image is decoded again.
+For images too big to resize, see ``dataset: slides``.
 """
 
 from __future__ import annotations
 
-import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,25 +33,29 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ips_search.config import DataConfig, Task
+from ips_search.data.cache import cache_key, cache_root, cached_memmap
 from ips_search.data.dataset import PatchDataset, n_validation
 from ips_search.errors import ConfigError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 TEST_FRACTION = 0.2
-_DECODED: dict[tuple, torch.Tensor] = {}  # in-process cache: same files + settings -> decoded tensor
+DECODE_VERSION = 1  # bump when load_image changes so old decoded arrays are not reused
+_DECODED: dict[str, np.ndarray] = {}  # in-process: same files + settings -> the open memory map
 
 
 def _visible_dirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _images_in(folder: Path) -> list[Path]:
-    files = (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+def _images_in(folder: Path, exts: tuple[str, ...] = IMAGE_EXTS) -> list[Path]:
+    files = (p for p in folder.rglob("*") if p.suffix.lower() in exts and not p.name.startswith("."))
     return sorted(p for p in files if p.is_file())
 
 
-def _scan(split_root: Path, classes: list[str] | None = None) -> tuple[list[str], list[Path], list[int]]:
-    """Class names, image paths and labels under ``split_root/<class>/``."""
+def scan(
+    split_root: Path, classes: list[str] | None = None, exts: tuple[str, ...] = IMAGE_EXTS
+) -> tuple[list[str], list[Path], list[int]]:
+    """Class names, image paths (files ending in one of ``exts``) and labels under ``split_root/<class>/``."""
     found = [d.name for d in _visible_dirs(split_root)]
     if not found:
         raise ConfigError(
@@ -61,10 +70,10 @@ def _scan(split_root: Path, classes: list[str] | None = None) -> tuple[list[str]
         )
     paths, labels = [], []
     for name in found:
-        files = _images_in(split_root / name)
+        files = _images_in(split_root / name, exts)
         if not files:
             raise ConfigError(
-                f"class folder {split_root / name} has no images ({', '.join(IMAGE_EXTS)}); add images or remove it"
+                f"class folder {split_root / name} has no images ({', '.join(exts)}); add images or remove it"
             )
         paths += files
         labels += [classes.index(name)] * len(files)
@@ -101,16 +110,36 @@ def load_image(path: Path, size: int, n_chan: int) -> np.ndarray:
     return arr[None] if n_chan == 1 else arr.transpose(2, 0, 1)  # (C, size, size)
 
 
-def _decode_all(paths: list[Path], size: int, n_chan: int) -> torch.Tensor:
-    key = (tuple((str(p), os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in paths), size, n_chan)
+def decode_cached(paths: list[Path], size: int, n_chan: int, cache_dir: str | None = None) -> np.ndarray:
+    """All ``paths`` decoded by :func:`load_image` into one read-only memory-mapped uint8 ``(n, C, size, size)``.
+
+    The array lives in the cache directory, keyed by each file's identity (resolved path, size, mtime) and the
+    settings: the first build on a machine decodes (and so reports an unreadable file by name), every later one,
+    in any process, maps the finished file and shares its pages with the others."""
+    fields = {
+        "version": DECODE_VERSION,
+        "files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths],
+        "size": size,
+        "n_chan": n_chan,
+    }
+    key = cache_key(fields) + str(cache_root(cache_dir))
     if key not in _DECODED:
-        out = torch.empty(len(paths), n_chan, size, size, dtype=torch.uint8)  # (n, C, S, S)
-        for i, p in enumerate(tqdm(paths, desc="decoding images", delay=2.0, leave=False)):
-            out[i] = torch.from_numpy(load_image(p, size, n_chan))
-        if len(_DECODED) >= 4:  # keep a few datasets, not every one ever built
+
+        def fill(out: np.ndarray) -> None:
+            for i, p in enumerate(tqdm(paths, desc="decoding images", delay=2.0, leave=False)):
+                out[i] = load_image(p, size, n_chan)
+
+        shape = (len(paths), n_chan, size, size)
+        if len(_DECODED) >= 4:  # keep a few maps open, not every one ever built
             _DECODED.pop(next(iter(_DECODED)))
-        _DECODED[key] = out
+        _DECODED[key] = cached_memmap("folder-decoded", fields, shape, np.uint8, fill, cache_dir)
     return _DECODED[key]
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():  # read-only map: PatchDataset only ever reads (and copies) rows
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def build(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchDataset, tuple[Task, ...]]:
@@ -130,13 +159,13 @@ def build(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchDataset, tu
             f"{root} has {present}/ but no {missing}/; add {root}/{missing}/<class>/ or put class folders in {root}"
         )
     if has_train:
-        classes, train_paths, train_labels = _scan(root / "train")
-        _, test_paths, test_labels = _scan(root / "test", classes)
+        classes, train_paths, train_labels = scan(root / "train")
+        _, test_paths, test_labels = scan(root / "test", classes)
         paths, labels = train_paths + test_paths, train_labels + test_labels
         test_idx = np.arange(len(train_paths), len(paths))
         rest = rng.permutation(len(train_paths))
     else:
-        classes, paths, labels = _scan(root)
+        classes, paths, labels = scan(root)
         if len(paths) < 3:
             raise ConfigError(f"found {len(paths)} image(s) in {root}; need at least 3 (train, validation and test)")
         perm = rng.permutation(len(paths))
@@ -145,7 +174,7 @@ def build(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchDataset, tu
     if len(rest) < 2:
         raise ConfigError(f"{root} has {len(rest)} training image(s); need at least 2 (train and validation)")
     n_val = n_validation(len(rest), cfg.val_fraction)
-    images = _decode_all(paths, cfg.image_size, cfg.n_chan)
+    images = _as_tensor(decode_cached(paths, cfg.image_size, cfg.n_chan, cfg.cache_dir))
     targets = {"label": torch.tensor(labels, dtype=torch.long)}
     args = dict(patch_size=cfg.patch_size, stride=cfg.patch_stride)
     train = PatchDataset(images, targets, indices=torch.from_numpy(np.sort(rest[n_val:])), **args)

@@ -1,0 +1,268 @@
+"""``slides``: whole-slide images and big scenes, read lazily from disk (see docs/slides.md).
+
+Inputs (one of):
+
+* ``root: DIR`` in ImageFolder layout, ``DIR/<class>/*`` (seeded split) or ``DIR/train|test/<class>/*``;
+* ``manifest: cohort.csv`` with columns ``path,label`` and an optional ``split`` (``train``/``test``; otherwise a
+  seeded split); relative paths resolve against the CSV's folder;
+* neither, with ``cohort_size: n``: ``n`` synthetic slides of side ``slide_size`` generated once into the cache
+  directory (:mod:`.generate`), half of them with small "tumour" lesions.
+
+The test split is 20% of the slides (at most ``n_test``) when not given; validation is ``val_fraction`` of the
+rest. Items are ``(SlidePatchSource, {"label": int64 scalar})``: the source holds the coordinates of the patches
+that pass the foreground filter (:mod:`.tissue`, cached per file and settings) and reads pixels only when asked.
+Every file is checked when the datasets are built, from its headers and a thumbnail: a missing, unsupported,
+corrupt or truncated file, a level it lacks, a slide smaller than one patch, or a slide without foreground is a
+one-line :class:`ConfigError` naming the file, before any training starts.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ips_search.config import DataConfig, Task
+from ips_search.data import folder
+from ips_search.data.cache import cache_key, cache_root, cached_npy, file_lock
+from ips_search.data.dataset import n_validation
+from ips_search.data.preview import DataPreview
+from ips_search.data.slides import tissue
+from ips_search.data.slides.readers import READABLE_EXTS, SlideReader, detect, open_slide
+from ips_search.data.slides.source import SlidePatchSource
+from ips_search.errors import ConfigError
+
+__all__ = ["SlideDataset", "SlidePatchSource", "build", "open_slide", "slide_entries", "make_source"]
+
+COORDS_VERSION = 1  # bump when the foreground rule changes so old coordinate files are not reused
+COHORT_VERSION = 1
+TEST_FRACTION = 0.2
+SPLITS = ("train", "test")
+
+
+class SlideDataset(Dataset):
+    """Items are ``(source, {task: target})``: a lazy :class:`SlidePatchSource` and int64 scalar targets."""
+
+    def __init__(
+        self, sources: list[SlidePatchSource], targets: dict[str, torch.Tensor], classes: list[str], n_chan: int
+    ) -> None:
+        self.sources = sources
+        self.targets = targets
+        self.classes = classes
+        self.n_chan = n_chan
+        self.paths = [s.path for s in sources]
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> tuple[SlidePatchSource, dict[str, torch.Tensor]]:
+        return self.sources[i], {k: v[i] for k, v in self.targets.items()}
+
+    @property
+    def n_patches(self) -> list[int]:
+        """N of each item (slides differ in size and tissue)."""
+        return [len(s) for s in self.sources]
+
+
+@dataclass
+class SlideEntries:
+    """The listed slides before any file is opened: paths, class indices, given split (or None)."""
+
+    paths: list[Path]
+    labels: list[int]
+    classes: list[str]
+    splits: list[str] | None
+
+
+def _read_manifest(manifest: Path) -> SlideEntries:
+    if not manifest.is_file():
+        raise ConfigError(f"manifest {manifest} does not exist; set manifest to a CSV with columns path,label")
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+            columns = [c.strip() for c in (rows[0].keys() if rows else [])]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"cannot read manifest {manifest} ({exc}); save it as a UTF-8 CSV") from None
+    missing = [c for c in ("path", "label") if c not in columns]
+    if not rows or missing:
+        what = "has no rows" if not rows else f"lacks column(s) {', '.join(missing)}"
+        raise ConfigError(f"manifest {manifest} {what}; give it a header line path,label[,split] and one row per slide")
+    rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in rows]
+    paths, names, splits = [], [], []
+    for line, row in enumerate(rows, start=2):
+        if not row["path"] or not row["label"]:
+            raise ConfigError(f"manifest {manifest} line {line} has an empty path or label; fill it in or delete it")
+        path = Path(row["path"]).expanduser()
+        path = path if path.is_absolute() else manifest.parent / path
+        if not path.is_file():
+            raise ConfigError(f"manifest {manifest} line {line} names a missing file {path}; fix the path or the row")
+        split = row.get("split", "")
+        if "split" in columns and split not in SPLITS:
+            raise ConfigError(f"manifest {manifest} line {line} has split {split!r}; use train or test")
+        paths.append(path)
+        names.append(row["label"])
+        splits.append(split)
+    numeric = all(n.lstrip("-").isdigit() for n in names)
+    classes = sorted(set(names), key=int if numeric else str)
+    labels = [classes.index(n) for n in names]
+    return SlideEntries(paths, labels, classes, splits if "split" in columns else None)
+
+
+def _generated_manifest(cfg: DataConfig) -> Path:
+    from ips_search.data.slides.generate import generate_cohort
+
+    fields = {"v": COHORT_VERSION, "n": cfg.cohort_size, "size": cfg.slide_size, "seed": cfg.seed}
+    target = cache_root(cfg.cache_dir) / "slides-cohort" / cache_key(fields)
+    manifest = target / "manifest.csv"
+    if not manifest.exists():
+        target.mkdir(parents=True, exist_ok=True)
+        with file_lock(target / "generate"):
+            if not manifest.exists():
+                generate_cohort(target, cfg.cohort_size, cfg.slide_size, cfg.seed)
+    return manifest
+
+
+def slide_entries(cfg: DataConfig) -> SlideEntries:
+    """The slides ``cfg`` lists (manifest, folder or generated cohort), unopened."""
+    if cfg.manifest:
+        return _read_manifest(Path(cfg.manifest).expanduser())
+    if cfg.root:
+        root = Path(cfg.root).expanduser()
+        if not root.is_dir():
+            raise ConfigError(f"data root {root} does not exist or is not a folder; set root to a folder of classes")
+        if (root / "train").is_dir() and (root / "test").is_dir():
+            classes, train_paths, train_labels = folder.scan(root / "train", exts=READABLE_EXTS)
+            _, test_paths, test_labels = folder.scan(root / "test", classes, exts=READABLE_EXTS)
+            splits = ["train"] * len(train_paths) + ["test"] * len(test_paths)
+            return SlideEntries(train_paths + test_paths, train_labels + test_labels, classes, splits)
+        classes, paths, labels = folder.scan(root, exts=READABLE_EXTS)
+        return SlideEntries(paths, labels, classes, None)
+    if cfg.cohort_size:
+        return _read_manifest(_generated_manifest(cfg))
+    raise ConfigError(
+        "dataset: slides needs root (a folder of class folders), manifest (a CSV path,label) or cohort_size "
+        "(synthetic slides); set one of them"
+    )
+
+
+def _coord_fields(path: Path, level: int, read_size: int, stride: int, min_foreground: float) -> dict:
+    stat = path.stat()
+    return {
+        "v": COORDS_VERSION,
+        "path": str(path.resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "level": level,
+        "read_size": read_size,
+        "stride": stride,
+        "min_foreground": float(min_foreground),
+    }
+
+
+def _check_level(reader: SlideReader, cfg: DataConfig) -> tuple[int, int, int]:
+    """``(level, read_size, stride)`` at the level that is read, or a one-line error naming the file."""
+    path = reader.path
+    if cfg.mpp is not None and reader.mpp is None:
+        raise ConfigError(f"slide {path} does not record its microns per pixel; set level instead of mpp")
+    level, resample = tissue.pick_level(reader, cfg.level, cfg.mpp)
+    if level >= reader.level_count:
+        raise ConfigError(
+            f"slide {path} has no level {level} (it has levels 0-{reader.level_count - 1}); "
+            f"set level to at most {reader.level_count - 1} or use mpp"
+        )
+    read_size = max(1, round(cfg.patch_size * resample))
+    stride = max(1, round(cfg.patch_stride * resample))
+    width, height = reader.dimensions[level]
+    if read_size > min(width, height):
+        raise ConfigError(
+            f"slide {path} is {width}x{height} at level {level}, smaller than one {read_size}px patch; "
+            "use a smaller patch_size or a finer level, or remove the slide"
+        )
+    return level, read_size, stride
+
+
+def make_source(path: str | Path, cfg: DataConfig) -> SlidePatchSource:
+    """Check one slide and build its source (coordinates from the on-disk cache when already computed)."""
+    path = Path(path).expanduser()
+    kind = detect(path)
+    reader = open_slide(path, kind, cfg.cache_dir)
+    try:
+        level, read_size, stride = _check_level(reader, cfg)
+        coords = cached_npy(
+            "slides-coords",
+            _coord_fields(path, level, read_size, stride, cfg.min_foreground),
+            lambda: tissue.compute_coords(reader, level, read_size, stride, cfg.min_foreground),
+            cfg.cache_dir,
+        )
+    finally:
+        reader.close()
+    if len(coords) == 0:
+        raise ConfigError(
+            f"slide {path} has no patch with at least {cfg.min_foreground:g} foreground; "
+            "lower min_foreground (0 keeps every patch) or remove the slide"
+        )
+    return SlidePatchSource(path, coords, cfg.patch_size, level, read_size, cfg.n_chan, kind, cfg.cache_dir)
+
+
+def build(cfg: DataConfig) -> tuple[SlideDataset, SlideDataset, SlideDataset, tuple[Task, ...]]:
+    """Train/val/test :class:`SlideDataset`\\ s and the one task ``label``."""
+    if cfg.n_chan not in (1, 3):
+        raise ConfigError(f"n_chan must be 1 (grayscale) or 3 (RGB) for dataset: slides, got {cfg.n_chan!r}")
+    entries = slide_entries(cfg)
+    sources = [make_source(p, cfg) for p in tqdm(entries.paths, desc="checking slides", delay=2.0, leave=False)]
+    rng = np.random.default_rng([cfg.seed, 8])
+    if entries.splits is not None:
+        test_idx = np.array([i for i, s in enumerate(entries.splits) if s == "test"], dtype=np.int64)
+        train_idx = np.array([i for i, s in enumerate(entries.splits) if s == "train"], dtype=np.int64)
+        if len(test_idx) == 0:
+            raise ConfigError("the slides' split column names no test slide; mark some rows test or drop the column")
+        rest = rng.permutation(train_idx)
+    else:
+        if len(sources) < 3:
+            raise ConfigError(f"found {len(sources)} slide(s); need at least 3 (train, validation and test)")
+        perm = rng.permutation(len(sources))
+        n_test = max(1, min(cfg.n_test, round(TEST_FRACTION * len(sources))))
+        test_idx, rest = perm[:n_test], perm[n_test:]
+    if len(rest) < 2:
+        raise ConfigError(f"{len(rest)} training slide(s); need at least 2 (train and validation)")
+    n_val = n_validation(len(rest), cfg.val_fraction)
+    labels = torch.tensor(entries.labels, dtype=torch.long)
+
+    def subset(idx: np.ndarray) -> SlideDataset:
+        idx = np.sort(idx)
+        return SlideDataset([sources[i] for i in idx], {"label": labels[idx]}, entries.classes, cfg.n_chan)
+
+    train, val, test = subset(rest[n_val:]), subset(rest[:n_val]), subset(test_idx)
+    return train, val, test, (Task("label", len(entries.classes)),)
+
+
+def preview(cfg: DataConfig) -> DataPreview:
+    """``--dry-run``: every listed slide's headers read and its level checked; nothing decoded or generated."""
+    if not (cfg.manifest or cfg.root) and cfg.cohort_size:
+        fields = {"v": COHORT_VERSION, "n": cfg.cohort_size, "size": cfg.slide_size, "seed": cfg.seed}
+        cached = (cache_root(cfg.cache_dir) / "slides-cohort" / cache_key(fields) / "manifest.csv").exists()
+        what = f"{cfg.cohort_size} generated slides of {cfg.slide_size} px"
+        if not cached:
+            return DataPreview(what, cached=False, detail="written tile by tile on the first run")
+    entries = slide_entries(cfg)
+    plain = 0
+    for path in entries.paths:
+        kind = detect(path)  # headers only: a missing, unsupported or truncated file fails here
+        if kind == "memmap":  # a plain image: decoded once on the first run, its header is the check
+            plain += 1
+            continue
+        reader = open_slide(path, kind, cfg.cache_dir)
+        try:
+            _check_level(reader, cfg)
+        finally:
+            reader.close()
+    what = f"{len(entries.paths)} slides ({', '.join(entries.classes)})"
+    detail = "headers and levels checked; tissue coordinates computed once on the first run"
+    if plain:
+        detail += f"; {plain} plain image(s) decoded once into the cache"
+    return DataPreview(what, cached=False, detail=detail)

@@ -1,0 +1,71 @@
+"""Where IPS looked on a whole slide: the kept patches drawn over a thumbnail of the slide.
+
+A slide is far too large to show at full resolution, so the figure reads one low-resolution view
+(:func:`ips_search.data.slides.tissue.thumbnail`, strip by strip, memory-flat) and draws each kept patch as a
+rectangle at its level-0 position, coloured by its attention score when scores are given.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import matplotlib
+import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from ips_search.data.slides.readers import open_slide
+from ips_search.data.slides.tissue import thumbnail
+
+
+def plot_slide_attention(
+    source_path: str | os.PathLike[str],
+    coords: np.ndarray,
+    kept_indices: Sequence[int] | np.ndarray,
+    patch_size_level0: float,
+    scores: Sequence[float] | np.ndarray | None = None,
+    thumbnail_size: int = 1024,
+    title: str | None = None,
+    show_all: bool = True,
+    cache_dir: str | None = None,
+) -> Figure:
+    """A figure of the slide at ``source_path`` with the patches ``kept_indices`` outlined.
+
+    ``coords`` ``(N, 2)`` are every patch's level-0 ``(x, y)`` top-left corner (a source's ``coords``);
+    ``kept_indices`` ``(M,)`` index into them; ``patch_size_level0`` is a patch's side in level-0 pixels
+    (``SlidePatchSource.patch_size_level0``). ``scores`` ``(M,)``, if given, colour the kept patches (viridis,
+    with a colour bar). ``show_all`` outlines the other N - M candidate patches faintly. The thumbnail's longer
+    side is about ``thumbnail_size`` pixels.
+    """
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    kept = np.asarray(kept_indices, dtype=np.int64).reshape(-1)
+    if len(kept) and (kept.min() < 0 or kept.max() >= len(coords)):
+        raise ValueError(f"kept_indices must index the {len(coords)} coords, got {kept.min()}..{kept.max()}")
+    if scores is not None and len(scores) != len(kept):
+        raise ValueError(f"{len(scores)} scores for {len(kept)} kept patches; give one score per kept patch")
+    reader = open_slide(source_path, cache_dir=cache_dir)
+    try:
+        width, height = reader.dimensions[0]
+        image, scale = thumbnail(reader, max(1.0, max(width, height) / thumbnail_size))  # (h, w, C), 1/scale
+    finally:
+        reader.close()
+    fig = Figure(figsize=(7.0, 7.0 * image.shape[0] / image.shape[1] + 0.6), dpi=110, layout="constrained")
+    ax = fig.add_subplot()
+    ax.imshow(image if image.shape[-1] == 3 else image[..., 0], cmap=None if image.shape[-1] == 3 else "gray")
+    side = patch_size_level0 / scale
+    if show_all:
+        for x, y in np.delete(coords, kept, axis=0) / scale:
+            ax.add_patch(Rectangle((x, y), side, side, fill=False, lw=0.3, ec="0.55", alpha=0.6))
+    colours = matplotlib.colormaps["viridis"]
+    norm = Normalize(float(np.min(scores)), float(np.max(scores))) if scores is not None and len(kept) else None
+    for j, (x, y) in enumerate(coords[kept] / scale):
+        colour = colours(norm(scores[j])) if norm is not None else "tab:red"
+        ax.add_patch(Rectangle((x, y), side, side, fill=False, lw=1.6, ec=colour))
+    if norm is not None:
+        fig.colorbar(ScalarMappable(norm=norm, cmap=colours), ax=ax, shrink=0.7, label="attention score")
+    ax.set_title(title or f"{os.path.basename(os.fspath(source_path))}: {len(kept)} of {len(coords)} patches kept")
+    ax.set_axis_off()
+    return fig
