@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 from ips_search.errors import ConfigError
 
-ENCODERS = ("resnet18", "resnet50", "resnet18-2", "resnet18-3", "resnet50-2", "resnet50-3", "small-cnn")
+ENCODERS = ("resnet18", "resnet50", "resnet18-2", "resnet18-3", "resnet50-2", "resnet50-3", "small-cnn", "projector")
 LOADING_MODES = ("eager", "eager-sequential", "lazy")
-DATASETS = ("megapixel", "mnist-resized", "folder")
+DATASETS = ("megapixel", "mnist-resized", "folder", "features")
 MEGAPIXEL_TASKS = ("majority", "max", "top", "multilabel")
 
 
@@ -42,7 +42,7 @@ class IPSConfig:
     """
 
     n_class: int = 10
-    n_chan: int = 1
+    n_chan: int = 1  # image channels C; for the projector encoder, the embedding width D_in of the features
     memory_size: int = 5  # M
     iteration_size: int = 5  # I
     patch_size: int = 100  # P
@@ -120,8 +120,13 @@ class DataConfig:
     # mnist-resized
     image_size: int = 500
     # folder
-    root: str | None = None
+    root: str | None = None  # folder: image folder; features: folder of per-slide .h5 files
     n_chan: int = 3
+    # features (see ips_search/data/features.py)
+    manifest: str | None = None  # slide,label[,split] CSV; relative paths are under root
+    extract: dict[str, Any] | None = None  # extraction settings: the features are extracted on first use
+    test_fraction: float = 0.2  # features without a split column: share of slides held out for test
+    feature_items: str = "auto"  # auto | tensor | source: items as in-RAM (N, D) tensors or lazy sources
     # common
     seed: int = 0
     download: bool = False  # opt-in network access (MNIST)
@@ -143,6 +148,12 @@ class DataConfig:
             raise ConfigError(f"augment_digits must be true or false, got {self.augment_digits!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction!r}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"test_fraction must be between 0 and 1, got {self.test_fraction!r}")
+        if self.feature_items not in ("auto", "tensor", "source"):
+            raise ConfigError(f"feature_items must be auto, tensor or source, got {self.feature_items!r}")
+        if self.extract is not None and not isinstance(self.extract, dict):
+            raise ConfigError(f"extract must be a mapping like {{from: {{dataset: megapixel}}}}, got {self.extract!r}")
         for task in self.tasks:
             if task not in MEGAPIXEL_TASKS:
                 raise ConfigError(f"unknown task {task!r}; choose from {', '.join(MEGAPIXEL_TASKS)}")
