@@ -303,6 +303,8 @@ def extract(
     """Extract ``cfg`` into its cache folder (once; resumes a partial one) and return the folder."""
     from ips_search.data import build_datasets
 
+    if cache_dir and cfg.source.cache_dir is None:  # the source data (and warm start) share the features' cache
+        cfg = dataclasses.replace(cfg, source=dataclasses.replace(cfg.source, cache_dir=cache_dir))
     folder = feature_folder(cfg, cache_dir)
     if (folder / MANIFEST).is_file():
         return folder
