@@ -48,6 +48,7 @@ FORMAT_VERSION = 1
 IMAGENET = {"resnet18-imagenet": "resnet18", "resnet50-imagenet": "resnet50"}
 NAMED_ENCODERS = ("warm-start", *IMAGENET)
 MANIFEST = "labels.csv"
+SPLIT_ORDER = ("train", "val", "test")
 SETTINGS = "extraction.json"
 
 try:  # POSIX only; elsewhere concurrent extractions of one folder just repeat work
@@ -235,6 +236,17 @@ def write_slide(
     os.replace(tmp, path)
 
 
+@dataclass
+class _Pending:
+    """An image whose (small) patch tensor waits to be encoded together with the next ones."""
+
+    name: str
+    path: Path
+    patches: torch.Tensor  # (N, C, P, P)
+    coords: np.ndarray | None
+    row: tuple[str, int, str]
+
+
 def extract_splits(
     splits: dict[str, Any],
     encoder: Callable[[torch.Tensor], torch.Tensor],
@@ -246,12 +258,34 @@ def extract_splits(
     progress: bool = True,
 ) -> Path:
     """Embed every image of ``splits`` (``{"train": ds, "val": ds, "test": ds}``) into ``out_dir``; returns
-    the manifest's path. Finished images (their ``.h5`` exists) are skipped; ``labels.csv`` is written last."""
+    the manifest's path. Finished images (their ``.h5`` exists) are skipped; ``labels.csv`` is written last.
+
+    Images with fewer than ``batch_size`` patches are encoded several at a time (a 256 px canvas has 64 patches
+    of 32 px), so the encoder sees full batches; each image is still its own file, written once its rows are in.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or torch.device("cpu")
+    attrs = attrs or {}
     rows: list[tuple[str, int, str]] = []
+    pending: list[_Pending] = []
     total = sum(len(ds) for ds in splits.values())
     bar = tqdm(total=total, desc=f"extracting features to {out_dir.name}", disable=not progress, leave=False)
+
+    def encode(patches: Any) -> Iterator[torch.Tensor]:
+        with torch.inference_mode():
+            for chunk in _chunks(patches, batch_size):
+                yield encoder(chunk.to(device))
+
+    def flush() -> None:
+        if not pending:
+            return
+        emb = torch.cat(list(encode(torch.cat([p.patches for p in pending]))))  # (sum of N, D)
+        for p, part in zip(pending, emb.split([len(p.patches) for p in pending]), strict=True):
+            write_slide(p.path, iter([part]), len(p.patches), p.coords, dtype, attrs)
+            rows.append(p.row)
+            bar.update()
+        pending.clear()
+
     for split, dataset in splits.items():
         for i in range(len(dataset)):
             name = f"{split}-{i:06d}"
@@ -261,24 +295,23 @@ def extract_splits(
                 bar.update()
                 continue
             patches, targets = dataset[i]
-            is_source = hasattr(patches, "read")
-            coords = getattr(patches, "coords", None) if is_source else _grid_coords(dataset, len(patches))
-
-            def encoded(patches: Any = patches) -> Iterator[torch.Tensor]:
-                with torch.inference_mode():
-                    for chunk in _chunks(patches, batch_size):
-                        yield encoder(chunk.to(device))
-
-            write_slide(path, encoded(), len(patches), coords, dtype, attrs or {})
-            rows.append((name, _label(targets, split), split))
-            bar.update()
+            row = (name, _label(targets, split), split)
+            if hasattr(patches, "read"):  # a lazy source: streamed chunk by chunk, never held whole
+                write_slide(path, encode(patches), len(patches), getattr(patches, "coords", None), dtype, attrs)
+                rows.append(row)
+                bar.update()
+                continue
+            pending.append(_Pending(name, path, patches, _grid_coords(dataset, len(patches)), row))
+            if sum(len(p.patches) for p in pending) >= batch_size:
+                flush()
+        flush()
     bar.close()
     manifest = out_dir / MANIFEST
     tmp = manifest.with_name(MANIFEST + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["slide", "label", "split"])
-        writer.writerows(rows)
+        writer.writerows(sorted(rows, key=lambda r: (SPLIT_ORDER.index(r[2]) if r[2] in SPLIT_ORDER else 9, r[0])))
     os.replace(tmp, manifest)
     return manifest
 

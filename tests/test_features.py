@@ -232,27 +232,34 @@ def test_extraction_resumes_without_redoing_finished_images(tmp_path, extracted)
     images = build_datasets(DataConfig(**{**SOURCE, "patch_size": SOURCE_P}, cache_dir=info["cache"]))
     splits = {"train": images.train, "val": images.val, "test": images.test}
     total = sum(len(s) for s in splits.values())
-    calls: list[int] = []
+    encoded: list[int] = []  # patches per encoder call
     weight = torch.randn(SOURCE_P * SOURCE_P, 4)
+    kill_at = 6
 
-    def encoder(x: torch.Tensor) -> torch.Tensor:  # (k, 1, P, P) -> (k, 4); "killed" at the 6th image
-        calls.append(len(x))
-        if len(calls) == 6 and kill:
-            raise KeyboardInterrupt
+    def encoder(x: torch.Tensor) -> torch.Tensor:  # (k, 1, P, P) -> (k, 4)
+        encoded.append(len(x))
+        if len(encoded) == kill_at:
+            raise KeyboardInterrupt  # the process dies mid-extraction
         return x.flatten(1) @ weight
 
-    kill = True
+    # one image (36 patches) per call: killed while encoding the 6th image, after 5 were written
     with pytest.raises(KeyboardInterrupt):
-        extract_splits(splits, encoder, tmp_path, dtype="float32", batch_size=64, progress=False)
-    done = sorted(p.name for p in tmp_path.glob("*.h5"))
-    assert len(done) == 5 and not (tmp_path / "labels.csv").exists()
-    assert len(list(tmp_path.glob("*.tmp"))) == 1  # the killed image's partial file, not counted as done
-    calls.clear()
-    kill = False
+        extract_splits(splits, encoder, tmp_path, dtype="float32", batch_size=36, progress=False)
+    assert len(list(tmp_path.glob("*.h5"))) == 5 and not (tmp_path / "labels.csv").exists()
+    (tmp_path / "val-000000.h5.tmp").write_bytes(b"half a file")  # what a SIGKILL mid-write leaves
+    encoded.clear()
+    kill_at = 0
     manifest = extract_splits(splits, encoder, tmp_path, dtype="float32", batch_size=64, progress=False)
-    assert len(calls) == total - 5  # one call per image (36 patches < batch 64): finished ones were skipped
-    assert len(manifest.read_text().splitlines()) == total + 1
-    assert len(list(tmp_path.glob("*.h5"))) == total
+    assert sum(encoded) == (total - 5) * 36  # the 5 finished images were not encoded again
+    assert max(encoded) == 64  # small images share encoder calls (36 + 28 patches)
+    lines = manifest.read_text().splitlines()
+    assert len(lines) == total + 1 and lines[1].startswith("train-000000,")
+    assert len(list(tmp_path.glob("*.h5"))) == total and not list(tmp_path.glob("*.tmp"))
+    with h5py.File(tmp_path / "val-000000.h5", "r") as f:  # the partial file was redone, not trusted
+        patches, _ = images.val[0]
+        np.testing.assert_allclose(f["features"][:], (patches.flatten(1) @ weight).numpy(), rtol=1e-5, atol=1e-5)
+    read_back = build_datasets(DataConfig(dataset="features", root=str(tmp_path), cache_dir=info["cache"]))
+    assert len(read_back.train) == len(images.train) and read_back.n_chan == 4
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
