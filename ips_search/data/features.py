@@ -256,9 +256,8 @@ def resolve(root: str | None, manifest: str | None) -> tuple[Path, Path]:
     folder = Path(root).expanduser()
     if not folder.is_dir():
         raise ConfigError(f"data.root {folder} is not a folder; point it at the folder of <slide>.h5 files")
-    path = Path(manifest).expanduser() if manifest else folder / "labels.csv"
-    if not path.is_absolute() and not path.exists():
-        path = folder / path
+    path = Path(manifest).expanduser() if manifest else Path("labels.csv")
+    path = path if path.is_absolute() else folder / path
     if not path.is_file():
         raise ConfigError(f"manifest {path} not found; set data.manifest to a slide,label[,split] CSV")
     return folder, path
