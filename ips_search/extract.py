@@ -157,7 +157,13 @@ def build_frozen_encoder(cfg: ExtractConfig, n_chan: int, progress: bool = True)
     elif cfg.encoder in IMAGENET:
         arch = IMAGENET[cfg.encoder]
         width = 512 if arch == "resnet18" else 2048  # native: no projection appended
-        encoder = build_encoder(IPSConfig(encoder=arch, pretrained=True, n_chan=n_chan, dim=width))
+        try:
+            encoder = build_encoder(IPSConfig(encoder=arch, pretrained=True, n_chan=n_chan, dim=width))
+        except ConfigError:
+            raise ConfigError(
+                f"could not download ImageNet weights for {arch}; connect to the internet once, "
+                "or extract with encoder warm-start or a TorchScript file"
+            ) from None
     else:
         path = Path(cfg.encoder).expanduser()
         try:

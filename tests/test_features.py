@@ -274,3 +274,16 @@ def test_extract_config_defaults():
     cfg = ExtractConfig(source=DataConfig())
     cfg.validate("data.extract")
     assert cfg.encoder == "warm-start" and cfg.dtype == "float16"
+
+
+def test_imagenet_encoder_offline_is_one_line(monkeypatch):
+    from ips_search.extract import build_frozen_encoder
+    from ips_search.model import encoders
+
+    def offline(model, arch):
+        raise ConfigError(f"could not download ImageNet weights for {arch} (URLError); connect to the internet once")
+
+    monkeypatch.setattr(encoders, "_load_imagenet_weights", offline)
+    cfg = parse_extract({"from": {"dataset": "megapixel"}, "encoder": "resnet18-imagenet"})
+    with pytest.raises(ConfigError, match="ImageNet weights for resnet18; .* warm-start or a TorchScript file"):
+        build_frozen_encoder(cfg, n_chan=1, progress=False)
