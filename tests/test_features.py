@@ -287,3 +287,26 @@ def test_imagenet_encoder_offline_is_one_line(monkeypatch):
     cfg = parse_extract({"from": {"dataset": "megapixel"}, "encoder": "resnet18-imagenet"})
     with pytest.raises(ConfigError, match="ImageNet weights for resnet18; .* warm-start or a TorchScript file"):
         build_frozen_encoder(cfg, n_chan=1, progress=False)
+
+
+def test_training_step_on_features_trains_projector_transformer_and_heads(extracted):
+    from ips_search.config import ExperimentConfig, TrainConfig
+    from ips_search.train import build_model, make_loader, make_optimizer, train_step
+
+    _, info = extracted
+    data = DataConfig(dataset="features", extract=info["raw"], cache_dir=info["cache"])
+    model_cfg = IPSConfig(encoder="projector", dim=16, heads=2, d_k=8, d_v=8, d_inner=32, memory_size=4,
+                          iteration_size=4, fold_bn=False)  # fmt: skip
+    exp = ExperimentConfig(data=data, model=model_cfg, train=TrainConfig(batch_size=4, warm_start=True))
+    splits = build_datasets(data)
+    device = torch.device("cpu")
+    model = build_model(exp, splits, device)  # D_in from the files; warm start does not apply to features
+    assert model.cfg.n_chan == 16 and model.encoder.linear.in_features == 16
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = next(iter(make_loader(splits.train, exp.train, shuffle=False, device=device)))
+    assert x.shape == (4, 36, 16)
+    train_step(model, x, y, make_optimizer(model, exp.train), exp.train, device)
+    after = model.state_dict()
+    for name in ("encoder.linear.weight", "encoder.norm.weight", "heads.label.weight"):
+        assert not torch.equal(before[name], after[name]), name
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("transf."))
