@@ -310,3 +310,24 @@ def test_training_step_on_features_trains_projector_transformer_and_heads(extrac
     for name in ("encoder.linear.weight", "encoder.norm.weight", "heads.label.weight"):
         assert not torch.equal(before[name], after[name]), name
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("transf."))
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("ips_search.data.source") is None,
+    reason="IPSNet.ips takes lazy sources only with ips_search.data.source",
+)
+def test_variable_n_training_on_sources(tmp_path):
+    from ips_search.config import ExperimentConfig, TrainConfig
+    from ips_search.train import fit
+
+    rng = np.random.default_rng(0)
+    make_cohort(tmp_path, [int(n) for n in rng.integers(20, 120, size=12)], dim=16)
+    data = DataConfig(dataset="features", root=str(tmp_path))
+    splits = build_datasets(data)
+    assert isinstance(splits.train[0][0], H5FeatureSource)  # N differs per slide: lazy sources
+    model = IPSConfig(encoder="projector", dim=16, heads=2, d_k=8, d_v=8, d_inner=32, memory_size=6,
+                      iteration_size=6, fold_bn=False)  # fmt: skip
+    exp = ExperimentConfig(data=data, model=model, train=TrainConfig(epochs=1, batch_size=3, warm_start=False))
+    out = fit(exp, splits, torch.device("cpu"))
+    assert out["epochs"][0]["images"] == len(splits.train) and np.isfinite(out["epochs"][0]["loss"])
+    assert out["test"]["images"] == len(splits.test)
