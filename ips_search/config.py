@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 from ips_search.errors import ConfigError
 
-ENCODERS = ("resnet18", "resnet50", "resnet18-2", "resnet18-3", "resnet50-2", "resnet50-3", "small-cnn")
+ENCODERS = ("resnet18", "resnet50", "resnet18-2", "resnet18-3", "resnet50-2", "resnet50-3", "small-cnn", "projector")
 LOADING_MODES = ("eager", "eager-sequential", "lazy")
 SHUFFLES = ("none", "batch", "instance")
-DATASETS = ("megapixel", "mnist-resized", "folder", "slides")
+DATASETS = ("megapixel", "mnist-resized", "folder", "slides", "features")
 MEGAPIXEL_TASKS = ("majority", "max", "top", "multilabel")
 
 
@@ -43,7 +43,7 @@ class IPSConfig:
     """
 
     n_class: int = 10
-    n_chan: int = 1
+    n_chan: int = 1  # image channels C; for the projector encoder, the embedding width D_in of the features
     memory_size: int = 5  # M
     iteration_size: int = 5  # I
     patch_size: int = 100  # P
@@ -125,16 +125,21 @@ class DataConfig:
     augment_digits: bool = False  # train canvases only: each placed digit randomly rotated, scaled and sheared
     # mnist-resized
     image_size: int = 500
-    # folder, slides
-    root: str | None = None
+    # folder, slides, features
+    root: str | None = None  # folder: class folders; slides: class folders of slides; features: the .h5 files
     n_chan: int = 3
+    # slides and features: a CSV listing the items (slides: path,label[,split]; features: slide,label[,split])
+    manifest: str | None = None
     # slides: whole-slide images / big scenes read lazily (patch_size and patch_stride are pixels at `level`)
-    manifest: str | None = None  # CSV with columns path,label[,split]; instead of root
     level: int | None = None  # pyramid level (0 = full resolution); default 0 unless mpp is set
     mpp: float | None = None  # target microns per pixel: read at the nearest level, resampled to it
     min_foreground: float = 0.5  # keep patches at least this tissue fraction (Otsu); 0 keeps every patch
     cohort_size: int = 0  # no root/manifest: generate this many synthetic slides into the cache dir
     slide_size: int = 3072  # side (level 0 pixels) of the generated slides
+    # features (see ips_search/data/features.py)
+    extract: dict[str, Any] | None = None  # extraction settings: the features are extracted on first use
+    test_fraction: float = 0.2  # features without a split column: share of slides held out for test
+    feature_items: str = "auto"  # auto | tensor | source: items as in-RAM (N, D) tensors or lazy sources
     # common
     seed: int = 0
     download: bool = False  # opt-in network access (MNIST)
@@ -156,6 +161,12 @@ class DataConfig:
             raise ConfigError(f"augment_digits must be true or false, got {self.augment_digits!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction!r}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"test_fraction must be between 0 and 1, got {self.test_fraction!r}")
+        if self.feature_items not in ("auto", "tensor", "source"):
+            raise ConfigError(f"feature_items must be auto, tensor or source, got {self.feature_items!r}")
+        if self.extract is not None and not isinstance(self.extract, dict):
+            raise ConfigError(f"extract must be a mapping like {{from: {{dataset: megapixel}}}}, got {self.extract!r}")
         for task in self.tasks:
             if task not in MEGAPIXEL_TASKS:
                 raise ConfigError(f"unknown task {task!r}; choose from {', '.join(MEGAPIXEL_TASKS)}")

@@ -9,7 +9,7 @@ import dataclasses
 
 from ips_search.data.preview import human_duration
 from ips_search.experiment import SearchSettings, asha_rungs
-from ips_search.space import SearchSpace, memory_iteration_ranges
+from ips_search.space import SearchSpace, count_patches, memory_iteration_ranges
 from ips_search.warmstart import supports_warm_start
 
 
@@ -36,6 +36,9 @@ def plan_lines(space: SearchSpace, settings: SearchSettings) -> list[str]:
     if "memory_size" in space.params:
         for ps in space.patch_sizes():
             n = space.n_patches(ps)
+            if n is None:
+                lines.append(f"  P={ps:<4} N from the files (the smallest item's), once the data is built")
+                continue
             (mlo, mhi), _ = memory_iteration_ranges(space, n)
             lines.append(f"  P={ps:<4} N={n:<5} M in [{mlo:g}, {mhi:g}], I up to N - M")
     base = space.base_config()
@@ -62,6 +65,7 @@ def prepare_data(space: SearchSpace) -> None:
         exp = dataclasses.replace(base, data=data)
         if exp.train.warm_start:
             build_model(exp, splits, device=torch.device("cpu"), progress=True)
+    count_patches(space)  # slides, features: the M and I ranges follow the smallest item's N
 
 
 def dry_run_lines(space: SearchSpace) -> list[str]:

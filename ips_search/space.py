@@ -35,6 +35,7 @@ from ips_search.errors import ConfigError
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 SECTIONS = {"data": DataConfig, "model": IPSConfig, "train": TrainConfig}
+FILE_DATASETS = ("slides", "features")  # N comes from the files
 DERIVED = ("memory_size", "iteration_size")  # sampled as quantiles of a range that depends on N
 QUANTILE_SUFFIX = "_quantile"
 # where a searched parameter lands; patch_size/patch_stride set both data and model
@@ -73,12 +74,23 @@ class SearchSpace:
     first: list[dict[str, Any]] = field(default_factory=list)
     description: str = ""
     path: str | None = None  # the YAML file it was read from
+    # N per patch size of datasets whose N comes from their files (slides, features): the smallest N of any item,
+    # known once the driver has built the data (plan.prepare_data); saved with the space
+    patch_counts: dict[int, int] = field(default_factory=dict)
 
     def base_config(self) -> ExperimentConfig:
         return ExperimentConfig.from_dict(self.fixed)
 
-    def n_patches(self, patch_size: int, patch_stride: int | None = None) -> int:
-        """N for a patch size: from the image size of the fixed data settings."""
+    @property
+    def counts_from_files(self) -> bool:
+        """N depends on the files (slide sizes and tissue, feature rows), not on the config alone."""
+        return self.base_config().data.dataset in FILE_DATASETS
+
+    def n_patches(self, patch_size: int, patch_stride: int | None = None) -> int | None:
+        """N for a patch size: from the image size of the fixed data settings; for slides and features the smallest
+        N of the built data, or ``None`` before it is built."""
+        if self.counts_from_files:
+            return self.patch_counts.get(int(patch_size))
         data = self.base_config().data
         side = data.canvas_size if data.dataset == "megapixel" else data.image_size
         stride = patch_stride or self.fixed.get("data", {}).get("patch_stride") or patch_size
@@ -102,6 +114,7 @@ class SearchSpace:
             **self.fixed,
             "search": {k: _param_to_dict(p) for k, p in self.params.items()},
             "first": self.first,
+            **({"patch_counts": {str(k): v for k, v in self.patch_counts.items()}} if self.patch_counts else {}),
         }
 
 
@@ -199,7 +212,7 @@ def saved_space(saved: Any) -> SearchSpace:
 
 def _space_from_mapping(raw: dict[str, Any], where: str, name: str, path: str | None) -> SearchSpace:
     """Validate a space's sections (a space file's top level) and build it; every problem is one ConfigError."""
-    unknown = set(raw) - {"data", "model", "train", "search", "first", "description"}
+    unknown = set(raw) - {"data", "model", "train", "search", "first", "description", "patch_counts"}
     if unknown:
         raise ConfigError(
             f"unknown section(s) {', '.join(sorted(map(str, unknown)))} in {where}; "
@@ -216,9 +229,34 @@ def _space_from_mapping(raw: dict[str, Any], where: str, name: str, path: str | 
     if not isinstance(first, list) or not all(isinstance(p, dict) for p in first):
         raise ConfigError(f"'first' in {where} must be a list of parameter mappings")
     space = SearchSpace(name, fixed, params, first, str(raw.get("description", "")), path)
+    space.patch_counts = _patch_counts(raw.get("patch_counts"), where)
     validate_space(space, where)
     first_points(space)  # 'first' configs must fit their ranges: checked before Ray starts
     return space
+
+
+def count_patches(space: SearchSpace) -> None:
+    """Fill ``space.patch_counts`` for slides and features by building their data (cached), then check the M and I
+    ranges against them: a no-op for datasets whose N follows from the config."""
+    if not space.counts_from_files:
+        return
+    from ips_search.data import build_datasets
+
+    base = space.base_config().data
+    for patch_size in space.patch_sizes():
+        splits = build_datasets(dataclasses.replace(base, patch_size=patch_size, patch_stride=None))
+        space.patch_counts[patch_size] = splits.n_patches
+    validate_space(space, f"space {space.name} (N from its files)")
+
+
+def _patch_counts(raw: Any, where: str) -> dict[int, int]:
+    if raw is None:
+        return {}
+    try:
+        counts = {int(k): int(v) for k, v in dict(raw).items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"'patch_counts' in {where} must map patch sizes to patch counts") from None
+    return counts
 
 
 def validate_space(space: SearchSpace, where: str) -> None:
@@ -233,6 +271,8 @@ def validate_space(space: SearchSpace, where: str) -> None:
             raise ConfigError(f"search.{p.name} in {where} must be a low/high range (it is scaled to each patch count)")
     for patch_size in space.patch_sizes():
         n = space.n_patches(patch_size)
+        if n is None:  # slides, features: checked once the data is built (plan.prepare_data)
+            continue
         if n < 2:
             raise ConfigError(
                 f"patch_size {patch_size} in {where} leaves {n} patch(es) per image; "
@@ -331,6 +371,9 @@ def first_points(space: SearchSpace) -> list[dict[str, Any]]:
             raise ConfigError(f"'first' config {raw}: {exc}") from None
         point = {k: v for k, v in raw.items() if k not in DERIVED}
         n = space.n_patches(int(raw.get("patch_size", space.base_config().data.patch_size)))
+        if n is None:  # N comes from the files: the ranges are checked once the data is built
+            points.append(point)
+            continue
         if "memory_size" in raw:
             (lo, hi), _ = memory_iteration_ranges(space, n)
             if not lo <= raw["memory_size"] <= hi:

@@ -1,19 +1,22 @@
-"""Datasets for IPS: synthetic Megapixel MNIST, the notebook's resized MNIST, image folders, and slides.
+"""Datasets for IPS: synthetic Megapixel MNIST, the notebook's resized MNIST, image folders, slides and
+pre-extracted patch embeddings.
 
 ``build_datasets(cfg)`` returns train/val/test datasets whose items are
 ``(patches (N, C, P, P) float32 in [0, 1], {task: target})`` plus what the model
 needs to know (tasks, channels, image size, patch grid). For ``slides`` an item's
 first element is instead a lazy patch source (:class:`~ips_search.data.slides.SlidePatchSource`)
-whose N differs from slide to slide. Imports nothing above
-``ips_search.config`` / ``ips_search.errors``.
+whose N differs from slide to slide; for ``features`` a source of (N, D) embeddings or an (N, D) tensor.
+Imports nothing above ``ips_search.config`` / ``ips_search.errors``, with one exception: ``features`` with
+``extract`` settings runs :mod:`ips_search.extract` (it needs an encoder) on first use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ips_search.config import DataConfig, Task
-from ips_search.data import folder, megapixel, mnist, slides
+from ips_search.data import features, folder, megapixel, mnist, slides
 from ips_search.data.dataset import PatchDataset
 from ips_search.data.patches import patch_grid, patch_map, patchify, patchify_batch, unpatchify
 from ips_search.data.preview import DataPreview, preview_folder, preview_mnist
@@ -40,16 +43,18 @@ class DataSplits:
     val: PatchDataset
     test: PatchDataset
     tasks: tuple[Task, ...]
-    n_chan: int
+    n_chan: int  # C; for features the embedding width D_in
     image_hw: tuple[int, int]
-    grid: tuple[int, int]  # patch rows, cols; slides: (1, n_patches)
-    n_patches: int  # N; slides: the smallest N of any slide (M must stay below it)
+    grid: tuple[int, int]  # patch rows, cols; slides and features: (1, N of the largest item)
+    n_patches: int  # N; slides and features: the smallest N of any item (M must stay below it)
 
 
 def build_datasets(cfg: DataConfig) -> DataSplits:
     """Build (or load from cache) the datasets ``cfg.dataset`` names; see each module for details."""
     if cfg.dataset == "slides":
         return _build_slides(cfg)
+    if cfg.dataset == "features":
+        return _build_features(cfg)
     side = cfg.canvas_size if cfg.dataset == "megapixel" else cfg.image_size
     grid = patch_grid(side, side, cfg.patch_size, cfg.patch_stride)  # fail fast, before any generation
     builder = {"megapixel": megapixel.build, "mnist-resized": mnist.build, "folder": folder.build}[cfg.dataset]
@@ -82,11 +87,53 @@ def _build_slides(cfg: DataConfig) -> DataSplits:
     )
 
 
+def _build_features(cfg: DataConfig) -> DataSplits:
+    if cfg.extract is not None:
+        from ips_search.extract import extracted_data_config  # needs the model and warm start: lazily
+
+        cfg = extracted_data_config(cfg)
+    train, val, test, tasks = features.build(cfg)
+    counts = [f.n for split in (train, val, test) for f in split.files]
+    return DataSplits(
+        train=train,
+        val=val,
+        test=test,
+        tasks=tasks,
+        n_chan=train.n_chan,
+        image_hw=(1, max(counts)),
+        grid=(1, max(counts)),
+        n_patches=min(counts),
+    )
+
+
 def preview_datasets(cfg: DataConfig) -> DataPreview:
     """What :func:`build_datasets` will build for ``cfg``, checked cheaply (cache files, headers, a small sample)."""
     if cfg.dataset == "slides":
         return slides.preview(cfg)
+    if cfg.dataset == "features":
+        return _preview_features(cfg)
     side = cfg.canvas_size if cfg.dataset == "megapixel" else cfg.image_size
     patch_grid(side, side, cfg.patch_size, cfg.patch_stride)
     previews = {"megapixel": megapixel.preview, "mnist-resized": preview_mnist, "folder": preview_folder}
     return previews[cfg.dataset](cfg)
+
+
+def _preview_features(cfg: DataConfig) -> DataPreview:
+    """Feature files: their headers read (shapes, widths, the manifest); with ``extract``, whether the extraction
+    exists, and if not what its source data will cost."""
+    if cfg.extract is not None:
+        from ips_search.extract import MANIFEST, feature_folder, parse_extract
+
+        settings = parse_extract(cfg.extract)
+        folder = feature_folder(settings, cfg.cache_dir)
+        if not (folder / MANIFEST).is_file():
+            source = preview_datasets(settings.source).line()
+            return DataPreview(
+                f"{settings.encoder} features of P={settings.source.patch_size} patches",
+                cached=False,
+                detail=f"extracted on the first run from {source}",
+            )
+        cfg = dataclasses.replace(cfg, root=str(folder), manifest=str(folder / MANIFEST), extract=None)
+    train, val, test, _ = features.build(cfg)  # headers only: shapes, widths and the manifest's rows
+    files = [f for split in (train, val, test) for f in split.files]
+    return DataPreview(f"{len(files)} feature files ({files[0].dim}-d)", cached=True, detail="headers read")

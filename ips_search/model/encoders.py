@@ -6,6 +6,8 @@
 * ``resnet18-2``, ``resnet18-3``, ``resnet50-2``, ``resnet50-3``: ResNets truncated
   after stage 2 or 3, as the original IPS code does for small patches.
 * ``small-cnn``: four conv blocks, fast enough for a CPU search.
+* ``projector``: for pre-extracted patch embeddings (``dataset: features``),
+  ``(n, D_in) -> (n, D)``; ``n_chan`` holds D_in (the files' feature width).
 
 When the encoder's native width differs from D a linear projection is appended.
 """
@@ -50,6 +52,29 @@ class SmallCNN(nn.Module):
         return self.pool(self.features(x)).flatten(1)
 
 
+class Projector(nn.Module):
+    """LayerNorm(D_in) -> Linear(D_in, D) -> BatchNorm1d(D) -> ReLU: ``(n, D_in) -> (n, D)``.
+
+    The IPS paper's CAMELYON16 encoder over frozen embeddings; the embeddings come from
+    the feature files, so this is all that trains besides the transformer and heads.
+    """
+
+    def __init__(self, in_dim: int, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.linear = nn.Linear(in_dim, dim)
+        self.bn = nn.BatchNorm1d(dim)
+        self.act = nn.ReLU(inplace=True)
+        self.out_dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, D_in) -> (n, D)
+        # The check also keeps torch.fx from tracing the projector, so IPS runs it unfolded (try_fold warns once):
+        # BatchNorm1d has nothing to fold into a conv, and the folded copy's Linear fails under inference_mode.
+        if x.shape[-1] != self.norm.normalized_shape[0]:
+            raise ValueError(f"projector expects {self.norm.normalized_shape[0]}-wide features, got {x.shape[-1]}")
+        return self.act(self.bn(self.linear(self.norm(x))))
+
+
 def _load_imagenet_weights(model: nn.Module, arch: str) -> None:
     from torchvision.models import get_model_weights
 
@@ -83,6 +108,10 @@ def _resnet(arch: str, stages: int, n_chan: int, pretrained: bool) -> tuple[nn.M
 
 def build_encoder(cfg: IPSConfig) -> nn.Module:
     """The patch encoder named by ``cfg.encoder``, projecting to ``cfg.dim`` when needed."""
+    if cfg.encoder == "projector":
+        if cfg.pretrained:
+            raise ConfigError("the projector has no ImageNet weights; set pretrained: false")
+        return Projector(cfg.n_chan, cfg.dim)
     if cfg.encoder == "small-cnn":
         if cfg.pretrained:
             raise ConfigError("small-cnn has no ImageNet weights; set pretrained: false or use a resnet encoder")

@@ -1,0 +1,304 @@
+"""``dataset: features``: IPS over pre-extracted patch embeddings, one HDF5 file per slide.
+
+Layout (TRIDENT / CLAM; ``ips-search-extract`` writes the same): ``<root>/<slide>.h5`` holds
+
+* ``features``: ``(N, D)`` float32 or float16, one embedding per patch (N varies per slide);
+* ``coords`` (optional): ``(N, 2)`` integer top-left ``(x, y)`` of each patch at level 0, with the
+  attributes TRIDENT writes (``patch_size``, ``patch_size_level0``, ``level0_magnification``,
+  ``target_magnification``, ...) or CLAM's (``patch_size``, ``patch_level``, ``downsample``);
+
+plus a manifest CSV ``slide,label[,split]`` (``slide`` = file name without ``.h5``; ``split`` one of
+train / val / test). Without a ``split`` column the slides are split with ``seed``: ``test_fraction``
+for test, then ``val_fraction`` of the rest for validation; with one, a split that lists no ``val``
+slides gets ``val_fraction`` of its train slides. Labels are class indices ``0..K-1`` when every label
+is a non-negative integer, else class names (sorted).
+
+Items are ``(source, {"label": int64 scalar})``: a :class:`H5FeatureSource` (lazy, reads only the
+rows asked for) or, with ``feature_items: tensor`` (``auto`` picks it when every slide has the same,
+small N), the slide's ``(N, D)`` float32 tensor. The dataset holds file names and patch counts only,
+never embeddings, and opens no file it keeps: each source opens its file on first read, in the
+process that reads (DataLoader workers included), and closes it when dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ips_search.config import DataConfig, Task
+from ips_search.data.dataset import n_validation
+from ips_search.errors import ConfigError
+
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+TENSOR_ITEM_LIMIT = 1 << 24  # auto: in-RAM tensor items only up to N * D = 16 M values (64 MB float32)
+DENSE_READ = 4  # read a contiguous slab instead of scattered rows when it is at most this many times larger
+
+
+def _h5py():
+    try:
+        import h5py
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise ConfigError("dataset: features needs h5py; pip install h5py") from None
+    return h5py
+
+
+class H5FeatureSource:
+    """One slide's patch embeddings, read lazily: ``read(index (k,) int64) -> (k, D) float32``.
+
+    Satisfies the lazy patch-source protocol (``len``, ``patch_shape``, ``read``, ``coords``). The
+    file is opened on the first read in the reading process (a handle never crosses a fork or a
+    pickle) and closed when the source is garbage-collected or :meth:`close` d.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], n: int, dim: int) -> None:
+        self.path, self.n, self.patch_shape = str(path), int(n), (int(dim),)
+        self._file = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __repr__(self) -> str:
+        return f"H5FeatureSource({self.path!r}, n={self.n}, dim={self.patch_shape[0]})"
+
+    def _features(self):
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = _h5py().File(self.path, "r"), os.getpid()
+        return self._file["features"]
+
+    def read(self, index: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` ``(k,)`` (any order, repeats allowed) as float32 ``(k, D)``.
+
+        h5py's fancy indexing needs increasing, unique indices, so the rows are read sorted and put back
+        in the order asked; when the rows asked are dense enough, one contiguous slab is read instead.
+        """
+        index = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64).reshape(-1)
+        if len(index) == 0:
+            return torch.empty(0, *self.patch_shape)
+        if index.min() < 0 or index.max() >= self.n:
+            raise IndexError(f"patch index out of range [0, {self.n}) for {self.path}")
+        unique, inverse = np.unique(index, return_inverse=True)  # sorted
+        features = self._features()
+        lo, hi = int(unique[0]), int(unique[-1]) + 1
+        if hi - lo <= DENSE_READ * len(unique):
+            rows = features[lo:hi][unique - lo]  # (k_unique, D)
+        else:
+            rows = features[unique]
+        return torch.from_numpy(np.ascontiguousarray(rows[inverse], dtype=np.float32))
+
+    def read_all(self) -> torch.Tensor:
+        """The whole slide, float32 ``(N, D)``."""
+        return torch.from_numpy(np.asarray(self._features()[:], dtype=np.float32))
+
+    @property
+    def coords(self) -> np.ndarray | None:
+        """``(N, 2)`` int64 top-left ``(x, y)`` at level 0, or None when the file has none (read on access)."""
+        with _h5py().File(self.path, "r") as f:
+            return np.asarray(f["coords"][:], dtype=np.int64) if "coords" in f else None
+
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = self._pid = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: h5py may already be gone
+            pass
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None, "_pid": None}
+
+
+def _register_collate() -> None:
+    """The default collate turns a batch of sources into a list (a source is not a tensor it could stack)."""
+    from torch.utils.data._utils.collate import default_collate_fn_map
+
+    default_collate_fn_map[H5FeatureSource] = lambda batch, *, collate_fn_map=None: list(batch)
+
+
+_register_collate()
+
+
+@dataclass(frozen=True)
+class SlideFile:
+    """A slide's file as scanned: its patch count N and feature width D."""
+
+    slide: str
+    path: Path
+    n: int
+    dim: int
+
+
+class FeatureDataset(Dataset):
+    """Items ``(H5FeatureSource or (N, D) float32 tensor, {"label": int64 scalar})``; see the module docstring."""
+
+    def __init__(self, files: list[SlideFile], labels: list[int], classes: list[str], as_tensors: bool) -> None:
+        self.files, self.as_tensors = files, as_tensors
+        self.targets = {"label": torch.tensor(labels, dtype=torch.long)}
+        self.classes = classes
+        self.paths = [f.path for f in files]
+        self.n_chan = files[0].dim if files else 0  # D: the projector's input width
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def source(self, i: int) -> H5FeatureSource:
+        f = self.files[i]
+        return H5FeatureSource(f.path, f.n, f.dim)
+
+    def __getitem__(self, i: int):
+        source = self.source(i)
+        item = source.read_all() if self.as_tensors else source
+        if self.as_tensors:
+            source.close()
+        return item, {k: v[i] for k, v in self.targets.items()}
+
+
+def read_manifest(path: Path) -> list[dict[str, str]]:
+    """The manifest's rows as dicts; columns ``slide`` and ``label`` are required, ``split`` optional."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            missing = [c for c in ("slide", "label") if c not in columns]
+            if missing:
+                raise ConfigError(
+                    f"manifest {path} lacks column(s) {', '.join(missing)}; its header must be slide,label[,split]"
+                )
+            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    except OSError as exc:
+        raise ConfigError(f"cannot read manifest {path} ({exc.strerror}); set data.manifest to a CSV file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"manifest {path} is not UTF-8 text; save it as a CSV file") from None
+    if not rows:
+        raise ConfigError(f"manifest {path} lists no slides; add one slide,label row per slide")
+    return rows
+
+
+def scan_file(path: Path, slide: str) -> SlideFile:
+    """Open ``path`` once for its shape; every layout problem is one ConfigError naming the file."""
+    h5py = _h5py()
+    try:
+        with h5py.File(path, "r") as f:
+            if "features" not in f or not isinstance(f["features"], h5py.Dataset):
+                found = ", ".join(sorted(f.keys())) or "nothing"
+                raise ConfigError(
+                    f"{path} has no 'features' dataset (found: {found}); "
+                    "write the patch embeddings as 'features' (N x D)"
+                )
+            shape = f["features"].shape
+            if len(shape) != 2:
+                raise ConfigError(f"{path}: 'features' has shape {shape}; it must be 2-D (N patches x D)")
+            if "coords" in f and f["coords"].shape != (shape[0], 2):
+                raise ConfigError(
+                    f"{path}: 'coords' has shape {f['coords'].shape} for {shape[0]} patches; it must be (N, 2)"
+                )
+    except OSError as exc:
+        raise ConfigError(f"cannot open {path} as HDF5 ({exc}); re-extract or remove slide {slide!r}") from None
+    if shape[0] == 0:
+        raise ConfigError(f"{path} has zero patches; remove slide {slide!r} from the manifest or re-extract it")
+    return SlideFile(slide, path, int(shape[0]), int(shape[1]))
+
+
+def _class_indices(labels: list[str], manifest: Path) -> tuple[list[int], list[str]]:
+    if all(label.isdigit() for label in labels):
+        n_class = max(int(label) for label in labels) + 1
+        return [int(label) for label in labels], [str(c) for c in range(n_class)]
+    if any(label == "" for label in labels):
+        raise ConfigError(f"manifest {manifest} has a row without a label; give every slide a label")
+    classes = sorted(set(labels))
+    return [classes.index(label) for label in labels], classes
+
+
+def _assign_splits(rows: list[dict[str, str]], cfg: DataConfig, manifest: Path) -> list[str]:
+    rng = np.random.default_rng([cfg.seed, 7])
+    if "split" in rows[0]:
+        splits = []
+        for row in rows:
+            split = SPLIT_ALIASES.get(row.get("split", "").lower())
+            if split is None:
+                raise ConfigError(
+                    f"manifest {manifest}: slide {row['slide']!r} has split {row.get('split')!r}; "
+                    "use train, val or test"
+                )
+            splits.append(split)
+    else:
+        n = len(rows)
+        if n < 3:
+            raise ConfigError(f"manifest {manifest} lists {n} slide(s); a seeded split needs at least 3")
+        order = rng.permutation(n)
+        n_test = n_validation(n, cfg.test_fraction)
+        splits = ["train"] * n
+        for i in order[:n_test]:
+            splits[i] = "test"
+    if "val" not in splits:
+        train = [i for i, s in enumerate(splits) if s == "train"]
+        if len(train) < 2:
+            raise ConfigError(f"manifest {manifest} has {len(train)} train slide(s); validation needs at least 2")
+        for i in rng.permutation(train)[: n_validation(len(train), cfg.val_fraction)]:
+            splits[i] = "val"
+    return splits
+
+
+def resolve(root: str | None, manifest: str | None) -> tuple[Path, Path]:
+    """The feature folder and manifest path of a config (manifest default: ``<root>/labels.csv``)."""
+    if not root:
+        raise ConfigError("dataset: features needs data.root (a folder of <slide>.h5 files) or data.extract")
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"data.root {folder} is not a folder; point it at the folder of <slide>.h5 files")
+    path = Path(manifest).expanduser() if manifest else Path("labels.csv")
+    path = path if path.is_absolute() else folder / path
+    if not path.is_file():
+        raise ConfigError(f"manifest {path} not found; set data.manifest to a slide,label[,split] CSV")
+    return folder, path
+
+
+def build(cfg: DataConfig) -> tuple[FeatureDataset, FeatureDataset, FeatureDataset, tuple[Task, ...]]:
+    """Train/val/test feature datasets of ``cfg.root`` + ``cfg.manifest`` and the one softmax task ``label``."""
+    folder, manifest = resolve(cfg.root, cfg.manifest)
+    rows = read_manifest(manifest)
+    seen: set[str] = set()
+    files = []
+    for row in rows:
+        slide = row["slide"]
+        if slide in seen:
+            raise ConfigError(f"manifest {manifest} lists slide {slide!r} twice; keep one row per slide")
+        seen.add(slide)
+        path = folder / f"{slide}.h5"
+        if not path.is_file():
+            raise ConfigError(
+                f"manifest {manifest} has a label for slide {slide!r} but {path} does not exist; "
+                "add the file or remove the row"
+            )
+        files.append(scan_file(path, slide))
+    widths = {f.dim for f in files}
+    if len(widths) > 1:
+        first = files[0]
+        other = next(f for f in files if f.dim != first.dim)
+        raise ConfigError(
+            f"{other.path} has {other.dim}-wide features but {first.path} has {first.dim}; "
+            "extract every slide with the same encoder"
+        )
+    labels, classes = _class_indices([row["label"] for row in rows], manifest)
+    splits = _assign_splits(rows, cfg, manifest)
+    dim, sizes = files[0].dim, {f.n for f in files}
+    as_tensors = cfg.feature_items == "tensor" or (
+        cfg.feature_items == "auto" and len(sizes) == 1 and next(iter(sizes)) * dim <= TENSOR_ITEM_LIMIT
+    )
+    parts = []
+    for split in SPLITS:
+        keep = [i for i, s in enumerate(splits) if s == split]
+        if not keep:
+            raise ConfigError(f"manifest {manifest} leaves the {split} split empty; add {split} slides")
+        parts.append(FeatureDataset([files[i] for i in keep], [labels[i] for i in keep], classes, as_tensors))
+    return parts[0], parts[1], parts[2], (Task("label", len(classes)),)
