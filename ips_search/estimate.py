@@ -37,7 +37,7 @@ from ips_search.config import DataConfig, ExperimentConfig, IPSConfig, Task, Tra
 from ips_search.errors import ConfigError, exit_code_of
 from ips_search.meter import MB, StorageMeter, cuda_block_bytes, optimizer_tensors, tensor_bytes
 from ips_search.model import IPSNet
-from ips_search.space import SearchSpace, count_patches, load_space, memory_iteration_ranges, trial_config
+from ips_search.space import SearchSpace, load_space, memory_iteration_ranges, trial_config
 from ips_search.train import make_optimizer, train_step
 
 STAND_IN = "cpu"  # the fake device the model lives on
@@ -256,8 +256,9 @@ def estimate_config(space: SearchSpace, params: dict[str, Any], device: str = "c
     n = space.n_patches(exp.data.patch_size, exp.data.patch_stride)
     if n is None:  # slides, features: N (and the channels) come from the files
         from ips_search.data import build_datasets
+        from ips_search.extract import resolve_data
 
-        splits = build_datasets(exp.data)
+        splits = build_datasets(resolve_data(exp.data))
         return estimate_step_memory(exp, splits.n_patches, splits.n_chan, splits.tasks, device)
     n_chan, tasks = data_shape(exp.data)
     return estimate_step_memory(exp, n, n_chan, tasks, device)
@@ -358,6 +359,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.sample < 1:
         raise ConfigError(f"--sample must be a positive integer, got {args.sample}")
     space = load_space(args.space)
+    from ips_search.plan import count_patches
+
     count_patches(space)  # slides, features: N comes from the (cached) data
     extra = {} if args.batch_size is None else {"batch_size": args.batch_size}
     grid = space_grid(space)

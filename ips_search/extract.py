@@ -368,6 +368,39 @@ def extracted_data_config(cfg: DataConfig, progress: bool = True) -> DataConfig:
     return dataclasses.replace(cfg, root=str(folder), manifest=str(folder / MANIFEST), extract=None)
 
 
+def preview(cfg: DataConfig) -> Any:
+    """``--dry-run``: whether ``cfg``'s extraction exists (then its files' headers are read), and if not what its
+    source data will cost; a config without ``extract`` goes to :func:`ips_search.data.preview_datasets`."""
+    from ips_search.data import preview_datasets
+    from ips_search.data.preview import DataPreview
+
+    if cfg.dataset != "features" or cfg.extract is None:
+        return preview_datasets(cfg)
+    settings = parse_extract(cfg.extract)
+    folder = feature_folder(settings, cfg.cache_dir)
+    if (folder / MANIFEST).is_file():
+        return preview_datasets(
+            dataclasses.replace(cfg, root=str(folder), manifest=str(folder / MANIFEST), extract=None)
+        )
+    source = preview_datasets(settings.source).line()
+    return DataPreview(
+        f"{settings.encoder} features of P={settings.source.patch_size} patches",
+        cached=False,
+        detail=f"extracted on the first run from {source}",
+    )
+
+
+def resolve_data(cfg: DataConfig, progress: bool = True) -> DataConfig:
+    """The data config ``build_datasets`` can build: a features config with ``extract`` settings is pointed at its
+    extracted files (extracted on first use, once per machine); any other config is returned as it is.
+
+    Extraction needs an encoder, so it happens here, above ``ips_search.data``; the search's driver, its trials,
+    the estimator and the report call this before ``build_datasets``."""
+    if cfg.dataset == "features" and cfg.extract is not None:
+        return extracted_data_config(cfg, progress)
+    return cfg
+
+
 # -- command line ---------------------------------------------------------------------------------------------------
 def _config_from_sections(data: dict[str, Any], model: dict[str, Any], args: argparse.Namespace) -> ExtractConfig:
     """A features data section's own ``extract``, or extraction settings around an image data section."""

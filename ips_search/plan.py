@@ -9,7 +9,7 @@ import dataclasses
 
 from ips_search.data.preview import human_duration
 from ips_search.experiment import SearchSettings, asha_rungs
-from ips_search.space import SearchSpace, count_patches, memory_iteration_ranges
+from ips_search.space import SearchSpace, memory_iteration_ranges, validate_space
 from ips_search.warmstart import supports_warm_start
 
 
@@ -56,11 +56,12 @@ def prepare_data(space: SearchSpace) -> None:
     import torch
 
     from ips_search.data import build_datasets
+    from ips_search.extract import resolve_data
     from ips_search.train import build_model
 
     base = space.base_config()
     for patch_size in space.patch_sizes():
-        data = dataclasses.replace(base.data, patch_size=patch_size, patch_stride=None)
+        data = resolve_data(dataclasses.replace(base.data, patch_size=patch_size, patch_stride=None))
         splits = build_datasets(data)
         exp = dataclasses.replace(base, data=data)
         if exp.train.warm_start:
@@ -73,7 +74,7 @@ def dry_run_lines(space: SearchSpace) -> list[str]:
 
     The warm start's cost is timed on two pretraining steps at the smallest patch size and scaled by patch area for
     the others, so a dry run of the paper-scale space stays in seconds."""
-    from ips_search.data import preview_datasets
+    from ips_search.extract import preview as preview_datasets
     from ips_search.warmstart import pretrain_seconds, warm_start_cached
 
     base = space.base_config()
@@ -96,3 +97,18 @@ def dry_run_lines(space: SearchSpace) -> list[str]:
             seconds = timed[1] * (patch_size / timed[0]) ** 2
             lines.append(f"{what}: pretrained on the first run (about {human_duration(seconds)} of CPU)")
     return lines
+
+
+def count_patches(space: SearchSpace) -> None:
+    """Fill ``space.patch_counts`` for slides and features by building their data (cached), then check the M and I
+    ranges against them: a no-op for datasets whose N follows from the config."""
+    if not space.counts_from_files:
+        return
+    from ips_search.data import build_datasets
+    from ips_search.extract import resolve_data
+
+    base = space.base_config().data
+    for patch_size in space.patch_sizes():
+        splits = build_datasets(resolve_data(dataclasses.replace(base, patch_size=patch_size, patch_stride=None)))
+        space.patch_counts[patch_size] = splits.n_patches
+    validate_space(space, f"space {space.name} (N from its files)")

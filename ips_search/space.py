@@ -235,20 +235,6 @@ def _space_from_mapping(raw: dict[str, Any], where: str, name: str, path: str | 
     return space
 
 
-def count_patches(space: SearchSpace) -> None:
-    """Fill ``space.patch_counts`` for slides and features by building their data (cached), then check the M and I
-    ranges against them: a no-op for datasets whose N follows from the config."""
-    if not space.counts_from_files:
-        return
-    from ips_search.data import build_datasets
-
-    base = space.base_config().data
-    for patch_size in space.patch_sizes():
-        splits = build_datasets(dataclasses.replace(base, patch_size=patch_size, patch_stride=None))
-        space.patch_counts[patch_size] = splits.n_patches
-    validate_space(space, f"space {space.name} (N from its files)")
-
-
 def _patch_counts(raw: Any, where: str) -> dict[int, int]:
     if raw is None:
         return {}

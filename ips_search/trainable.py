@@ -29,6 +29,7 @@ from ips_search.config import ExperimentConfig
 from ips_search.data import DataSplits, build_datasets
 from ips_search.estimate import estimate_step_memory
 from ips_search.experiment import CHECKPOINT_FILE, EpochReport, MemoryKind, Status
+from ips_search.extract import resolve_data
 from ips_search.space import trial_config
 from ips_search.train import NonFiniteLossError, Training, evaluate, resolve_device, setup, train_one_epoch
 
@@ -89,7 +90,8 @@ def train_ips(config: dict[str, Any]) -> None:
     if device.type == "cuda" and 0 < gpus < 1:
         torch.cuda.set_per_process_memory_fraction(gpus, device)
 
-    splits = build_datasets(exp.data)  # cached on disk and in-process: reused actors don't rebuild it
+    # cached on disk and in-process: reused actors don't rebuild it (features: extracted once, by the driver)
+    splits = build_datasets(resolve_data(exp.data, progress=False))
     predicted = predict_peak_mb(exp, splits)
     base = {
         "n_patches": splits.n_patches,

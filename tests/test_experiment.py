@@ -29,11 +29,11 @@ PACKAGE = Path(ips_search.__file__).parent
 # The pipeline, lowest first: a module may import only from its own layer or below
 LAYERS = [
     {"errors", "config", "experiment"},
-    {"data", "memory"},
+    {"data", "memory", "meter"},
     {"model"},
     {"warmstart", "space", "train"},
-    {"plan", "trainable"},
-    {"results", "search"},
+    {"plan", "trainable", "estimate", "extract"},
+    {"results", "search", "confirm"},
     {"report", "console", "launch"},
     {"run"},
 ]

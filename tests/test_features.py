@@ -16,7 +16,7 @@ from ips_search.config import DataConfig, IPSConfig
 from ips_search.data import build_datasets
 from ips_search.data.features import H5FeatureSource
 from ips_search.errors import ConfigError
-from ips_search.extract import ExtractConfig, extract, extract_splits, main, parse_extract
+from ips_search.extract import ExtractConfig, extract, extract_splits, main, parse_extract, resolve_data
 from ips_search.model import IPSNet
 from ips_search.model.fold import try_fold
 
@@ -56,7 +56,8 @@ def make_cohort(root: Path, sizes: list[int], dim: int = 8, split: bool = True, 
 def test_reads_trident_layout_lazily_in_any_order(tmp_path):
     feats = make_cohort(tmp_path, [7, 12, 5, 9, 20, 3])
     splits = build_datasets(DataConfig(dataset="features", root=str(tmp_path), feature_items="source"))
-    assert splits.n_chan == 8 and splits.tasks[0].n_class == 2 and splits.n_patches == 20
+    assert splits.n_chan == 8 and splits.tasks[0].n_class == 2
+    assert splits.n_patches == 3 and splits.grid == (1, 20)  # the smallest N bounds M; the largest, the grid
     assert [f.slide for f in splits.train.files] == ["slide00", "slide03"]
     assert splits.train.classes == ["normal", "tumor"]  # names sorted; slide03 is tumor
     source, target = splits.train[1]
@@ -190,7 +191,9 @@ def test_extraction_writes_what_a_read_gives_back(extracted, frozen_encoder):
     folder, info = extracted
     images = build_datasets(DataConfig(**{**SOURCE, "patch_size": SOURCE_P}, cache_dir=info["cache"]))
     feats = build_datasets(
-        DataConfig(dataset="features", extract=info["raw"], cache_dir=info["cache"], feature_items="source")
+        resolve_data(
+            DataConfig(dataset="features", extract=info["raw"], cache_dir=info["cache"], feature_items="source")
+        )
     )
     assert len(feats.train) == len(images.train) and len(feats.test) == len(images.test)
     assert feats.n_chan == 16 and feats.n_patches == 36
@@ -211,7 +214,7 @@ def test_extraction_writes_what_a_read_gives_back(extracted, frozen_encoder):
 def test_ips_over_frozen_features_keeps_the_image_selection(extracted, frozen_encoder):
     _, info = extracted
     images = build_datasets(DataConfig(**{**SOURCE, "patch_size": SOURCE_P}, cache_dir=info["cache"]))
-    feats = build_datasets(DataConfig(dataset="features", extract=info["raw"], cache_dir=info["cache"]))
+    feats = build_datasets(resolve_data(DataConfig(dataset="features", extract=info["raw"], cache_dir=info["cache"])))
     kwargs = dict(dim=16, heads=2, d_k=8, d_v=8, d_inner=32, memory_size=5, iteration_size=4, fold_bn=False)
     torch.manual_seed(1)
     on_images = IPSNet(IPSConfig(encoder="small-cnn", n_chan=1, patch_size=SOURCE_P, **kwargs))
@@ -294,7 +297,7 @@ def test_training_step_on_features_trains_projector_transformer_and_heads(extrac
     from ips_search.train import build_model, make_loader, make_optimizer, train_step
 
     _, info = extracted
-    data = DataConfig(dataset="features", extract=info["raw"], cache_dir=info["cache"])
+    data = resolve_data(DataConfig(dataset="features", extract=info["raw"], cache_dir=info["cache"]))
     model_cfg = IPSConfig(encoder="projector", dim=16, heads=2, d_k=8, d_v=8, d_inner=32, memory_size=4,
                           iteration_size=4, fold_bn=False)  # fmt: skip
     exp = ExperimentConfig(data=data, model=model_cfg, train=TrainConfig(batch_size=4, warm_start=True))

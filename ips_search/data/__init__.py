@@ -6,13 +6,12 @@ pre-extracted patch embeddings.
 needs to know (tasks, channels, image size, patch grid). For ``slides`` an item's
 first element is instead a lazy patch source (:class:`~ips_search.data.slides.SlidePatchSource`)
 whose N differs from slide to slide; for ``features`` a source of (N, D) embeddings or an (N, D) tensor.
-Imports nothing above ``ips_search.config`` / ``ips_search.errors``, with one exception: ``features`` with
-``extract`` settings runs :mod:`ips_search.extract` (it needs an encoder) on first use.
+Imports nothing above ``ips_search.config`` / ``ips_search.errors``: ``features`` with ``extract`` settings are
+extracted first by :func:`ips_search.extract.resolve_data`, which needs an encoder.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from ips_search.config import DataConfig, Task
@@ -20,6 +19,7 @@ from ips_search.data import features, folder, megapixel, mnist, slides
 from ips_search.data.dataset import PatchDataset
 from ips_search.data.patches import patch_grid, patch_map, patchify, patchify_batch, unpatchify
 from ips_search.data.preview import DataPreview, preview_folder, preview_mnist
+from ips_search.errors import ConfigError
 
 __all__ = [
     "DataPreview",
@@ -88,10 +88,11 @@ def _build_slides(cfg: DataConfig) -> DataSplits:
 
 
 def _build_features(cfg: DataConfig) -> DataSplits:
-    if cfg.extract is not None:
-        from ips_search.extract import extracted_data_config  # needs the model and warm start: lazily
-
-        cfg = extracted_data_config(cfg)
+    if cfg.extract is not None:  # extraction needs an encoder: it runs above this package
+        raise ConfigError(
+            "features with extract settings must be extracted first; call ips_search.extract.resolve_data(cfg) "
+            "or run python -m ips_search.extract"
+        )
     train, val, test, tasks = features.build(cfg)
     counts = [f.n for split in (train, val, test) for f in split.files]
     return DataSplits(
@@ -119,21 +120,8 @@ def preview_datasets(cfg: DataConfig) -> DataPreview:
 
 
 def _preview_features(cfg: DataConfig) -> DataPreview:
-    """Feature files: their headers read (shapes, widths, the manifest); with ``extract``, whether the extraction
-    exists, and if not what its source data will cost."""
-    if cfg.extract is not None:
-        from ips_search.extract import MANIFEST, feature_folder, parse_extract
-
-        settings = parse_extract(cfg.extract)
-        folder = feature_folder(settings, cfg.cache_dir)
-        if not (folder / MANIFEST).is_file():
-            source = preview_datasets(settings.source).line()
-            return DataPreview(
-                f"{settings.encoder} features of P={settings.source.patch_size} patches",
-                cached=False,
-                detail=f"extracted on the first run from {source}",
-            )
-        cfg = dataclasses.replace(cfg, root=str(folder), manifest=str(folder / MANIFEST), extract=None)
+    """Feature files: their headers read (shapes, widths, the manifest). Extraction settings are previewed by
+    :func:`ips_search.extract.preview` (it needs the extractor)."""
     train, val, test, _ = features.build(cfg)  # headers only: shapes, widths and the manifest's rows
     files = [f for split in (train, val, test) for f in split.files]
     return DataPreview(f"{len(files)} feature files ({files[0].dim}-d)", cached=True, detail="headers read")

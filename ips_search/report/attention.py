@@ -85,6 +85,7 @@ def load_trial_model(trial_dir: str | Path, device: str = "cpu") -> TrialModel:
     folder has no config or no loadable checkpoint.
     """
     from ips_search.data import build_datasets
+    from ips_search.extract import resolve_data
     from ips_search.space import trial_config
     from ips_search.train import build_model
 
@@ -97,7 +98,7 @@ def load_trial_model(trial_dir: str | Path, device: str = "cpu") -> TrialModel:
     sampled = sampled_params(params)
     sampled.update({k: last[k] for k in ("memory_size", "iteration_size") if last.get(k) is not None})
     config = trial_config(params["fixed"], sampled)
-    splits = build_datasets(config.data)
+    splits = build_datasets(resolve_data(config.data, progress=False))
     model = build_model(config, splits, torch.device(device), warm_start=False)
     errors = []
     for path in checkpoints(trial_dir):
