@@ -365,3 +365,29 @@ def test_plot_slide_attention_outlines_the_kept_patches(tumour_slide, tmp_path):
     assert thick[0].get_width() == pytest.approx(128 / scale)  # 64 px at level 1
     with pytest.raises(ValueError, match="index"):
         plot_slide_attention(tumour_slide, source.coords, [len(source)], source.patch_size_level0)
+
+
+def test_report_attention_draws_a_slide_trials_kept_patches_on_the_thumbnail(tmp_path):
+    from matplotlib.patches import Rectangle
+
+    from ips_search.config import ExperimentConfig, IPSConfig, TrainConfig
+    from ips_search.report.attention import TrialModel, compute_attention, plot_attention
+    from ips_search.train import build_model
+
+    manifest = generate_cohort(tmp_path / "cohort", n=6, size=768, seed=2)
+    data = config(tmp_path, manifest=str(manifest), patch_size=32)
+    splits = build_datasets(data)
+    model_cfg = IPSConfig(encoder="small-cnn", dim=16, heads=2, d_k=8, d_v=8, d_inner=32, memory_size=3,
+                          iteration_size=4)  # fmt: skip
+    exp = ExperimentConfig(data=data, model=model_cfg, train=TrainConfig(warm_start=False))
+    model = build_model(exp, splits, torch.device("cpu"))  # orients its heads on a few slides' sources
+    trial = TrialModel("t1", model, splits, exp, tmp_path / "checkpoint.pt", 0)
+    maps = compute_attention(trial, n_images=2)
+    assert len(maps) == 2 and all(m.source is not None and len(m.indices) == 3 for m in maps)
+    kept = maps[0].source.read(maps[0].indices.numpy())  # the kept patches are read from the slide
+    assert kept.shape == (3, 3, 32, 32)
+    fig = plot_attention(maps, trial)
+    for ax, m in zip(fig.axes, maps, strict=False):
+        thick = [p for p in ax.patches if isinstance(p, Rectangle) and p.get_linewidth() > 1]
+        assert len(thick) == 3 and ax.images  # the M kept patches over the slide's thumbnail
+        assert ax.get_title().startswith(f"test slide {m.index}")

@@ -49,6 +49,7 @@ class AttentionMap:
     index: int  # position in the split
     target: str
     prediction: str
+    source: Any = None  # a whole slide (a lazy patch source): drawn over its thumbnail instead of ``image``
 
 
 @dataclass
@@ -136,7 +137,8 @@ def compute_attention(trial: TrialModel, n_images: int = 4, split: str = "test")
     maps = []
     for i in range(min(n_images, len(dataset))):
         patches, targets = dataset[i]
-        batch = patches.unsqueeze(0)  # (1, N, C, P, P)
+        lazy = not isinstance(patches, torch.Tensor)  # a slide: a patch source, read chunk by chunk
+        batch = [patches] if lazy else patches.unsqueeze(0)  # (1, N, C, P, P)
         mem_patch, mem_idx = model.ips(batch)  # (1, M, C, P, P), (1, M)
         B, M = mem_idx.shape
         emb = model.encode(mem_patch.flatten(0, 1)).view(B, M, -1)
@@ -146,10 +148,15 @@ def compute_attention(trial: TrialModel, n_images: int = 4, split: str = "test")
         task = tasks[0]
         z = logits[task.name][0]
         pred = (torch.sigmoid(z) > 0.5).float() if task.multi_label else z.argmax()
-        image = dataset.image(i)
-        values = torch.zeros(patches.shape[0])
-        values[mem_idx[0].cpu()] = scores.cpu()
-        heatmap = patch_map(values, tuple(image.shape[-2:]), model.cfg.patch_size, stride)
+        if lazy:
+            image = heatmap = torch.zeros(0)
+            grid = (1, len(patches))
+        else:
+            image = dataset.image(i)
+            values = torch.zeros(patches.shape[0])
+            values[mem_idx[0].cpu()] = scores.cpu()
+            heatmap = patch_map(values, tuple(image.shape[-2:]), model.cfg.patch_size, stride)
+            grid = tuple(dataset.grid)
         maps.append(
             AttentionMap(
                 image=image,
@@ -158,10 +165,11 @@ def compute_attention(trial: TrialModel, n_images: int = 4, split: str = "test")
                 heatmap=heatmap,
                 patch_size=model.cfg.patch_size,
                 stride=stride,
-                grid=tuple(dataset.grid),
+                grid=grid,
                 index=i,
                 target=_label(targets[task.name], classes),
                 prediction=_label(pred, classes),
+                source=patches if lazy else None,
             )
         )
     return maps
@@ -231,6 +239,17 @@ def plot_attention(maps: list[AttentionMap], trial: TrialModel | None = None, ti
     cmap = colormaps["inferno"]
     mappable = None
     for ax, m in zip(axes, maps, strict=False):
+        if m.source is not None:  # a whole slide: its thumbnail, the kept patches at their level-0 place
+            from ips_search.report.slide_maps import draw_slide_attention
+
+            drawn = draw_slide_attention(
+                ax, m.source.path, m.source.coords, m.indices.numpy(), m.source.patch_size_level0,
+                m.scores.numpy(), thumbnail_size=512, cache_dir=m.source.cache_dir, norm=norm,
+            )  # fmt: skip
+            mappable = mappable or drawn
+            mark = "✓" if m.target == m.prediction else "✗"
+            ax.set_title(f"test slide {m.index}: true {m.target}, predicted {m.prediction} {mark}", fontsize=9)
+            continue
         img = m.image.numpy()
         if img.shape[0] == 1:
             ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)

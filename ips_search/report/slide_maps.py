@@ -49,23 +49,58 @@ def plot_slide_attention(
     reader = open_slide(source_path, cache_dir=cache_dir)
     try:
         width, height = reader.dimensions[0]
-        image, scale = thumbnail(reader, max(1.0, max(width, height) / thumbnail_size))  # (h, w, C), 1/scale
+        image, _ = thumbnail(reader, max(1.0, max(width, height) / thumbnail_size))  # (h, w, C)
     finally:
         reader.close()
     fig = Figure(figsize=(7.0, 7.0 * image.shape[0] / image.shape[1] + 0.6), dpi=110, layout="constrained")
     ax = fig.add_subplot()
+    mappable = draw_slide_attention(
+        ax, source_path, coords, kept, patch_size_level0, scores, thumbnail_size, show_all, cache_dir, image
+    )
+    if mappable is not None:
+        fig.colorbar(mappable, ax=ax, shrink=0.7, label="attention score")
+    ax.set_title(title or f"{os.path.basename(os.fspath(source_path))}: {len(kept)} of {len(coords)} patches kept")
+    return fig
+
+
+def draw_slide_attention(
+    ax,
+    source_path: str | os.PathLike[str],
+    coords: np.ndarray,
+    kept_indices: Sequence[int] | np.ndarray,
+    patch_size_level0: float,
+    scores: Sequence[float] | np.ndarray | None = None,
+    thumbnail_size: int = 1024,
+    show_all: bool = True,
+    cache_dir: str | None = None,
+    image: np.ndarray | None = None,
+    norm: Normalize | None = None,
+) -> ScalarMappable | None:
+    """Draw :func:`plot_slide_attention`'s view into ``ax`` (the report's grid of test slides); returns the colour
+    scale of the scores (``norm`` shared across slides when given), or ``None`` without scores."""
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    kept = np.asarray(kept_indices, dtype=np.int64).reshape(-1)
+    reader = open_slide(source_path, cache_dir=cache_dir)
+    try:
+        width, height = reader.dimensions[0]
+        factor = max(1.0, max(width, height) / thumbnail_size)
+        scale = factor
+        if image is None:
+            image, scale = thumbnail(reader, factor)  # (h, w, C), level-0 pixels per thumbnail pixel
+        else:
+            scale = max(width / image.shape[1], height / image.shape[0])
+    finally:
+        reader.close()
     ax.imshow(image if image.shape[-1] == 3 else image[..., 0], cmap=None if image.shape[-1] == 3 else "gray")
     side = patch_size_level0 / scale
     if show_all:
         for x, y in np.delete(coords, kept, axis=0) / scale:
             ax.add_patch(Rectangle((x, y), side, side, fill=False, lw=0.3, ec="0.55", alpha=0.6))
     colours = matplotlib.colormaps["viridis"]
-    norm = Normalize(float(np.min(scores)), float(np.max(scores))) if scores is not None and len(kept) else None
+    if norm is None and scores is not None and len(kept):
+        norm = Normalize(float(np.min(scores)), float(np.max(scores)))
     for j, (x, y) in enumerate(coords[kept] / scale):
-        colour = colours(norm(scores[j])) if norm is not None else "tab:red"
+        colour = colours(norm(scores[j])) if norm is not None and scores is not None else "tab:red"
         ax.add_patch(Rectangle((x, y), side, side, fill=False, lw=1.6, ec=colour))
-    if norm is not None:
-        fig.colorbar(ScalarMappable(norm=norm, cmap=colours), ax=ax, shrink=0.7, label="attention score")
-    ax.set_title(title or f"{os.path.basename(os.fspath(source_path))}: {len(kept)} of {len(coords)} patches kept")
     ax.set_axis_off()
-    return fig
+    return ScalarMappable(norm=norm, cmap=colours) if norm is not None else None
