@@ -369,7 +369,7 @@ def test_grayscale_image_in_an_rgb_folder_is_converted(tmp_path, cache_dir, caps
     (tmp_path / "space.yaml").write_text(folder_space(root))
     argv = ["--space", str(tmp_path / "space.yaml"), "--results-dir", str(tmp_path / "results"), "--dry-run"]
     assert run.main(argv) == 0
-    assert "the space and the data are valid" in capsys.readouterr().out
+    assert "the space, the flags and the data are valid" in capsys.readouterr().out
 
     data = load_space(str(tmp_path / "space.yaml")).base_config().data
     splits = build_datasets(data)

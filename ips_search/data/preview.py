@@ -56,7 +56,7 @@ def preview_folder(cfg) -> DataPreview:
     if not root.is_dir():
         raise ConfigError(f"data root {root} does not exist or is not a folder; set root to a folder of class folders")
     splits = [root / "train", root / "test"] if (root / "train").is_dir() else [root]
-    paths = [p for split in splits for p in folder._scan(split)[1]]
+    paths = [p for split in splits for p in folder.scan(split)[1]]
     for path in paths:
         try:
             with Image.open(path) as im:  # reads the header only
