@@ -98,8 +98,15 @@ def test_report_writes_every_file_and_the_notebook_runs(smoke_experiment, tmp_pa
     assert len(df) == N_TRIALS and set(df["status"]) <= STATUSES
     assert N_TRIALS >= MIN_IMPORTANCE_TRIALS and (df["status"] == "completed").sum() >= MIN_IMPORTANCE_TRIALS
     importance = pd.read_csv(out / "importance.csv")
-    assert not importance.empty and set(importance["target"]) <= {"val_accuracy", "peak_memory_mb"}
-    assert (out / "importance.png").is_file() and "](importance.png)" in summary
+    done = df[df["status"] == "completed"]
+    # Smoke trials sit at chance accuracy, and their predicted memory is one figure for every M and I of this tiny
+    # model: importance needs a target that varies (test_parameter_importance_and_its_plot covers one that does)
+    varies = done["val_accuracy"].nunique() > 1 or done["peak_memory_mb"].nunique() > 1
+    if varies:
+        assert not importance.empty and set(importance["target"]) <= {"val_accuracy", "peak_memory_mb"}
+        assert (out / "importance.png").is_file() and "](importance.png)" in summary
+    else:
+        assert importance.empty and "every trial has the same value" in summary
     for section in (
         "## Top trials",
         "## Accuracy vs peak memory",
@@ -119,7 +126,7 @@ def test_report_writes_every_file_and_the_notebook_runs(smoke_experiment, tmp_pa
     outputs = [o for c in code for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 5  # memory, parameters, curves, importance, attention
+    assert len(images) >= 4 + varies  # memory, parameters, curves, attention (and importance)
     # the notebook reads the experiment from disk: the path appears once, as a JSON string, and no numbers are pasted
     source = "\n".join(c.source for c in code)
     assert source.count(json.dumps(json.dumps(str(folder.resolve())))) == 1
@@ -184,8 +191,9 @@ def test_accuracy_vs_memory_draws_the_budget_line_only_with_a_budget(smoke_exper
 
 
 def _best_first(pool: pd.DataFrame) -> list[str]:
-    """Trial ids by validation accuracy, then test accuracy (higher first), then peak memory (lower first)."""
-    rows = sorted(pool.itertuples(), key=lambda r: (-r.val_accuracy, -r.test_accuracy, r.peak_memory_mb))
+    """Trial ids by the ranking rule: validation accuracy (higher first), then peak memory, then trial-seconds (lower
+    first); never test accuracy."""
+    rows = sorted(pool.itertuples(), key=lambda r: (-r.val_accuracy, r.peak_memory_mb, r.time_total_s))
     return [r.trial_id for r in rows]
 
 

@@ -45,6 +45,9 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Markdown, display
 
+# tqdm (imported by Optuna and the data modules) warns in a kernel without ipywidgets; nothing here shows a bar
+warnings.filterwarnings("ignore", message="IProgress not found")
+
 from ips_search.report import (
     attention_or_note,
     best_config_markdown,
@@ -63,7 +66,6 @@ from ips_search.report import (
     top_trials,
 )
 
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm, imported by Optuna
 pd.set_option("display.max_columns", 40)
 pd.set_option("display.width", 200)
 
