@@ -92,8 +92,10 @@ def _fake_module(module: nn.Module, device: str) -> None:
                 mod._buffers[name] = like(b)
 
 
-def _fake_batch(batch: int, n_patches: int, n_chan: int, patch: int, tasks: tuple[Task, ...]):
-    patches = torch.empty(batch, n_patches, n_chan, patch, patch, device=HOST)  # (B, N, C, P, P)
+def _fake_batch(batch: int, n_patches: int, n_chan: int, patch: int, tasks: tuple[Task, ...], features: bool = False):
+    # (B, N, D) pre-extracted embeddings (n_chan is their width D), else (B, N, C, P, P) pixels
+    shape = (batch, n_patches, n_chan) if features else (batch, n_patches, n_chan, patch, patch)
+    patches = torch.empty(*shape, device=HOST)
     targets = {
         t.name: torch.zeros(batch, t.n_class, device=STAND_IN)
         if t.multi_label
@@ -136,9 +138,10 @@ class _FakeTrainer:
                     return forward(*args, **kwargs)
 
             self.model.forward = autocast_forward
-        # warm-up: one image, N = 2, M = I = 1 is enough to allocate the gradients, the optimiser state and the
-        # folded encoder copy (a config with M >= N would never fold: its estimate keeps the copy, a slight excess)
-        self.step(dataclasses.replace(model_cfg, memory_size=1, iteration_size=1), batch=1, n_patches=2)
+        # warm-up: two images (BatchNorm1d trains on no fewer samples), N = 2, M = I = 1 allocate the gradients, the
+        # optimiser state and the folded encoder copy (a config with M >= N would never fold: its estimate keeps the
+        # copy, a slight excess)
+        self.step(dataclasses.replace(model_cfg, memory_size=1, iteration_size=1), batch=2, n_patches=2)
         rounding = self.meter.rounding
         params = {p.untyped_storage()._cdata: p for p in self.model.parameters()}
         self.weights_bytes = sum(rounding(p.untyped_storage().nbytes()) for p in params.values())
@@ -159,7 +162,14 @@ class _FakeTrainer:
         """(peak bytes, bytes alive at entry) of one training step with this M, I, batch size and N."""
         self.model.cfg = model_cfg
         with self._modes():
-            patches, targets = _fake_batch(batch, n_patches, model_cfg.n_chan, model_cfg.patch_size, model_cfg.tasks)
+            patches, targets = _fake_batch(
+                batch,
+                n_patches,
+                model_cfg.n_chan,
+                model_cfg.patch_size,
+                model_cfg.tasks,
+                model_cfg.encoder == "projector",
+            )
             self.meter.reset_peak()
             state = self.meter.current_bytes
             train_step(self.model, patches, targets, self.optimizer, self.train_cfg, torch.device(STAND_IN))
