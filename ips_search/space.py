@@ -334,7 +334,9 @@ def define_space(trial: Any, space_dict: dict[str, Any]) -> dict[str, Any]:
 def space_from_dict(d: dict[str, Any]) -> SearchSpace:
     params = {k: _parse_param(k, v, d.get("name", "space")) for k, v in d.get("search", {}).items()}
     fixed = {s: dict(d.get(s) or {}) for s in SECTIONS}
-    return SearchSpace(d.get("name", "space"), fixed, params, list(d.get("first", [])), d.get("description", ""))
+    space = SearchSpace(d.get("name", "space"), fixed, params, list(d.get("first", [])), d.get("description", ""))
+    space.patch_counts = _patch_counts(d.get("patch_counts"), "the space")
+    return space
 
 
 def searcher_space(space: SearchSpace):

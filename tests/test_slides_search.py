@@ -1,0 +1,42 @@
+"""A search over slides end to end: lazy patch sources in Ray trials, N from the files, the report's slide maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ips_search import run
+
+SPACE = """\
+description: a tiny generated slide cohort
+data: {dataset: slides, cohort_size: 8, slide_size: 768, level: 0, min_foreground: 0.3, n_chan: 3, n_test: 2}
+model: {encoder: small-cnn, dim: 16, heads: 2, d_k: 8, d_v: 8, d_inner: 32, orient_scores: false}
+train: {epochs: 1, batch_size: 4, warm_start: false}
+search:
+  patch_size: {choices: [64]}
+  memory_size: {low: 2, high: 4}
+  iteration_size: {low: 2, high: 4}
+  lr: {low: 1.0e-3, high: 3.0e-3, log: true}
+"""
+
+
+@pytest.mark.ray
+def test_a_slides_search_trains_on_lazy_sources_and_reports_slide_maps(ray_cluster, tmp_path, cache_dir):
+    space = tmp_path / "slides.yaml"
+    space.write_text(SPACE)
+    results = tmp_path / "results"
+    argv = ["--space", str(space), "--trials", "2", "--name", "wsi", "--results-dir", str(results), "--no-dashboard"]
+    assert run.main(argv) == 0
+    df = pd.read_csv(results / "wsi" / "trials.csv", dtype={"trial_id": str})
+    assert len(df) == 2 and (df["status"] == "completed").all()
+    assert (df["memory_size"] < df["n_patches"]).all() and (df["memory_kind"] == "predicted-cuda").all()
+    saved = pd.read_json(results / "wsi" / "experiment.json", typ="series")
+    assert int(saved["space"]["patch_counts"]["64"]) == df["n_patches"].iloc[0]  # N from the files, kept on disk
+
+    from ips_search.report import write_report
+
+    out = write_report(results / "wsi", notebook=False)
+    assert out["error"] is None and Path(out["dir"], "attention.png").is_file()
+    assert "Attention maps" in Path(out["dir"], "summary.md").read_text()
