@@ -48,19 +48,24 @@ def cache_key(fields: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then rename it into place."""
+def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
+    """``write(file)`` into a temporary file next to ``path``, then rename it into place (readers never see half)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file next to ``path``, then rename it into place."""
+    _write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load(path: Path) -> Any:
@@ -139,17 +144,7 @@ def file_lock(path: Path) -> contextlib.AbstractContextManager[None]:
 
 def save_npy_atomic(array: np.ndarray, path: Path) -> None:
     """``np.save`` to a temporary file next to ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    _write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def _make_root(root: Path) -> None:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ips_search.config import DataConfig, Task
 from ips_search.data.cache import cache_key, cache_root, cached_memmap
-from ips_search.data.dataset import PatchDataset, n_validation
+from ips_search.data.dataset import PatchDataset, n_validation, seeded_test_split
 from ips_search.errors import ConfigError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -168,9 +168,7 @@ def build(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchDataset, tu
         classes, paths, labels = scan(root)
         if len(paths) < 3:
             raise ConfigError(f"found {len(paths)} image(s) in {root}; need at least 3 (train, validation and test)")
-        perm = rng.permutation(len(paths))
-        n_test = max(1, min(cfg.n_test, round(TEST_FRACTION * len(paths))))
-        test_idx, rest = perm[:n_test], perm[n_test:]
+        test_idx, rest = seeded_test_split(len(paths), cfg.n_test, TEST_FRACTION, rng)
     if len(rest) < 2:
         raise ConfigError(f"{root} has {len(rest)} training image(s); need at least 2 (train and validation)")
     n_val = n_validation(len(rest), cfg.val_fraction)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ips_search.config import DataConfig, Task
 from ips_search.data import folder
 from ips_search.data.cache import cache_key, cache_root, cached_npy, file_lock
-from ips_search.data.dataset import n_validation
+from ips_search.data.dataset import n_validation, seeded_test_split
 from ips_search.data.preview import DataPreview
 from ips_search.data.slides import tissue
 from ips_search.data.slides.readers import READABLE_EXTS, SlideReader, detect, open_slide
@@ -225,9 +225,7 @@ def build(cfg: DataConfig) -> tuple[SlideDataset, SlideDataset, SlideDataset, tu
     else:
         if len(sources) < 3:
             raise ConfigError(f"found {len(sources)} slide(s); need at least 3 (train, validation and test)")
-        perm = rng.permutation(len(sources))
-        n_test = max(1, min(cfg.n_test, round(TEST_FRACTION * len(sources))))
-        test_idx, rest = perm[:n_test], perm[n_test:]
+        test_idx, rest = seeded_test_split(len(sources), cfg.n_test, TEST_FRACTION, rng)
     if len(rest) < 2:
         raise ConfigError(f"{len(rest)} training slide(s); need at least 2 (train and validation)")
     n_val = n_validation(len(rest), cfg.val_fraction)
