@@ -18,6 +18,7 @@ import math
 import os
 import re
 import tempfile
+import time
 import warnings
 from typing import Any
 
@@ -91,7 +92,9 @@ def train_ips(config: dict[str, Any]) -> None:
         torch.cuda.set_per_process_memory_fraction(gpus, device)
 
     # cached on disk and in-process: reused actors don't rebuild it (features: extracted once, by the driver)
+    data_start = time.perf_counter()
     splits = build_datasets(resolve_data(exp.data, progress=False))
+    data_seconds = time.perf_counter() - data_start
     predicted = predict_peak_mb(exp, splits)
     base = {
         "n_patches": splits.n_patches,
@@ -101,6 +104,7 @@ def train_ips(config: dict[str, Any]) -> None:
         "device": device.type,
         "node_id": _node_id(),
         "predicted_memory_mb": predicted,
+        "data_seconds": data_seconds,
     }
     if budget and predicted is not None and predicted > budget:  # told to Optuna as infeasible, never trained
         return _report_stopped(base, Status.INFEASIBLE, predicted, MemoryKind.PREDICTED_CUDA.value, epoch=-1)

@@ -56,6 +56,7 @@ class EpochReport:
     val_loss: float | None = None
     train_loss: float | None = None
     train_accuracy: float | None = None
+    data_seconds: float | None = None  # building (or opening the cached) dataset in this trial process
     epoch_seconds: float | None = None
     train_seconds: float | None = None
     images_per_s: float | None = None
