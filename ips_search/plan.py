@@ -60,13 +60,15 @@ def prepare_data(space: SearchSpace) -> None:
     from ips_search.train import build_model
 
     base = space.base_config()
+    counts = {}
     for patch_size in space.patch_sizes():
         data = resolve_data(dataclasses.replace(base.data, patch_size=patch_size, patch_stride=None))
         splits = build_datasets(data)
+        counts[patch_size] = splits.n_patches
         exp = dataclasses.replace(base, data=data)
         if exp.train.warm_start:
             build_model(exp, splits, device=torch.device("cpu"), progress=True)
-    count_patches(space)  # slides, features: the M and I ranges follow the smallest item's N
+    _record_counts(space, counts)  # slides, features: the M and I ranges follow the smallest item's N
 
 
 def dry_run_lines(space: SearchSpace) -> list[str]:
@@ -108,7 +110,16 @@ def count_patches(space: SearchSpace) -> None:
     from ips_search.extract import resolve_data
 
     base = space.base_config().data
-    for patch_size in space.patch_sizes():
-        splits = build_datasets(resolve_data(dataclasses.replace(base, patch_size=patch_size, patch_stride=None)))
-        space.patch_counts[patch_size] = splits.n_patches
+    counts = {
+        p: build_datasets(resolve_data(dataclasses.replace(base, patch_size=p, patch_stride=None))).n_patches
+        for p in space.patch_sizes()
+    }
+    _record_counts(space, counts)
+
+
+def _record_counts(space: SearchSpace, counts: dict[int, int]) -> None:
+    """Keep the built data's N per patch size in the space (slides, features) and check M and I against them."""
+    if not space.counts_from_files:
+        return
+    space.patch_counts.update(counts)
     validate_space(space, f"space {space.name} (N from its files)")

@@ -107,12 +107,7 @@ def cached(kind: str, fields: dict[str, Any], build: Callable[[], Any], cache_di
     key = str(path.absolute())
     if key in _MEMORY:
         return _MEMORY[key]
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot create cache directory {root} ({exc.strerror}); set cache_dir to a writable folder"
-        ) from None
+    _make_root(root)
     with _file_lock(path):
         obj = None
         if path.exists():
