@@ -1,4 +1,4 @@
-"""TPE + ASHA against random search + FIFO: trial-seconds to reach random search's best accuracy.
+"""Search strategies against random search + FIFO: trial-seconds to reach random search's best accuracy.
 
 Runs ``python -m ips_search.run`` twice per seed on the same space and trial count,
 then reads each experiment's ``trials.csv`` and trial ``result.json`` files: trials
@@ -6,13 +6,18 @@ are ordered by when they finished, their ``time_total_s`` summed, and we report 
 trial-seconds after which each strategy's best validation accuracy first reaches
 the best one random search found (with the same seed).
 
-    python benchmarks/bench_search.py --space default --trials 20 --seeds 0 1
+    python benchmarks/bench_search.py --space default-features --trials 50 --seeds 0 1 2
+
+Every strategy starts from the space's same ``first:`` configs and the same seed. The target
+a strategy must reach is random + FIFO's final best validation accuracy with that seed; the
+``budget_fraction`` column is the trial-seconds it needed over random + FIFO's total.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -23,8 +28,17 @@ from pathlib import Path
 import pandas as pd
 
 STRATEGIES = {
-    "tpe+asha": ["--sampler", "tpe", "--scheduler", "asha"],
     "random+fifo": ["--sampler", "random", "--scheduler", "fifo"],
+    "tpe+asha": ["--sampler", "tpe", "--scheduler", "asha"],  # Ray's ASHA defaults: rungs at 1, 4 of 10 epochs
+    "tpe+asha-best-g2r3": [  # rungs at 2, 6 on each trial's best epoch so far
+        *("--sampler", "tpe", "--scheduler", "asha", "--grace-period", "2", "--reduction-factor", "3"),
+        *("--rung-metric", "val_accuracy_best"),
+    ],
+    "tpe+asha-hyperband": [  # asynchronous Hyperband: brackets with grace 1 and 3
+        *("--sampler", "tpe", "--scheduler", "asha", "--grace-period", "1", "--reduction-factor", "3"),
+        *("--brackets", "2", "--rung-metric", "val_accuracy_best"),
+    ],
+    "tpe+fifo": ["--sampler", "tpe", "--scheduler", "fifo"],
 }
 
 
@@ -72,6 +86,7 @@ def main() -> None:
     parser.add_argument("--space", default="default")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES)[:3])
     parser.add_argument("--results-dir", default="results/bench-search")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
@@ -81,10 +96,12 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for seed in args.seeds:
         runs = {}
-        for strategy, extra in STRATEGIES.items():
+        for strategy in dict.fromkeys(["random+fifo", *args.strategies]):
+            extra = STRATEGIES[strategy]
             name = f"{args.space}-{strategy.replace('+', '-')}-s{seed}-{stamp}"
             runs[strategy] = run_one(args.space, args.trials, seed, name, results, extra)
         target = float(runs["random+fifo"][0]["best_val_accuracy"].max())
+        random_budget = float(runs["random+fifo"][0]["time_total_s"].sum())
         for strategy, (df, wall) in runs.items():
             spent = seconds_to_reach(df, target)
             rows.append(
@@ -95,14 +112,25 @@ def main() -> None:
                     "best_val_accuracy": float(df["best_val_accuracy"].max()),
                     "target": target,
                     "trial_seconds_to_target": spent,
+                    "budget_fraction": math.inf if spent is None else spent / random_budget,
                     "total_trial_seconds": float(df["time_total_s"].sum()),
                     "wall_seconds": wall,
                 }
             )
     table = pd.DataFrame(rows)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-    md = f"Space `{args.space}`, {args.trials} trials, seeds {args.seeds}; {machine}\n\n" + table.to_markdown(
-        index=False, floatfmt=".3f"
+    summary = table.groupby("strategy", sort=False).agg(
+        seeds_reaching_target=("trial_seconds_to_target", "count"),
+        median_budget_fraction=("budget_fraction", "median"),
+        median_best_val=("best_val_accuracy", "median"),
+        median_total_trial_seconds=("total_trial_seconds", "median"),
+    )
+    md = (
+        f"Space `{args.space}`, {args.trials} trials, seeds {args.seeds}; {machine}\n\n"
+        f"Command: `python benchmarks/bench_search.py {' '.join(sys.argv[1:])}`\n\n"
+        + summary.to_markdown(floatfmt=".3f")
+        + "\n\nPer seed:\n\n"
+        + table.to_markdown(index=False, floatfmt=".3f")
     )
     print(md)
     out = Path(args.out)

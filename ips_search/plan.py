@@ -22,7 +22,9 @@ def plan_lines(space: SearchSpace, settings: SearchSettings) -> list[str]:
         f"trials       {settings.trials} ({settings.concurrency} at once, {settings.cpus_per_trial:g} CPU"
         f" + {settings.gpus_per_trial:g} GPU each), {settings.epochs} epochs max",
         f"objective    {settings.objective}, sampler {settings.sampler}, scheduler {settings.scheduler}"
-        + (f" (rungs at {', '.join(map(str, rungs))} epochs)" if rungs else "")
+        + (f" (rungs at {', '.join(map(str, rungs))} epochs on {settings.rung_metric}" if rungs else "")
+        + (f", {settings.brackets} brackets" if rungs and settings.brackets > 1 else "")
+        + (")" if rungs else "")
         + (f", budget {settings.max_memory_mb:g} MB" if settings.max_memory_mb else ""),
     ]
     if settings.confirm:

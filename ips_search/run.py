@@ -17,6 +17,7 @@ from typing import NoReturn
 from ips_search.errors import ConfigError, exit_code_of
 from ips_search.experiment import (
     EXPERIMENT_FILE,
+    RUNG_METRICS,
     SearchSettings,
     check_positive,
     check_settings,
@@ -94,6 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="ASHA: each rung keeps the best 1/reduction-factor of trials; rungs at grace-period * "
         "reduction-factor^k epochs (Ray's ASHAScheduler default)",
+    )
+    p.add_argument(
+        "--rung-metric",
+        choices=list(RUNG_METRICS),
+        default="val_accuracy",
+        help="ASHA: what trials are compared on at a rung: this epoch's validation accuracy, the trial's best so far, "
+        "or validation loss",
+    )
+    p.add_argument(
+        "--brackets",
+        type=int,
+        default=1,
+        help="ASHA: brackets of different grace periods (above 1: asynchronous Hyperband)",
     )
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (also torch's thread count)")
     p.add_argument(
@@ -269,6 +283,8 @@ def _main(args: argparse.Namespace) -> int:
             epochs=base.train.epochs,
             grace_period=args.grace_period,
             reduction_factor=args.reduction_factor,
+            rung_metric=args.rung_metric,
+            brackets=args.brackets,
             confirm=args.confirm,
             confirm_top=args.confirm_top,
             concurrency=args.concurrency or max(1, min(args.trials, int((os.cpu_count() or 1) // args.cpus_per_trial))),

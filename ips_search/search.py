@@ -31,6 +31,7 @@ from ips_search.experiment import (
     JOURNAL_FILE,
     MEMORY_METRIC,
     METRIC,
+    RUNG_METRICS,
     TRIALS_CSV,
     SearchSettings,
     Status,
@@ -168,8 +169,11 @@ def make_scheduler(settings: SearchSettings):
     return ASHAScheduler(
         time_attr="training_iteration",
         max_t=settings.epochs,
+        metric=settings.rung_metric,
+        mode=RUNG_METRICS[settings.rung_metric],
         grace_period=min(settings.grace_period, settings.epochs),
         reduction_factor=settings.reduction_factor,
+        brackets=settings.brackets,
     )
 
 
@@ -201,9 +205,7 @@ def make_tuner(space: SearchSpace, settings: SearchSettings, verbose: int = 1) -
             ConcurrencyLimiter(make_searcher(space, settings), max_concurrent=settings.concurrency),
             settings.experiment_dir / EXPERIMENT_FILE,
         ),
-        scheduler=make_scheduler(settings),
-        metric=METRIC,  # ASHA's metric, and the progress table's (the searcher keeps its own objectives)
-        mode="max",
+        scheduler=make_scheduler(settings),  # searcher and scheduler each name their own metric
         num_samples=settings.trials,
         reuse_actors=True,
         trial_dirname_creator=trial_dirname,

@@ -56,8 +56,16 @@ def _node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
-def _save_checkpoint(directory: str, run: Training, epoch: int, peak_mb: float, host_rss_mb: float) -> tune.Checkpoint:
-    state = {**run.state_dict(), "epoch": epoch, "peak_memory_mb": peak_mb, "host_rss_mb": host_rss_mb}
+def _save_checkpoint(
+    directory: str, run: Training, epoch: int, peak_mb: float, host_rss_mb: float, best_val: float
+) -> tune.Checkpoint:
+    state = {
+        **run.state_dict(),
+        "epoch": epoch,
+        "peak_memory_mb": peak_mb,
+        "host_rss_mb": host_rss_mb,
+        "val_accuracy_best": best_val,
+    }
     torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
     return tune.Checkpoint.from_directory(directory)
 
@@ -114,7 +122,7 @@ def train_ips(config: dict[str, Any]) -> None:
     run = setup(exp, splits, device)
     model = run.model
 
-    start_epoch, peak_mb, host_rss_mb = 0, 0.0, 0.0
+    start_epoch, peak_mb, host_rss_mb, best_val = 0, 0.0, 0.0, 0.0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -122,6 +130,7 @@ def train_ips(config: dict[str, Any]) -> None:
         run.load_state_dict(state)
         start_epoch, peak_mb = state["epoch"] + 1, state["peak_memory_mb"]
         host_rss_mb = state.get("host_rss_mb", 0.0)
+        best_val = state.get("val_accuracy_best", 0.0)
 
     def probe(step: int, mem_mb: float) -> None:
         if budget and measured and step == 0 and mem_mb > budget:
@@ -147,6 +156,7 @@ def train_ips(config: dict[str, Any]) -> None:
         except torch.cuda.OutOfMemoryError:
             return _report_stopped(base, Status.OUT_OF_MEMORY, math.inf, MemoryKind.CUDA.value, epoch)
         val = evaluate(model, run.val_loader, device, exp.train.amp)
+        best_val = max(best_val, val["accuracy"])
         if device.type == "cpu":
             host_rss_mb = max(host_rss_mb, train["peak_memory_mb"])
         peak_mb = max(peak_mb, train["peak_memory_mb"]) if measured else predicted
@@ -157,6 +167,7 @@ def train_ips(config: dict[str, Any]) -> None:
             epoch=epoch + 1,
             val_accuracy=val["accuracy"],
             val_loss=val["loss"],
+            val_accuracy_best=best_val,
             train_loss=train["loss"],
             train_accuracy=train["accuracy"],
             peak_memory_mb=peak_mb,
@@ -177,7 +188,7 @@ def train_ips(config: dict[str, Any]) -> None:
             )
             report.per_task.update({f"test_{k}": v for k, v in test.items() if "/" in k})
         with tempfile.TemporaryDirectory() as directory:
-            checkpoint_out = _save_checkpoint(directory, run, epoch, peak_mb, host_rss_mb)
+            checkpoint_out = _save_checkpoint(directory, run, epoch, peak_mb, host_rss_mb, best_val)
             tune.report(report.to_metrics(), checkpoint=checkpoint_out)
 
 
@@ -192,13 +203,15 @@ def predict_peak_mb(exp: ExperimentConfig, splits: DataSplits) -> float | None:
 
 
 def _report_stopped(base: dict, status: Status, peak_mb: float, kind: str, epoch: int, **extra: Any) -> None:
-    """The last report of a trial that can't go on: accuracy 0 so the searcher ranks it last."""
+    """The last report of a trial that can't go on: accuracy 0 (loss infinite) so every rung metric ranks it last."""
     feasible = status == Status.NAN_LOSS  # it fit in memory; it diverged
     report = EpochReport(
         **base,
         status=status,
         epoch=epoch + 1,
         val_accuracy=0.0,
+        val_accuracy_best=0.0,
+        val_loss=math.inf,
         peak_memory_mb=peak_mb,
         memory_kind=kind,
         feasible=feasible,

@@ -80,7 +80,8 @@ def test_multi_objective_search_yields_a_pareto_set(ray_cluster, results_dir, ca
 
 
 def test_memory_budget_marks_trials_infeasible(ray_cluster, results_dir):
-    assert _search(results_dir, "budget", "--trials", "2", "--max-memory-mb", "1") == 0
+    # val_loss as the rung metric: a trial stopped before any epoch must still report it (Ray checks every result)
+    assert _search(results_dir, "budget", "--trials", "2", "--max-memory-mb", "1", "--rung-metric", "val_loss") == 0
     df = pd.read_csv(results_dir / "budget" / "trials.csv")
     assert (df["status"] == "infeasible").all() and (df["peak_memory_mb"] > 1).all()
     assert (df["memory_kind"] == "predicted-cuda").all() and (df["epochs"] == 1).all()
@@ -280,3 +281,39 @@ def test_asha_rungs_are_the_ones_ray_uses(epochs, grace, factor):
     ray_rungs = sorted(milestone for milestone, _ in scheduler._brackets[0]._rungs if milestone < epochs)
     assert asha_rungs(settings) == ray_rungs
     assert "rungs at" in "\n".join(plan_lines(load_space("smoke"), settings)) or not ray_rungs
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode", "brackets"),
+    [("val_accuracy", "max", 1), ("val_accuracy_best", "max", 2), ("val_loss", "min", 3)],
+)
+def test_scheduler_compares_what_the_flags_say(metric, mode, brackets):
+    settings = SearchSettings(
+        name="x",
+        results_dir="/tmp/x",
+        space="smoke",
+        epochs=9,
+        rung_metric=metric,
+        brackets=brackets,
+        grace_period=1,
+        reduction_factor=3,
+    )
+    scheduler = make_scheduler(settings)
+    assert (scheduler.metric, scheduler._mode, len(scheduler._brackets)) == (metric, mode, brackets)
+    # bracket s starts at grace * factor**s: asynchronous Hyperband's spread of early-stopping aggressiveness
+    firsts = [min(m for m, _ in b._rungs) for b in scheduler._brackets]
+    assert sorted(firsts) == [3**s for s in range(brackets)]
+    plan = "\n".join(plan_lines(load_space("smoke"), settings))
+    assert f"on {metric}" in plan and (brackets == 1 or f"{brackets} brackets" in plan)
+
+
+def test_rung_metric_best_so_far_is_each_trials_running_best(ray_cluster, results_dir):
+    args = ("--trials", "2", "--rung-metric", "val_accuracy_best", "--reduction-factor", "2")
+    assert _search(results_dir, "best-rung", *args) == 0
+    saved = json.loads((results_dir / "best-rung" / "experiment.json").read_text())
+    assert saved["settings"]["rung_metric"] == "val_accuracy_best"
+    df = pd.read_csv(results_dir / "best-rung" / "trials.csv")
+    for path in df["path"]:
+        rows = [json.loads(line) for line in (Path(path) / "result.json").read_text().splitlines() if line.strip()]
+        running = [max(r["val_accuracy"] for r in rows[: i + 1]) for i in range(len(rows))]
+        assert [r["val_accuracy_best"] for r in rows] == running

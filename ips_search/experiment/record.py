@@ -19,7 +19,9 @@ import pandas as pd
 
 from ips_search.experiment.status import Status, trial_status
 
-METRIC = "val_accuracy"  # the objective every search maximises, and the scheduler's metric
+METRIC = "val_accuracy"  # the objective every search maximises, and the scheduler's default metric
+# What ASHA may compare trials on at its rungs, and which way is better
+RUNG_METRICS = {"val_accuracy": "max", "val_accuracy_best": "max", "val_loss": "min"}
 MEMORY_METRIC = "peak_memory_mb"  # the second objective, and what the memory budget limits
 SEARCHED_IN_RESULT = ("memory_size", "iteration_size", "patch_size")  # M and I are derived from N: read from the result
 
@@ -54,6 +56,7 @@ class EpochReport:
     device: str | None = None
     node_id: str | None = None  # which Ray node ran it: how a slow or failing node is found
     val_loss: float | None = None
+    val_accuracy_best: float | None = None  # the trial's best epoch so far: a rung metric that forgives one bad epoch
     train_loss: float | None = None
     train_accuracy: float | None = None
     data_seconds: float | None = None  # building (or opening the cached) dataset in this trial process

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 from ips_search.errors import ConfigError
+from ips_search.experiment.record import RUNG_METRICS
 
 OBJECTIVES = ("accuracy", "accuracy-memory")
 SAMPLERS = ("tpe", "gp", "nsga2", "random")
@@ -35,6 +36,8 @@ class SearchSettings:
     epochs: int = 4
     grace_period: int = 1  # ASHA: Ray's defaults
     reduction_factor: int = 4
+    rung_metric: str = "val_accuracy"  # what ASHA compares at its rungs (RUNG_METRICS)
+    brackets: int = 1  # ASHA brackets: more than 1 is asynchronous Hyperband
     confirm: int = 0  # after the search, retrain the best configs with this many more seeds (0: no confirm stage)
     confirm_top: int = 3  # how many of the best configs the confirm stage retrains
 
@@ -75,6 +78,8 @@ def check_settings(args: Any) -> None:
         raise ConfigError(f"--epochs must be at least 1, got {args.epochs}")
     if args.grace_period < 1:
         raise ConfigError(f"--grace-period must be at least 1 epoch, got {args.grace_period}")
+    if args.brackets < 1:
+        raise ConfigError(f"--brackets must be at least 1, got {args.brackets}")
     if args.reduction_factor < 2:
         raise ConfigError(f"--reduction-factor must be at least 2, got {args.reduction_factor}")
     if args.confirm < 0:
@@ -104,7 +109,12 @@ def settings_from_saved(saved: Any) -> SearchSettings:
             raise ConfigError(f"setting {key} must be {_type_name(types[key])}, got {value!r}")
     settings = SearchSettings(**saved)
     check_settings(settings)
-    for key, choices in (("objective", OBJECTIVES), ("sampler", SAMPLERS), ("scheduler", SCHEDULERS)):
+    for key, choices in (
+        ("objective", OBJECTIVES),
+        ("sampler", SAMPLERS),
+        ("scheduler", SCHEDULERS),
+        ("rung_metric", tuple(RUNG_METRICS)),
+    ):
         if getattr(settings, key) not in choices:
             raise ConfigError(f"setting {key} must be one of {', '.join(choices)}, got {getattr(settings, key)!r}")
     return settings
