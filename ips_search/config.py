@@ -140,6 +140,7 @@ class DataConfig:
     extract: dict[str, Any] | None = None  # extraction settings: the features are extracted on first use
     test_fraction: float = 0.2  # features without a split column: share of slides held out for test
     feature_items: str = "auto"  # auto | tensor | source: items as in-RAM (N, D) tensors or lazy sources
+    slides_root: str | None = None  # features: the slides they were cut from (<slide>.<ext>), for attention maps
     # common
     seed: int = 0
     download: bool = False  # opt-in network access (MNIST)

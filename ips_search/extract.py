@@ -9,6 +9,8 @@ TRIDENT layout that ``dataset: features`` reads (``features`` ``(N, D)``, ``coor
 
 * ``warm-start``: the cached digit-pretrained encoder of :mod:`ips_search.warmstart` (megapixel data),
   built from ``model`` (``encoder``, ``dim``) up to its embedding;
+* ``random-init``: ``model``'s encoder (``encoder``, ``dim``) as initialised with the data's seed, frozen: an
+  offline baseline for any dataset (random convolutions keep colour and texture), not a pretrained encoder;
 * ``resnet18-imagenet`` / ``resnet50-imagenet``: torchvision ImageNet weights (downloads once; opt-in);
 * a path to a TorchScript file (``torch.jit.save``) mapping ``(n, C, P, P) -> (n, D)``.
 
@@ -46,7 +48,8 @@ from ips_search.errors import ConfigError, exit_code_of
 
 FORMAT_VERSION = 1
 IMAGENET = {"resnet18-imagenet": "resnet18", "resnet50-imagenet": "resnet50"}
-NAMED_ENCODERS = ("warm-start", *IMAGENET)
+RANDOM_INIT = "random-init"
+NAMED_ENCODERS = ("warm-start", RANDOM_INIT, *IMAGENET)
 MANIFEST = "labels.csv"
 SPLIT_ORDER = ("train", "val", "test")
 SETTINGS = "extraction.json"
@@ -62,8 +65,8 @@ class ExtractConfig:
     """What to extract: ``source`` (the ``from`` data section), ``encoder`` and how to store it."""
 
     source: DataConfig
-    encoder: str = "warm-start"  # warm-start | resnet18-imagenet | resnet50-imagenet | TorchScript file
-    model: dict[str, Any] = field(default_factory=dict)  # warm-start: IPSConfig fields (encoder, dim)
+    encoder: str = "warm-start"  # warm-start | random-init | resnet18-imagenet | resnet50-imagenet | TorchScript
+    model: dict[str, Any] = field(default_factory=dict)  # warm-start, random-init: IPSConfig fields (encoder, dim)
     dtype: str = "float16"  # float16 | float32, as stored; reads are float32
     batch_size: int = 256  # patches per encoder call
     warm_start_steps: int | None = None  # default: warmstart.DEFAULT_STEPS
@@ -90,6 +93,8 @@ class ExtractConfig:
                     f"{where}.encoder warm-start needs dataset: megapixel in {where}.from, "
                     f"not {self.source.dataset!r}; use resnet18-imagenet or a TorchScript file"
                 )
+            build_config(IPSConfig, dict(self.model), f"{where}.model")
+        if self.encoder == RANDOM_INIT:
             build_config(IPSConfig, dict(self.model), f"{where}.model")
 
 
@@ -118,7 +123,7 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _warm_start_model_cfg(cfg: ExtractConfig, n_chan: int) -> IPSConfig:
+def _encoder_model_cfg(cfg: ExtractConfig, n_chan: int) -> IPSConfig:
     model = {k: v for k, v in cfg.model.items() if k not in ("n_chan", "patch_size", "patch_stride")}
     return IPSConfig(**model, n_chan=n_chan, patch_size=cfg.source.patch_size, patch_stride=cfg.source.patch_stride)
 
@@ -127,6 +132,8 @@ def encoder_identity(cfg: ExtractConfig) -> dict[str, Any]:
     """What identifies the encoder's weights, for the cache key."""
     if cfg.encoder == "warm-start":
         return {"kind": "warm-start", "model": cfg.model, "steps": cfg.warm_start_steps}
+    if cfg.encoder == RANDOM_INIT:
+        return {"kind": RANDOM_INIT, "model": cfg.model, "seed": cfg.source.seed}
     if cfg.encoder in IMAGENET:
         return {"kind": "imagenet", "arch": IMAGENET[cfg.encoder]}
     return {"kind": "torchscript", "sha256": _file_digest(Path(cfg.encoder).expanduser())}
@@ -150,10 +157,14 @@ def build_frozen_encoder(cfg: ExtractConfig, n_chan: int, progress: bool = True)
     if cfg.encoder == "warm-start":
         from ips_search.warmstart import DEFAULT_STEPS, apply_warm_start, pretrained_encoder_state
 
-        model_cfg = _warm_start_model_cfg(cfg, n_chan)
+        model_cfg = _encoder_model_cfg(cfg, n_chan)
         encoder = build_encoder(model_cfg)
         steps = cfg.warm_start_steps or DEFAULT_STEPS
         apply_warm_start(encoder, pretrained_encoder_state(model_cfg, cfg.source, steps=steps, progress=progress))
+    elif cfg.encoder == RANDOM_INIT:
+        with torch.random.fork_rng(devices=[]):  # the same weights on every machine, whatever ran before
+            torch.manual_seed(cfg.source.seed)
+            encoder = build_encoder(_encoder_model_cfg(cfg, n_chan))
     elif cfg.encoder in IMAGENET:
         arch = IMAGENET[cfg.encoder]
         width = 512 if arch == "resnet18" else 2048  # native: no projection appended
@@ -184,6 +195,16 @@ def _grid_coords(dataset: Any, n: int) -> np.ndarray | None:
         return None
     rows, cols = np.divmod(np.arange(n), grid[1])
     return np.stack([cols * stride, rows * stride], axis=1).astype(np.int64)  # (N, 2)
+
+
+def _level_attrs(source: Any) -> dict[str, Any]:
+    """TRIDENT's coords attributes for a slide source read at a pyramid level: coords stay level-0 pixels, and a
+    patch covers ``patch_size_level0`` of them (the patch size times the level's downsample)."""
+    if not hasattr(source, "patch_size_level0"):
+        return {}
+    level = int(getattr(source, "level", 0))
+    downsample = float(source.reader.downsamples[level])
+    return {"patch_size_level0": float(source.patch_size_level0), "patch_level": level, "downsample": [downsample] * 2}
 
 
 def _chunks(patches: Any, batch_size: int) -> Iterator[torch.Tensor]:
@@ -303,7 +324,8 @@ def extract_splits(
             patches, targets = dataset[i]
             row = (name, _label(targets, split), split)
             if hasattr(patches, "read"):  # a lazy source: streamed chunk by chunk, never held whole
-                write_slide(path, encode(patches), len(patches), getattr(patches, "coords", None), dtype, attrs)
+                coords = getattr(patches, "coords", None)
+                write_slide(path, encode(patches), len(patches), coords, dtype, {**attrs, **_level_attrs(patches)})
                 rows.append(row)
                 bar.update()
                 continue

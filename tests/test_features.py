@@ -334,3 +334,68 @@ def test_variable_n_training_on_sources(tmp_path):
     out = fit(exp, splits, torch.device("cpu"))
     assert out["epochs"][0]["images"] == len(splits.train) and np.isfinite(out["epochs"][0]["loss"])
     assert out["test"]["images"] == len(splits.test)
+
+
+# -- where a features file's patches lie (the report's attention maps) ------------------------------------------------
+def test_extracted_features_are_drawn_on_the_image_they_came_from(extracted):
+    from ips_search.config import ExperimentConfig
+    from ips_search.report.feature_views import FeatureViews, ImageView
+
+    _, info = extracted
+    config = ExperimentConfig(data=DataConfig(dataset="features", extract=info["raw"], cache_dir=info["cache"]))
+    feats = build_datasets(resolve_data(config.data, progress=False))
+    images = build_datasets(DataConfig(**{**SOURCE, "patch_size": SOURCE_P}, cache_dir=info["cache"]))
+    view = FeatureViews(config)(feats.test, 2)
+    assert isinstance(view, ImageView) and view.grid == (6, 6) and view.patch_size == SOURCE_P
+    assert torch.equal(view.image, images.test.image(2))  # test-000002.h5 is test image 2
+
+
+def test_trident_features_are_drawn_on_their_slide_or_at_their_places(tmp_path):
+    from ips_search.config import ExperimentConfig
+    from ips_search.data.slides.generate import make_layout
+    from ips_search.data.slides.generate import write_slide as write_generated_slide
+    from ips_search.report.feature_views import FeatureViews, SlideView
+    from ips_search.report.slide_maps import draw_slide_attention
+
+    make_cohort(tmp_path, [4, 5, 6, 4, 5, 6], dim=8)
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_generated_slide(slides / "slide02.tif", make_layout(1024, seed=0, tumour=False))
+    with h5py.File(tmp_path / "slide05.h5", "a") as f:  # CLAM's attributes: the patch size at a level
+        for key in ("patch_size_level0", "level0_magnification", "target_magnification"):
+            del f["coords"].attrs[key]
+        f["coords"].attrs.update({"patch_size": 128, "patch_level": 0})
+    data = DataConfig(dataset="features", root=str(tmp_path), slides_root=str(slides), cache_dir=str(tmp_path / "c"))
+    splits = build_datasets(data)
+    views = FeatureViews(ExperimentConfig(data=data))
+    by_name = {
+        Path(ds.paths[i]).stem: (ds, i) for ds in (splits.train, splits.val, splits.test) for i in range(len(ds))
+    }
+    on_slide = views(*by_name["slide02"])
+    assert isinstance(on_slide, SlideView) and on_slide.path == str(slides / "slide02.tif")
+    assert on_slide.patch_size_level0 == 512 and on_slide.coords.shape == (6, 2)  # TRIDENT's patch_size_level0
+    alone = views(*by_name["slide05"])  # no slide file: its places alone, CLAM's patch size
+    assert alone.path is None and alone.patch_size_level0 == 128
+    from matplotlib.figure import Figure
+
+    for view in (on_slide, alone):
+        ax = Figure().add_subplot()
+        draw_slide_attention(ax, view.path, view.coords, [1, 3], view.patch_size_level0, [0.2, 0.9])
+        outlined = [p for p in ax.patches if not p.get_fill()]
+        assert len(outlined) == 2 + (len(view.coords) - 2) * (view.path is not None)  # kept + faint others
+    with pytest.raises(ConfigError, match="slides_root .* is not a folder"):
+        build_datasets(DataConfig(dataset="features", root=str(tmp_path), slides_root=str(tmp_path / "none")))
+
+
+def test_random_init_encoder_is_seeded_and_named_in_the_cache_key():
+    from ips_search.extract import build_frozen_encoder, encoder_identity
+
+    raw = {"from": {"dataset": "megapixel", "seed": 3}, "encoder": "random-init", "model": {"encoder": "small-cnn"}}
+    a = build_frozen_encoder(parse_extract(raw), n_chan=1, progress=False)
+    torch.manual_seed(123)  # whatever ran before: the same weights
+    b = build_frozen_encoder(parse_extract(raw), n_chan=1, progress=False)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    other = build_frozen_encoder(parse_extract({**raw, "from": {"dataset": "megapixel", "seed": 4}}), 1, False)
+    assert not torch.equal(next(iter(other.parameters())), next(iter(a.parameters())))
+    assert encoder_identity(parse_extract(raw)) == {"kind": "random-init", "model": {"encoder": "small-cnn"}, "seed": 3}

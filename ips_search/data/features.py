@@ -266,6 +266,11 @@ def resolve(root: str | None, manifest: str | None) -> tuple[Path, Path]:
 def build(cfg: DataConfig) -> tuple[FeatureDataset, FeatureDataset, FeatureDataset, tuple[Task, ...]]:
     """Train/val/test feature datasets of ``cfg.root`` + ``cfg.manifest`` and the one softmax task ``label``."""
     folder, manifest = resolve(cfg.root, cfg.manifest)
+    if cfg.slides_root and not Path(cfg.slides_root).expanduser().is_dir():
+        raise ConfigError(
+            f"data.slides_root {cfg.slides_root} is not a folder; point it at the slides the features were cut "
+            "from, or remove it (attention maps then show the patches' places only)"
+        )
     rows = read_manifest(manifest)
     seen: set[str] = set()
     files = []

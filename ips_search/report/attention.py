@@ -49,7 +49,7 @@ class AttentionMap:
     index: int  # position in the split
     target: str
     prediction: str
-    source: Any = None  # a whole slide (a lazy patch source): drawn over its thumbnail instead of ``image``
+    source: Any = None  # a whole slide (a lazy patch source, or a features file's SlideView): drawn over its thumbnail
 
 
 @dataclass
@@ -134,6 +134,11 @@ def compute_attention(trial: TrialModel, n_images: int = 4, split: str = "test")
     stride = model.cfg.patch_stride or model.cfg.patch_size
     tasks = model.cfg.tasks
     classes = getattr(dataset, "classes", None)
+    views = None
+    if trial.config.data.dataset == "features":  # embeddings: the pixels are the image's or slide's they came from
+        from ips_search.report.feature_views import FeatureViews
+
+        views = FeatureViews(trial.config)
     maps = []
     for i in range(min(n_images, len(dataset))):
         patches, targets = dataset[i]
@@ -148,28 +153,34 @@ def compute_attention(trial: TrialModel, n_images: int = 4, split: str = "test")
         task = tasks[0]
         z = logits[task.name][0]
         pred = (torch.sigmoid(z) > 0.5).float() if task.multi_label else z.argmax()
+        view = views(dataset, i) if views is not None else None
+        patch_size, source = model.cfg.patch_size, patches if lazy else None
+        if view is not None and not hasattr(view, "image"):  # a slide view (or the coords alone)
+            source, lazy = view, True
         if lazy:
             image = heatmap = torch.zeros(0)
             grid = (1, len(patches))
         else:
-            image = dataset.image(i)
-            values = torch.zeros(patches.shape[0])
+            if view is not None:  # features of an in-memory image: that image, on the grid they were cut with
+                image, grid, patch_size, stride = view.image, view.grid, view.patch_size, view.stride
+            else:
+                image, grid = dataset.image(i), tuple(dataset.grid)
+            values = torch.zeros(len(patches))
             values[mem_idx[0].cpu()] = scores.cpu()
-            heatmap = patch_map(values, tuple(image.shape[-2:]), model.cfg.patch_size, stride)
-            grid = tuple(dataset.grid)
+            heatmap = patch_map(values, tuple(image.shape[-2:]), patch_size, stride)
         maps.append(
             AttentionMap(
                 image=image,
                 indices=mem_idx[0].cpu(),
                 scores=scores.cpu(),
                 heatmap=heatmap,
-                patch_size=model.cfg.patch_size,
+                patch_size=patch_size,
                 stride=stride,
                 grid=grid,
                 index=i,
                 target=_label(targets[task.name], classes),
                 prediction=_label(pred, classes),
-                source=patches if lazy else None,
+                source=source,
             )
         )
     return maps

@@ -65,7 +65,7 @@ def plot_slide_attention(
 
 def draw_slide_attention(
     ax,
-    source_path: str | os.PathLike[str],
+    source_path: str | os.PathLike[str] | None,
     coords: np.ndarray,
     kept_indices: Sequence[int] | np.ndarray,
     patch_size_level0: float,
@@ -77,21 +77,31 @@ def draw_slide_attention(
     norm: Normalize | None = None,
 ) -> ScalarMappable | None:
     """Draw :func:`plot_slide_attention`'s view into ``ax`` (the report's grid of test slides); returns the colour
-    scale of the scores (``norm`` shared across slides when given), or ``None`` without scores."""
+    scale of the scores (``norm`` shared across slides when given), or ``None`` without scores. Without a
+    ``source_path`` (features whose slide isn't on this machine) the patches are drawn at their places alone."""
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     kept = np.asarray(kept_indices, dtype=np.int64).reshape(-1)
-    reader = open_slide(source_path, cache_dir=cache_dir)
-    try:
-        width, height = reader.dimensions[0]
-        factor = max(1.0, max(width, height) / thumbnail_size)
-        scale = factor
-        if image is None:
-            image, scale = thumbnail(reader, factor)  # (h, w, C), level-0 pixels per thumbnail pixel
-        else:
-            scale = max(width / image.shape[1], height / image.shape[0])
-    finally:
-        reader.close()
-    ax.imshow(image if image.shape[-1] == 3 else image[..., 0], cmap=None if image.shape[-1] == 3 else "gray")
+    if source_path is None:  # features whose slide isn't here: the patches' places alone, in level-0 pixels
+        scale, side = 1.0, patch_size_level0
+        ax.set_xlim(coords[:, 0].min() - side, coords[:, 0].max() + 2 * side)
+        ax.set_ylim(coords[:, 1].max() + 2 * side, coords[:, 1].min() - side)  # y down, as on a slide
+        ax.set_aspect("equal")
+        for x, y in np.delete(coords, kept, axis=0):
+            ax.add_patch(Rectangle((x, y), side, side, fill=True, lw=0, fc="0.85"))
+        show_all = False
+    else:
+        reader = open_slide(source_path, cache_dir=cache_dir)
+        try:
+            width, height = reader.dimensions[0]
+            factor = max(1.0, max(width, height) / thumbnail_size)
+            scale = factor
+            if image is None:
+                image, scale = thumbnail(reader, factor)  # (h, w, C), level-0 pixels per thumbnail pixel
+            else:
+                scale = max(width / image.shape[1], height / image.shape[0])
+        finally:
+            reader.close()
+        ax.imshow(image if image.shape[-1] == 3 else image[..., 0], cmap=None if image.shape[-1] == 3 else "gray")
     side = patch_size_level0 / scale
     if show_all:
         for x, y in np.delete(coords, kept, axis=0) / scale:
