@@ -8,9 +8,11 @@ the best one random search found (with the same seed).
 
     python benchmarks/bench_search.py --space default-features --trials 50 --seeds 0 1 2
 
-Every strategy starts from the space's same ``first:`` configs and the same seed. The target
-a strategy must reach is random + FIFO's final best validation accuracy with that seed; the
-``budget_fraction`` column is the trial-seconds it needed over random + FIFO's total.
+Every strategy starts from the space's same ``first:`` configs and the same seed. The target a
+strategy must reach is random + FIFO's final best validation accuracy with that seed (the best last
+epoch of a completed trial: what a search chooses by); ``fraction_final`` is the trial-seconds it
+needed, over random + FIFO's total. ``fraction_any_epoch`` does the same for the best epoch of any
+trial. ``chosen_val`` / ``chosen_test`` are the config the search picks (validation first).
 """
 
 from __future__ import annotations
@@ -51,34 +53,34 @@ def finish_times(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(finished=stamps).sort_values("finished")
 
 
-def seconds_to_reach(df: pd.DataFrame, target: float) -> float | None:
+def seconds_to_reach(df: pd.DataFrame, target: float, column: str, completed_only: bool) -> float | None:
+    """Trial-seconds (summed in the order trials finished) until a trial's ``column`` first reaches ``target``."""
     ordered = finish_times(df)
     spent = ordered["time_total_s"].cumsum()
-    reached = ordered["best_val_accuracy"].cummax() >= target - 1e-9
+    values = ordered[column].where(ordered["status"] == "completed") if completed_only else ordered[column]
+    reached = values.fillna(-1.0).cummax() >= target - 1e-9
     return float(spent[reached].iloc[0]) if reached.any() else None
 
 
+def chosen(df: pd.DataFrame) -> pd.Series | None:
+    """The config the search picks (ips_search.experiment.rank: completed, by validation accuracy, then memory)."""
+    from ips_search.experiment import best
+
+    return best(df)
+
+
 def run_one(space: str, trials: int, seed: int, name: str, results: Path, extra: list[str]):
-    cmd = [
-        sys.executable,
-        "-m",
-        "ips_search.run",
-        "--space",
-        space,
-        "--trials",
-        str(trials),
-        "--seed",
-        str(seed),
-        "--name",
-        name,
-        "--results-dir",
-        str(results),
-        "--no-dashboard",
-        *extra,
-    ]
+    """Run one search (or read it back when ``results/name`` already finished: ``--stamp`` reuses runs)."""
+    folder = results / name
+    if (folder / "wall.json").is_file():
+        return pd.read_csv(folder / "trials.csv"), json.loads((folder / "wall.json").read_text())["wall_seconds"]
+    cmd = [sys.executable, "-m", "ips_search.run", "--space", space, "--trials", str(trials), "--seed", str(seed)]
+    cmd += ["--name", name, "--results-dir", str(results), "--no-dashboard", *extra]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return pd.read_csv(results / name / "trials.csv"), time.perf_counter() - start
+    wall = time.perf_counter() - start
+    (folder / "wall.json").write_text(json.dumps({"wall_seconds": wall}))
+    return pd.read_csv(folder / "trials.csv"), wall
 
 
 def main() -> None:
@@ -88,31 +90,40 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES)[:3])
     parser.add_argument("--results-dir", default="results/bench-search")
+    parser.add_argument("--stamp", default=None, help="reuse the finished runs of an earlier call with this stamp")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     rows = []
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = args.stamp or time.strftime("%Y%m%d-%H%M%S")
     for seed in args.seeds:
         runs = {}
         for strategy in dict.fromkeys(["random+fifo", *args.strategies]):
-            extra = STRATEGIES[strategy]
             name = f"{args.space}-{strategy.replace('+', '-')}-s{seed}-{stamp}"
-            runs[strategy] = run_one(args.space, args.trials, seed, name, results, extra)
-        target = float(runs["random+fifo"][0]["best_val_accuracy"].max())
-        random_budget = float(runs["random+fifo"][0]["time_total_s"].sum())
+            runs[strategy] = run_one(args.space, args.trials, seed, name, results, STRATEGIES[strategy])
+        baseline = runs["random+fifo"][0]
+        random_budget = float(baseline["time_total_s"].sum())
+        # "final": what the search chooses by (a completed trial's last validation accuracy); "any": any epoch
+        target_final = float(baseline.loc[baseline["status"] == "completed", "val_accuracy"].max())
+        target_any = float(baseline["best_val_accuracy"].max())
         for strategy, (df, wall) in runs.items():
-            spent = seconds_to_reach(df, target)
+            final = seconds_to_reach(df, target_final, "val_accuracy", completed_only=True)
+            any_epoch = seconds_to_reach(df, target_any, "best_val_accuracy", completed_only=False)
+            pick = chosen(df)
             rows.append(
                 {
                     "seed": seed,
                     "strategy": strategy,
                     "trials": len(df),
-                    "best_val_accuracy": float(df["best_val_accuracy"].max()),
-                    "target": target,
-                    "trial_seconds_to_target": spent,
-                    "budget_fraction": math.inf if spent is None else spent / random_budget,
+                    "completed": int((df["status"] == "completed").sum()),
+                    "chosen_val": None if pick is None else float(pick["val_accuracy"]),
+                    "chosen_test": None if pick is None else float(pick["test_accuracy"]),
+                    "target_final": target_final,
+                    "seconds_to_final": final,
+                    "fraction_final": math.inf if final is None else final / random_budget,
+                    "target_any_epoch": target_any,
+                    "fraction_any_epoch": math.inf if any_epoch is None else any_epoch / random_budget,
                     "total_trial_seconds": float(df["time_total_s"].sum()),
                     "wall_seconds": wall,
                 }
@@ -120,10 +131,13 @@ def main() -> None:
     table = pd.DataFrame(rows)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     summary = table.groupby("strategy", sort=False).agg(
-        seeds_reaching_target=("trial_seconds_to_target", "count"),
-        median_budget_fraction=("budget_fraction", "median"),
-        median_best_val=("best_val_accuracy", "median"),
+        seeds_reaching_final=("seconds_to_final", "count"),
+        median_fraction_final=("fraction_final", "median"),
+        median_fraction_any_epoch=("fraction_any_epoch", "median"),
+        median_chosen_val=("chosen_val", "median"),
+        median_chosen_test=("chosen_test", "median"),
         median_total_trial_seconds=("total_trial_seconds", "median"),
+        median_wall_seconds=("wall_seconds", "median"),
     )
     md = (
         f"Space `{args.space}`, {args.trials} trials, seeds {args.seeds}; {machine}\n\n"
