@@ -101,6 +101,27 @@ def test_equal_n_items_are_tensors_and_seeded_split(tmp_path):
     assert batch.shape == (4, 6, 8)
 
 
+def test_small_tensor_items_are_read_from_disk_once_per_process(tmp_path, monkeypatch):
+    from ips_search.data import features
+
+    feats = make_cohort(tmp_path, [6] * 10, split=False)
+    train = build_datasets(DataConfig(dataset="features", root=str(tmp_path))).train
+    opened = []
+    real_open = features.H5FeatureSource.read_all
+    monkeypatch.setattr(features.H5FeatureSource, "read_all", lambda self: opened.append(self.path) or real_open(self))
+    for _ in range(3):  # three epochs
+        items = [train[i][0] for i in range(len(train))]
+    assert len(opened) == len(train)  # the first epoch read each file; the others kept them
+    torch.testing.assert_close(items[0], torch.from_numpy(feats[train.files[0].slide]))
+    assert pickle.loads(pickle.dumps(train))._kept == {}  # a DataLoader worker starts empty and reads its own
+    monkeypatch.setattr(features, "KEEP_BYTES", 6 * 8 * 4 * 2)  # room for two items: the rest are read each time
+    small = build_datasets(DataConfig(dataset="features", root=str(tmp_path))).train
+    opened.clear()
+    for _ in range(2):
+        [small[i] for i in range(len(small))]
+    assert len(opened) == 2 * len(small) - 2
+
+
 # -- bad inputs ------------------------------------------------------------------------------------------------------
 def _one_line_error(tmp_path: Path, match: str) -> None:
     with pytest.raises(ConfigError, match=match) as info:

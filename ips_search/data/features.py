@@ -15,9 +15,10 @@ is a non-negative integer, else class names (sorted).
 
 Items are ``(source, {"label": int64 scalar})``: a :class:`H5FeatureSource` (lazy, reads only the
 rows asked for) or, with ``feature_items: tensor`` (``auto`` picks it when every slide has the same,
-small N), the slide's ``(N, D)`` float32 tensor. The dataset holds file names and patch counts only,
-never embeddings, and opens no file it keeps: each source opens its file on first read, in the
-process that reads (DataLoader workers included), and closes it when dropped.
+small N), the slide's ``(N, D)`` float32 tensor. The dataset holds file names and patch counts, plus the
+tensor items it has read, up to ``KEEP_BYTES`` per split (a small cohort is read once per trial, not
+once per epoch; a large one stays on disk), and opens no file it keeps: each source opens its file on
+first read, in the process that reads (DataLoader workers included), and closes it when dropped.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from ips_search.errors import ConfigError
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 TENSOR_ITEM_LIMIT = 1 << 24  # auto: in-RAM tensor items only up to N * D = 16 M values (64 MB float32)
+# Tensor items are kept after their first read, up to this many bytes per split and process: a small cohort is
+# then read from disk once per trial, not once per epoch (opening a small file costs more than reading it)
+KEEP_BYTES = 256 << 20
 DENSE_READ = 4  # read a contiguous slab instead of scattered rows when it is at most this many times larger
 
 
@@ -147,6 +151,8 @@ class FeatureDataset(Dataset):
         self.classes = classes
         self.paths = [f.path for f in files]
         self.n_chan = files[0].dim if files else 0  # D: the projector's input width
+        self._kept: dict[int, torch.Tensor] = {}  # tensor items read so far, up to KEEP_BYTES
+        self._kept_bytes = 0
 
     def __len__(self) -> int:
         return len(self.files)
@@ -156,11 +162,21 @@ class FeatureDataset(Dataset):
         return H5FeatureSource(f.path, f.n, f.dim)
 
     def __getitem__(self, i: int):
-        source = self.source(i)
-        item = source.read_all() if self.as_tensors else source
-        if self.as_tensors:
+        target = {k: v[i] for k, v in self.targets.items()}
+        if not self.as_tensors:
+            return self.source(i), target
+        item = self._kept.get(i)
+        if item is None:
+            source = self.source(i)
+            item = source.read_all()  # (N, D) float32
             source.close()
-        return item, {k: v[i] for k, v in self.targets.items()}
+            if self._kept_bytes + item.nbytes <= KEEP_BYTES:
+                self._kept[i], self._kept_bytes = item, self._kept_bytes + item.nbytes
+        return item, target
+
+    def __getstate__(self) -> dict:
+        """DataLoader workers and pickles start with nothing kept: each process reads (and keeps) its own."""
+        return {**self.__dict__, "_kept": {}, "_kept_bytes": 0}
 
 
 def read_manifest(path: Path) -> list[dict[str, str]]:
