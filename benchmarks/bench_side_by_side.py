@@ -74,7 +74,7 @@ def run_one(label: str, spec: str, trials: int, results: Path, dashboard: bool, 
         "best_test": None if best is None else float(best["test_accuracy"]),
         "best_config": None
         if best is None
-        else {k: best[k] for k in ("patch_size", "memory_size", "iteration_size", "lr") if k in best},
+        else {k: best[k].item() for k in ("patch_size", "memory_size", "iteration_size", "lr") if k in best},
         "experiment": str(results / name),
         "cache": "warm" if warm_cache else "cold",
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
