@@ -1,6 +1,6 @@
 """Search strategies against random search + FIFO: trial-seconds to reach random search's best accuracy.
 
-Runs ``python -m ips_search.run`` twice per seed on the same space and trial count,
+Runs ``python -m ips_search.run`` once per strategy and seed on the same space and trial count,
 then reads each experiment's ``trials.csv`` and trial ``result.json`` files: trials
 are ordered by when they finished, their ``time_total_s`` summed, and we report the
 trial-seconds after which each strategy's best validation accuracy first reaches
@@ -13,6 +13,8 @@ strategy must reach is random + FIFO's final best validation accuracy with that 
 epoch of a completed trial: what a search chooses by); ``fraction_final`` is the trial-seconds it
 needed, over random + FIFO's total. ``fraction_any_epoch`` does the same for the best epoch of any
 trial. ``chosen_val`` / ``chosen_test`` are the config the search picks (validation first).
+``--extend-to-fraction 0.5`` resumes each early-stopping search with as many more trials as fit into
+half of random + FIFO's trial-seconds, the budget the target allows.
 """
 
 from __future__ import annotations
@@ -83,6 +85,18 @@ def run_one(space: str, trials: int, seed: int, name: str, results: Path, extra:
     return pd.read_csv(folder / "trials.csv"), wall
 
 
+def extend(results: Path, name: str, df: pd.DataFrame, budget: float) -> pd.DataFrame:
+    """Resume a finished search with as many more trials as its mean trial cost fits into ``budget`` trial-seconds
+    (``--resume NAME --trials N``: the same Optuna study and scheduler go on)."""
+    spent, per_trial = float(df["time_total_s"].sum()), float(df["time_total_s"].mean())
+    more = int((budget - spent) / per_trial)
+    if more < 1:
+        return df
+    cmd = [sys.executable, "-m", "ips_search.run", "--resume", name, "--trials", str(len(df) + more)]
+    subprocess.run([*cmd, "--results-dir", str(results), "--no-dashboard"], check=True, stdout=subprocess.DEVNULL)
+    return pd.read_csv(results / name / "trials.csv")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--space", default="default")
@@ -91,6 +105,14 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES)[:3])
     parser.add_argument("--results-dir", default="results/bench-search")
     parser.add_argument("--stamp", default=None, help="reuse the finished runs of an earlier call with this stamp")
+    parser.add_argument(
+        "--extend-to-fraction",
+        type=float,
+        default=None,
+        help="resume each strategy's finished search with the trials its mean cost fits into this fraction of random "
+        "+ FIFO's trial-seconds (e.g. 0.5: the budget the target allows)",
+    )
+    parser.add_argument("--tag", default="", help="appended to the results file names (e.g. 'extended')")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     results = Path(args.results_dir)
@@ -104,6 +126,11 @@ def main() -> None:
             runs[strategy] = run_one(args.space, args.trials, seed, name, results, STRATEGIES[strategy])
         baseline = runs["random+fifo"][0]
         random_budget = float(baseline["time_total_s"].sum())
+        if args.extend_to_fraction:
+            for strategy, (df, wall) in list(runs.items()):
+                name = f"{args.space}-{strategy.replace('+', '-')}-s{seed}-{stamp}"
+                if strategy != "random+fifo" and len(df) == args.trials:
+                    runs[strategy] = (extend(results, name, df, args.extend_to_fraction * random_budget), wall)
         # "final": what the search chooses by (a completed trial's last validation accuracy); "any": any epoch
         target_final = float(baseline.loc[baseline["status"] == "completed", "val_accuracy"].max())
         target_any = float(baseline["best_val_accuracy"].max())
@@ -149,8 +176,9 @@ def main() -> None:
     print(md)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"search-{args.space}-{stamp}.md").write_text(md + "\n")
-    table.to_json(out / f"search-{args.space}-{stamp}.json", orient="records", indent=2)
+    stem = f"search-{args.space}-{stamp}" + (f"-{args.tag}" if args.tag else "")
+    (out / f"{stem}.md").write_text(md + "\n")
+    table.to_json(out / f"{stem}.json", orient="records", indent=2)
 
 
 if __name__ == "__main__":
