@@ -43,6 +43,8 @@ STRATEGIES = {
         *("--brackets", "2", "--rung-metric", "val_accuracy_best"),
     ],
     "tpe+fifo": ["--sampler", "tpe", "--scheduler", "fifo"],
+    # the sampler alone within the target's budget: full-length trials, half as many (later --trials wins)
+    "tpe+fifo-half": ["--sampler", "tpe", "--scheduler", "fifo", "--trials", "25"],
 }
 
 
