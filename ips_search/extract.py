@@ -93,8 +93,7 @@ class ExtractConfig:
                     f"{where}.encoder warm-start needs dataset: megapixel in {where}.from, "
                     f"not {self.source.dataset!r}; use resnet18-imagenet or a TorchScript file"
                 )
-            build_config(IPSConfig, dict(self.model), f"{where}.model")
-        if self.encoder == RANDOM_INIT:
+        if self.encoder in ("warm-start", RANDOM_INIT):  # both are built from extract.model
             build_config(IPSConfig, dict(self.model), f"{where}.model")
 
 

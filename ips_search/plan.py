@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ips_search.config import DataConfig
 from ips_search.data.preview import human_duration
 from ips_search.experiment import SearchSettings, asha_rungs
 from ips_search.space import SearchSpace, memory_iteration_ranges, validate_space
@@ -64,7 +65,7 @@ def prepare_data(space: SearchSpace) -> None:
     base = space.base_config()
     counts = {}
     for patch_size in space.patch_sizes():
-        data = resolve_data(dataclasses.replace(base.data, patch_size=patch_size, patch_stride=None))
+        data = resolve_data(data_at(base.data, patch_size))
         splits = build_datasets(data)
         counts[patch_size] = splits.n_patches
         exp = dataclasses.replace(base, data=data)
@@ -85,7 +86,7 @@ def dry_run_lines(space: SearchSpace) -> list[str]:
     lines, seen = [], set()
     timed: tuple[int, float] | None = None  # (P, seconds) of the one timed pretraining
     for patch_size in sorted(space.patch_sizes()):
-        data = dataclasses.replace(base.data, patch_size=patch_size, patch_stride=None)
+        data = data_at(base.data, patch_size)
         if data.dataset != "megapixel" or "megapixel" not in seen:  # the canvases don't depend on P
             seen.add(data.dataset)
             lines.append(f"data         {preview_datasets(data).line()}")
@@ -103,6 +104,11 @@ def dry_run_lines(space: SearchSpace) -> list[str]:
     return lines
 
 
+def data_at(data: DataConfig, patch_size: int) -> DataConfig:
+    """``data`` cut into ``patch_size`` patches (the stride follows the patch size)."""
+    return dataclasses.replace(data, patch_size=patch_size, patch_stride=None)
+
+
 def count_patches(space: SearchSpace) -> None:
     """Fill ``space.patch_counts`` for slides and features by building their data (cached), then check the M and I
     ranges against them: a no-op for datasets whose N follows from the config."""
@@ -112,10 +118,7 @@ def count_patches(space: SearchSpace) -> None:
     from ips_search.extract import resolve_data
 
     base = space.base_config().data
-    counts = {
-        p: build_datasets(resolve_data(dataclasses.replace(base, patch_size=p, patch_stride=None))).n_patches
-        for p in space.patch_sizes()
-    }
+    counts = {p: build_datasets(resolve_data(data_at(base, p))).n_patches for p in space.patch_sizes()}
     _record_counts(space, counts)
 
 

@@ -12,6 +12,7 @@ A features file holds embeddings and their ``coords``, not pixels. Its view, bes
 
 from __future__ import annotations
 
+import glob
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,21 +97,15 @@ def _coords_and_attrs(path: str) -> tuple[np.ndarray | None, dict[str, Any]]:
         return np.asarray(f["coords"][:], dtype=np.int64), dict(f["coords"].attrs)
 
 
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".png", ".jpg", ".jpeg")
-
-
 def _find_slide(root: str | None, stem: str) -> Path | None:
     if not root:
         return None
-    for path in sorted(Path(root).expanduser().glob(f"{glob_escape(stem)}.*")):
-        if path.suffix.lower() in SLIDE_SUFFIXES:
+    from ips_search.data.slides.readers import READABLE_EXTS
+
+    for path in sorted(Path(root).expanduser().glob(f"{glob.escape(stem)}.*")):
+        if path.suffix.lower() in READABLE_EXTS:
             return path
     return None
-
-
-def glob_escape(name: str) -> str:
-    """``name`` with glob's special characters escaped (slide names may hold brackets)."""
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def _side_level0(attrs: dict[str, Any], slide: Path | None, cache_dir: str | None) -> float:

@@ -93,10 +93,8 @@ def draw_slide_attention(
         reader = open_slide(source_path, cache_dir=cache_dir)
         try:
             width, height = reader.dimensions[0]
-            factor = max(1.0, max(width, height) / thumbnail_size)
-            scale = factor
-            if image is None:
-                image, scale = thumbnail(reader, factor)  # (h, w, C), level-0 pixels per thumbnail pixel
+            if image is None:  # (h, w, C); scale: level-0 pixels per thumbnail pixel
+                image, scale = thumbnail(reader, max(1.0, max(width, height) / thumbnail_size))
             else:
                 scale = max(width / image.shape[1], height / image.shape[0])
         finally:
