@@ -8,6 +8,7 @@ same for all.
 
     python benchmarks/bench_seeds.py --seeds 0 1 2 3 4 5
     python benchmarks/bench_seeds.py --seeds 0 1 2 --variant fp32:ips_dtype=float32 --variant bf16:ips_dtype=bfloat16
+    python benchmarks/bench_seeds.py --seeds 0 1 --variant base: --variant aug:data.augment_digits=true
 """
 
 from __future__ import annotations
@@ -31,13 +32,20 @@ from ips_search.train import fit
 def run_one(space_name: str, point: dict, seed: int, variant: str, settings: dict) -> dict:
     """Final validation / test accuracy of ``point`` trained with ``seed`` and the model ``settings``."""
     base = load_space(space_name).base_config()
+    by_section = {"data": {}, "model": {}, "train": {}}
+    for key, value in settings.items():
+        section, _, name = key.rpartition(".")
+        by_section[section or "model"][name] = value  # a bare key is a model setting
     exp = dataclasses.replace(
         base,
-        data=dataclasses.replace(base.data, patch_size=point["patch_size"]),
+        data=dataclasses.replace(base.data, patch_size=point["patch_size"], **by_section["data"]),
         model=dataclasses.replace(
-            base.model, memory_size=point["memory_size"], iteration_size=point["iteration_size"], **settings
+            base.model,
+            memory_size=point["memory_size"],
+            iteration_size=point["iteration_size"],
+            **by_section["model"],
         ),
-        train=dataclasses.replace(base.train, lr=point["lr"], seed=seed),
+        train=dataclasses.replace(base.train, lr=point["lr"], seed=seed, **by_section["train"]),
     )
     start = time.perf_counter()
     out = fit(exp, build_datasets(exp.data), torch.device("cpu"))
@@ -54,7 +62,10 @@ def run_one(space_name: str, point: dict, seed: int, variant: str, settings: dic
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """``NAME:key=value,key=value`` -> (name, settings); values are YAML scalars (``true``, ``4``, ``bfloat16``)."""
+    """``NAME:key=value,...`` -> (name, settings); values are YAML scalars (``true``, ``4``, ``bfloat16``).
+
+    A key is a model setting (``shuffle``) or names its section (``data.augment_digits``, ``train.epochs``).
+    """
     name, _, pairs = text.partition(":")
     settings = {}
     for pair in filter(None, pairs.split(",")):
@@ -100,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         "--variant",
         action="append",
         metavar="NAME:KEY=VALUE,...",
-        help="model settings to compare (default: oriented:orient_scores=true and not-oriented:orient_scores=false)",
+        help="settings to compare; data.KEY / train.KEY for those sections "
+        "(default: oriented:orient_scores=true and not-oriented:orient_scores=false)",
     )
     p.add_argument("--out", default="benchmarks/results/")
     args = p.parse_args(argv)

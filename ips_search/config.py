@@ -123,6 +123,9 @@ class DataConfig:
     tasks: tuple[str, ...] = ("majority",)
     digits: Literal["sklearn", "mnist"] = "sklearn"
     augment_digits: bool = False  # train canvases only: each placed digit randomly rotated, scaled and sheared
+    # megapixel, mnist-resized, folder: every read of a *training* image shifts it by up to this many pixels (zero
+    # fill), so the patch grid cuts its content differently each epoch; validation and test images never move
+    augment_shift: int = 0
     # mnist-resized
     image_size: int = 500
     # folder, slides, features
@@ -160,6 +163,13 @@ class DataConfig:
             raise ConfigError(f"patch_stride must be a positive integer, got {self.patch_stride!r}")
         if not isinstance(self.augment_digits, bool):
             raise ConfigError(f"augment_digits must be true or false, got {self.augment_digits!r}")
+        if not isinstance(self.augment_shift, int) or isinstance(self.augment_shift, bool) or self.augment_shift < 0:
+            raise ConfigError(f"augment_shift must be 0 or a positive number of pixels, got {self.augment_shift!r}")
+        if self.augment_shift and self.dataset in ("slides", "features"):
+            raise ConfigError(
+                f"augment_shift applies to whole images (megapixel, mnist-resized, folder), not to {self.dataset}; "
+                "remove it from data:"
+            )
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction!r}")
         if not 0.0 < self.test_fraction < 1.0:

@@ -476,6 +476,49 @@ def test_augmented_digits_change_only_train_canvases():
     assert torch.equal(again["train"]["canvases"], jittered["train"]["canvases"])  # still deterministic
 
 
+def test_augment_shift_moves_only_training_images(mp_cache):
+    shifted = build_datasets(DataConfig(cache_dir=mp_cache, augment_shift=8, **SMALL))
+    plain = build_datasets(DataConfig(cache_dir=mp_cache, **SMALL))
+    for split in ("val", "test"):  # evaluation stays deterministic and equal to the unshifted data
+        assert torch.equal(getattr(shifted, split)[0][0], getattr(plain, split)[0][0])
+    torch.manual_seed(0)
+    reads = [shifted.train[3][0] for _ in range(4)]  # (N, C, P, P) each
+    assert any(not torch.equal(r, reads[0]) for r in reads[1:])  # each read cuts the canvas differently
+    image, side = plain.train.image(3), plain.image_hw[0]  # (C, H, W)
+    for patches in reads:  # every read is the canvas translated by at most 8 px, zero filled
+        moved = unpatchify(patches, plain.image_hw)
+        matches = [
+            (dy, dx)
+            for dy in range(-8, 9)
+            for dx in range(-8, 9)
+            if torch.equal(moved, _translate(image, dy, dx, side))
+        ]
+        assert len(matches) == 1
+    assert torch.equal(shifted.train.image(3), image)  # maps and previews draw the image where it is
+    assert torch.equal(shifted.train[3][1]["majority"], plain.train[3][1]["majority"])
+
+
+def _translate(image: torch.Tensor, dy: int, dx: int, side: int) -> torch.Tensor:
+    """``image`` moved down by dy and right by dx, zero filled."""
+    out = torch.zeros_like(image)
+    src = image[:, max(0, -dy) : side - max(0, dy), max(0, -dx) : side - max(0, dx)]
+    out[:, max(0, dy) : max(0, dy) + src.shape[1], max(0, dx) : max(0, dx) + src.shape[2]] = src
+    return out
+
+
+@pytest.mark.parametrize(
+    ("fields", "pattern"),
+    [
+        (dict(augment_shift=-1), "augment_shift must be 0 or a positive"),
+        (dict(augment_shift=True), "augment_shift must be 0 or a positive"),
+        (dict(dataset="slides", augment_shift=4), "augment_shift applies to whole images"),
+    ],
+)
+def test_augment_shift_errors(fields, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        DataConfig(**fields)
+
+
 def test_jitter_keeps_a_digit_recognisably_in_place():
     pool, _ = digit_pools("sklearn", 28, seed=0)
     rng = np.random.default_rng(0)

@@ -59,6 +59,7 @@ def build_datasets(cfg: DataConfig) -> DataSplits:
     grid = patch_grid(side, side, cfg.patch_size, cfg.patch_stride)  # fail fast, before any generation
     builder = {"megapixel": megapixel.build, "mnist-resized": mnist.build, "folder": folder.build}[cfg.dataset]
     train, val, test, tasks = builder(cfg)
+    train.augment_shift(cfg.augment_shift)
     return DataSplits(
         train=train,
         val=val,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -60,6 +62,16 @@ class PatchDataset(Dataset):
         self.grid = patch_grid(*self.image_hw, self.patch_size, self.stride)
         self.classes: list[str] | None = None  # class names, where the source has them (folder)
         self.paths: list | None = None  # per-item source file, where there is one (folder)
+        self.shift: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by augment_shift (training split)
+
+    def augment_shift(self, pixels: int) -> None:
+        """Shift every image read by up to ``pixels`` in each direction (zero fill) before it is cut into patches.
+
+        A random crop of the zero-padded image, as torchvision does it; the draws come from torch's global RNG,
+        which the trial seeds. ``image()`` (maps, previews) stays unshifted."""
+        from torchvision.transforms import v2
+
+        self.shift = v2.RandomCrop(self.image_hw, padding=pixels, fill=0) if pixels else None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -74,5 +86,8 @@ class PatchDataset(Dataset):
         return img
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        patches = patchify(self.image(i), self.patch_size, self.stride)  # (N, C, P, P)
+        img = self.image(i)  # (C, H, W)
+        if self.shift is not None:
+            img = self.shift(img)
+        patches = patchify(img, self.patch_size, self.stride)  # (N, C, P, P)
         return patches, {k: v[i] for k, v in self.targets.items()}
