@@ -17,6 +17,7 @@ from typing import Any
 
 import optuna
 import pandas as pd
+import ray
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 
@@ -56,14 +57,25 @@ def confirm_runs(settings: SearchSettings, trials: pd.DataFrame) -> list[dict[st
     return runs
 
 
-def _trainable(settings: SearchSettings) -> Any:
-    return tune.with_resources(confirm_ips, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
+def confirm_cpus(settings: SearchSettings, n_runs: int, cluster_cpus: float) -> float:
+    """CPUs per confirm run: the search's slots (``concurrency`` x ``cpus_per_trial``, at most the cluster's CPUs)
+    shared by the runs that fit in them at once. One run after a 2-slot search gets both CPUs (torch threads follow),
+    not one CPU with the other idle."""
+    at_once = max(1, min(n_runs, settings.concurrency))
+    pool = min(settings.cpus_per_trial * settings.concurrency, cluster_cpus)
+    return max(settings.cpus_per_trial, float(int(pool // at_once)))
+
+
+def _trainable(settings: SearchSettings, n_runs: int) -> Any:
+    cluster_cpus = float(ray.cluster_resources().get("CPU", settings.cpus_per_trial))
+    resources = {"cpu": confirm_cpus(settings, n_runs, cluster_cpus), "gpu": settings.gpus_per_trial}
+    return tune.with_resources(confirm_ips, resources)
 
 
 def make_confirm_tuner(settings: SearchSettings, runs: list[dict[str, Any]]) -> tune.Tuner:
     folder = settings.experiment_dir / CONFIRM_DIR
     return tune.Tuner(
-        _trainable(settings),
+        _trainable(settings, len(runs)),
         param_space={RUN: tune.grid_search(runs)},
         tune_config=tune.TuneConfig(
             scheduler=FIFOScheduler(),
@@ -89,17 +101,12 @@ def run_confirm(settings: SearchSettings) -> pd.DataFrame:
     folder = settings.experiment_dir
     trials = coerce(pd.read_csv(folder / TRIALS_CSV, dtype={"trial_id": str}))
     stage = folder / CONFIRM_DIR
+    runs = confirm_runs(settings, trials.drop(columns=["confirm_val_mean"], errors="ignore"))
     if tune.Tuner.can_restore(str(stage)):  # interrupted during the stage: finished runs are kept
         tuner = tune.Tuner.restore(
-            str(stage),
-            trainable=tune.with_resources(
-                confirm_ips, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
-            ),
-            resume_unfinished=True,
-            resume_errored=True,
+            str(stage), trainable=_trainable(settings, len(runs)), resume_unfinished=True, resume_errored=True
         )
     else:
-        runs = confirm_runs(settings, trials.drop(columns=["confirm_val_mean"], errors="ignore"))
         if not runs:
             return pd.DataFrame()
         tuner = make_confirm_tuner(settings, runs)

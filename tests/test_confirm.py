@@ -81,6 +81,25 @@ def _search(results_dir: Path, name: str) -> list[str]:
 
 
 @pytest.mark.ray
+@pytest.mark.parametrize(
+    ("cpus_per_trial", "concurrency", "n_runs", "cluster_cpus", "expected"),
+    [
+        (1, 2, 1, 2, 2.0),  # one run after a 2-slot search: both CPUs, not one idle
+        (1, 2, 2, 2, 1.0),  # two runs share the two slots
+        (1, 2, 6, 2, 1.0),  # more runs than slots: they queue, one slot each
+        (1, 4, 1, 2, 2.0),  # never more than the cluster has (a run asking more would wait forever)
+        (2, 3, 2, 16, 3.0),
+        (0.5, 2, 1, 2, 1.0),
+    ],
+)
+def test_confirm_runs_share_the_search_slots(cpus_per_trial, concurrency, n_runs, cluster_cpus, expected):
+    from ips_search.confirm import confirm_cpus
+    from ips_search.experiment import SearchSettings
+
+    settings = SearchSettings("x", "results", "default", cpus_per_trial=cpus_per_trial, concurrency=concurrency)
+    assert confirm_cpus(settings, n_runs, cluster_cpus) == expected
+
+
 def test_confirm_stage_runs_k_seeds_per_top_config_and_records_mean_and_std(ray_cluster, results_dir, capsys):
     assert run.main(_search(results_dir, "sure")) == 0
     folder = results_dir / "sure"
