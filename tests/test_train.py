@@ -78,7 +78,8 @@ def _short_default_run(seed: int, orient: bool) -> float:
     base = load_space("default").base_config()
     exp = dataclasses.replace(
         base,
-        data=dataclasses.replace(base.data, patch_size=32, n_train=600, n_test=100),
+        # unshifted, as when the seeds' figures below were measured
+        data=dataclasses.replace(base.data, patch_size=32, n_train=600, n_test=100, augment_shift=0),
         model=dataclasses.replace(base.model, memory_size=8, iteration_size=8, orient_scores=orient),
         train=dataclasses.replace(base.train, epochs=3, lr=1.2e-3, seed=seed),
     )
