@@ -80,7 +80,6 @@ def _search(results_dir: Path, name: str) -> list[str]:
     ]
 
 
-@pytest.mark.ray
 @pytest.mark.parametrize(
     ("cpus_per_trial", "concurrency", "n_runs", "cluster_cpus", "expected"),
     [
@@ -100,6 +99,7 @@ def test_confirm_runs_share_the_search_slots(cpus_per_trial, concurrency, n_runs
     assert confirm_cpus(settings, n_runs, cluster_cpus) == expected
 
 
+@pytest.mark.ray
 def test_confirm_stage_runs_k_seeds_per_top_config_and_records_mean_and_std(ray_cluster, results_dir, capsys):
     assert run.main(_search(results_dir, "sure")) == 0
     folder = results_dir / "sure"
