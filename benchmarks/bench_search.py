@@ -13,6 +13,8 @@ strategy must reach is random + FIFO's final best validation accuracy with that 
 epoch of a completed trial: what a search chooses by); ``fraction_final`` is the trial-seconds it
 needed, over random + FIFO's total. ``fraction_any_epoch`` does the same for the best epoch of any
 trial. ``chosen_val`` / ``chosen_test`` are the config the search picks (validation first).
+For random + FIFO, ``winner_rank_epochE`` is where its best trial stood among all its trials after
+epoch E: the rank an early-stopping rung at that epoch judges it by.
 ``--extend-to-fraction 0.5`` resumes each early-stopping search with as many more trials as fit into
 half of random + FIFO's trial-seconds, the budget the target allows.
 """
@@ -64,6 +66,24 @@ def seconds_to_reach(df: pd.DataFrame, target: float, column: str, completed_onl
     values = ordered[column].where(ordered["status"] == "completed") if completed_only else ordered[column]
     reached = values.fillna(-1.0).cummax() >= target - 1e-9
     return float(spent[reached].iloc[0]) if reached.any() else None
+
+
+def winner_ranks(df: pd.DataFrame, epochs: tuple[int, ...] = (1, 4)) -> dict[str, int | None]:
+    """Where the trial that ended best (completed, last validation accuracy) stood among all trials after each of
+    ``epochs``: the rank an early-stopping rung at that epoch would have judged it by (1 = best)."""
+    curves = {}
+    for row in df.itertuples():
+        lines = [x for x in (Path(row.path) / "result.json").read_text().splitlines() if x.strip()]
+        curves[row.trial_id] = [json.loads(x).get("val_accuracy") for x in lines]
+    done = df[df["status"] == "completed"]
+    if done.empty:
+        return {f"winner_rank_epoch{e}": None for e in epochs}
+    winner = curves[done.loc[done["val_accuracy"].idxmax(), "trial_id"]]
+    ranks = {}
+    for e in epochs:
+        at = [c[e - 1] for c in curves.values() if len(c) >= e and c[e - 1] is not None]
+        ranks[f"winner_rank_epoch{e}"] = 1 + sum(v > winner[e - 1] for v in at) if len(winner) >= e else None
+    return ranks
 
 
 def chosen(df: pd.DataFrame) -> pd.Series | None:
@@ -155,6 +175,7 @@ def main() -> None:
                     "fraction_any_epoch": math.inf if any_epoch is None else any_epoch / random_budget,
                     "total_trial_seconds": float(df["time_total_s"].sum()),
                     "wall_seconds": wall,
+                    **(winner_ranks(df) if strategy == "random+fifo" else {}),
                 }
             )
     table = pd.DataFrame(rows)

@@ -6,6 +6,7 @@ Every input problem is reported as one line with exit code 2 before Ray starts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import os
 import sys
@@ -16,6 +17,7 @@ from typing import NoReturn
 
 from ips_search.errors import ConfigError, exit_code_of
 from ips_search.experiment import (
+    ASHA_FLAGS,
     EXPERIMENT_FILE,
     RUNG_METRICS,
     SearchSettings,
@@ -81,33 +83,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--scheduler",
         choices=["asha", "fifo"],
         default=None,
-        help="trial scheduler (default: asha for accuracy, fifo for accuracy-memory)",
+        help="trial scheduler: fifo runs every trial to its last epoch (the default); asha stops trials early "
+        "(faster, but its early rungs stop configs that would have won: docs/benchmarks.md)",
     )
     p.add_argument(
         "--grace-period",
         type=int,
-        default=1,
-        help="ASHA: epochs every trial runs before it can be stopped (Ray's ASHAScheduler default)",
+        default=None,
+        help="ASHA: epochs every trial runs before it can be stopped (default 1, Ray's ASHAScheduler default)",
     )
     p.add_argument(
         "--reduction-factor",
         type=int,
-        default=4,
+        default=None,
         help="ASHA: each rung keeps the best 1/reduction-factor of trials; rungs at grace-period * "
-        "reduction-factor^k epochs (Ray's ASHAScheduler default)",
+        "reduction-factor^k epochs (default 4, Ray's ASHAScheduler default)",
     )
     p.add_argument(
         "--rung-metric",
         choices=list(RUNG_METRICS),
-        default="val_accuracy",
+        default=None,
         help="ASHA: what trials are compared on at a rung: this epoch's validation accuracy, the trial's best so far, "
-        "or validation loss",
+        "or validation loss (default: this epoch's validation accuracy)",
     )
     p.add_argument(
         "--brackets",
         type=int,
-        default=1,
-        help="ASHA: brackets of different grace periods (above 1: asynchronous Hyperband)",
+        default=None,
+        help="ASHA: brackets of different grace periods (default 1; above 1: asynchronous Hyperband)",
     )
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (also torch's thread count)")
     p.add_argument(
@@ -191,8 +194,25 @@ def check_results_dir(path: str) -> Path:
     return results
 
 
+def resolve_asha_flags(args: argparse.Namespace) -> None:
+    """ASHA's own flags take ASHA's defaults when left out; given to a search without ASHA they would be silently
+    ignored, so they are a bad input."""
+    given = [flag for key, flag in ASHA_FLAGS.items() if getattr(args, key) is not None]
+    scheduler = args.scheduler or SearchSettings.scheduler
+    if given and not args.resume and scheduler != "asha":
+        raise ConfigError(
+            f"{given[0]} only applies to --scheduler asha, and this search uses {scheduler}; add --scheduler asha "
+            f"or leave {given[0]} out"
+        )
+    defaults = {field.name: field.default for field in dataclasses.fields(SearchSettings)}
+    for key in ASHA_FLAGS:
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[key])
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """Every flag's own rule, before anything starts."""
+    resolve_asha_flags(args)
     check_settings(args)
     check_positive(args.num_gpus, "--num-gpus", allow_zero=True)
 
@@ -275,7 +295,7 @@ def _main(args: argparse.Namespace) -> int:
             trials=args.trials,
             objective=args.objective,
             sampler=args.sampler,
-            scheduler=args.scheduler or ("fifo" if args.objective == "accuracy-memory" else "asha"),
+            scheduler=args.scheduler or SearchSettings.scheduler,
             max_memory_mb=args.max_memory_mb,
             cpus_per_trial=args.cpus_per_trial,
             gpus_per_trial=args.gpus_per_trial,

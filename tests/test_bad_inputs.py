@@ -237,10 +237,15 @@ CASES: dict[str, Case] = {
         args_case("--space", "smoke", "--gpus-per-trial", "1.5"), "must be whole"
     ),
     "grace-period-zero": Case(
-        args_case("--space", "smoke", "--grace-period", "0"), "--grace-period must be at least 1"
+        args_case("--space", "smoke", "--scheduler", "asha", "--grace-period", "0"), "--grace-period must be at least 1"
     ),
     "reduction-factor-one": Case(
-        args_case("--space", "smoke", "--reduction-factor", "1"), "--reduction-factor must be at least 2"
+        args_case("--space", "smoke", "--scheduler", "asha", "--reduction-factor", "1"),
+        "--reduction-factor must be at least 2",
+    ),
+    # FIFO (the default) has no rungs: an ASHA flag there would be silently ignored
+    "asha-flag-without-asha": Case(
+        args_case("--space", "smoke", "--rung-metric", "val_loss"), "--rung-metric only applies to --scheduler asha"
     ),
     "name-with-slash": Case(args_case("--space", "smoke", "--name", "../escape"), "must be a plain folder name"),
     "num-gpus-negative": Case(args_case("--space", "smoke", "--num-gpus", "-1"), "--num-gpus must be"),

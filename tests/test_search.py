@@ -49,6 +49,8 @@ def test_smoke_search_end_to_end(ray_cluster, results_dir, capsys):
     assert completed["test_accuracy"].notna().all()
     saved = json.loads((folder / "experiment.json").read_text())
     assert saved["tool"] == "ips-search" and saved["settings"]["trials"] == 4
+    # the default scheduler is FIFO: every trial runs its full budget
+    assert saved["settings"]["scheduler"] == "fifo" and (df["status"] == "completed").all()
     out = capsys.readouterr().out
     assert "best: patch_size=" in out and f"python -m ips_search.report {folder}" in out
 
@@ -81,7 +83,8 @@ def test_multi_objective_search_yields_a_pareto_set(ray_cluster, results_dir, ca
 
 def test_memory_budget_marks_trials_infeasible(ray_cluster, results_dir):
     # val_loss as the rung metric: a trial stopped before any epoch must still report it (Ray checks every result)
-    assert _search(results_dir, "budget", "--trials", "2", "--max-memory-mb", "1", "--rung-metric", "val_loss") == 0
+    args = ("--trials", "2", "--max-memory-mb", "1", "--scheduler", "asha", "--rung-metric", "val_loss")
+    assert _search(results_dir, "budget", *args) == 0
     df = pd.read_csv(results_dir / "budget" / "trials.csv")
     assert (df["status"] == "infeasible").all() and (df["peak_memory_mb"] > 1).all()
     assert (df["memory_kind"] == "predicted-cuda").all() and (df["epochs"] == 1).all()
@@ -273,7 +276,13 @@ def test_memory_searched_with_a_fixed_iteration_size_caps_i_at_n_minus_m(tmp_pat
 @pytest.mark.parametrize(("epochs", "grace", "factor"), [(8, 1, 4), (8, 2, 3), (12, 1, 3), (4, 1, 4), (3, 5, 2)])
 def test_asha_rungs_are_the_ones_ray_uses(epochs, grace, factor):
     settings = SearchSettings(
-        name="x", results_dir="/tmp/x", space="smoke", epochs=epochs, grace_period=grace, reduction_factor=factor
+        name="x",
+        results_dir="/tmp/x",
+        space="smoke",
+        scheduler="asha",
+        epochs=epochs,
+        grace_period=grace,
+        reduction_factor=factor,
     )
     scheduler = make_scheduler(settings)
     scheduler.set_search_properties(METRIC, "max")
@@ -292,6 +301,7 @@ def test_scheduler_compares_what_the_flags_say(metric, mode, brackets):
         name="x",
         results_dir="/tmp/x",
         space="smoke",
+        scheduler="asha",
         epochs=9,
         rung_metric=metric,
         brackets=brackets,
@@ -308,7 +318,7 @@ def test_scheduler_compares_what_the_flags_say(metric, mode, brackets):
 
 
 def test_rung_metric_best_so_far_is_each_trials_running_best(ray_cluster, results_dir):
-    args = ("--trials", "2", "--rung-metric", "val_accuracy_best", "--reduction-factor", "2")
+    args = ("--trials", "2", "--scheduler", "asha", "--rung-metric", "val_accuracy_best", "--reduction-factor", "2")
     assert _search(results_dir, "best-rung", *args) == 0
     saved = json.loads((results_dir / "best-rung" / "experiment.json").read_text())
     assert saved["settings"]["rung_metric"] == "val_accuracy_best"
