@@ -13,7 +13,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ips_search.errors import ConfigError, exit_code_of
 from ips_search.experiment import (
@@ -30,6 +30,21 @@ from ips_search.plan import dry_run_lines, plan_lines
 from ips_search.space import SearchSpace, load_space, saved_space
 
 RESUME_FIX = "start a new experiment with --name, or restore the file"
+# the settings a resumed experiment keeps as it saved them (--trials alone may change: it extends the search)
+RESUME_KEEPS = (
+    "objective",
+    "sampler",
+    "scheduler",
+    *ASHA_FLAGS,
+    "max_memory_mb",
+    "cpus_per_trial",
+    "gpus_per_trial",
+    "concurrency",
+    "seed",
+    "epochs",
+    "confirm",
+    "confirm_top",
+)
 DEFAULT_TRIALS = 50
 
 
@@ -210,6 +225,30 @@ def resolve_asha_flags(args: argparse.Namespace) -> None:
             setattr(args, key, defaults[key])
 
 
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the command line set to something other than their flag's default (read before any default is
+    filled in)."""
+    defaults = build_parser()
+    return {key: getattr(args, key) for key in RESUME_KEEPS if getattr(args, key) != defaults.get_default(key)}
+
+
+def check_resume_flags(given: dict[str, Any], settings: SearchSettings) -> None:
+    """A resumed search keeps the settings it started with; a flag asking for another one would be silently ignored,
+    so it is a bad input (the same value is harmless)."""
+
+    def shown(value: Any) -> str:
+        return f"{value:g}" if isinstance(value, float) else "none" if value is None else str(value)
+
+    for key, value in given.items():
+        if value != getattr(settings, key):
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(
+                f"{flag} {shown(value)} differs from experiment {settings.name!r}, which runs with "
+                f"{shown(getattr(settings, key))}; a resumed search keeps the settings it started with: leave {flag} "
+                "out, or start a new experiment with --name"
+            )
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """Every flag's own rule, before anything starts."""
     resolve_asha_flags(args)
@@ -270,10 +309,12 @@ def _main(args: argparse.Namespace) -> int:
     if not args.address:
         # Ray reads this when it is first imported, so it is set before anything imports ray
         os.environ.setdefault("RAY_AUTH_MODE", "token")
+    given = given_settings(args)
     validate_args(args)
     results_dir = check_results_dir(args.results_dir)
     if args.resume:
         settings, space = load_experiment(results_dir, args.resume)
+        check_resume_flags(given, settings)
         if args.trials is not None:
             extend(settings, args.trials)
     else:

@@ -20,6 +20,7 @@ import yaml
 from PIL import Image
 
 from ips_search import run
+from ips_search.errors import ConfigError
 from ips_search.space import SPACES_DIR
 
 SMOKE = yaml.safe_load((SPACES_DIR / "smoke.yaml").read_text())  # canvas 128, P=32: N=16
@@ -285,6 +286,15 @@ CASES: dict[str, Case] = {
     "resume-experiment-json-search-is-a-number": Case(
         resume_case("five", {"experiment.json": saved(space={"search": 5})}), "section 'search'"
     ),
+    # a resumed search keeps the settings it saved: another value would be silently ignored
+    "resume-with-another-sampler": Case(
+        lambda tmp: [*resume_case("sure", {"experiment.json": saved()})(tmp), "--sampler", "random"],
+        "--sampler random differs from experiment 'x', which runs with tpe",
+    ),
+    "resume-with-another-scheduler": Case(
+        lambda tmp: [*resume_case("sure", {"experiment.json": saved()})(tmp), "--scheduler", "asha"],
+        "--scheduler asha differs from experiment 'x', which runs with fifo",
+    ),
     "resume-experiment-json-not-json": Case(
         resume_case("cut", {"experiment.json": saved()[:40]}), "experiment.json is damaged (not valid JSON"
     ),
@@ -348,6 +358,22 @@ def test_a_saved_experiment_loads_back_unchanged(tmp_path):
         settings_back, space_back = run.load_experiment(tmp_path, name)
         assert settings_back == settings
         assert space_back.to_dict() == space.to_dict()
+
+
+def test_resume_accepts_the_saved_settings_and_refuses_others():
+    """Flags equal to what the experiment saved (or left out) pass; any other value of a kept setting is refused."""
+    from ips_search.search import SearchSettings
+
+    settings = SearchSettings(name="x", results_dir="r", space="smoke", sampler="random", seed=3, confirm=1, epochs=4)
+
+    def given(*flags: str) -> dict:
+        return run.given_settings(run.build_parser().parse_args(["--resume", "x", *flags]))
+
+    assert given() == {} and given("--trials", "80") == {}  # --trials extends the search: not a kept setting
+    run.check_resume_flags(given("--sampler", "random", "--seed", "3", "--confirm", "1", "--epochs", "4"), settings)
+    for flags in (["--seed", "4"], ["--confirm", "2"], ["--epochs", "5"], ["--max-memory-mb", "300"]):
+        with pytest.raises(ConfigError, match=f"^{flags[0]} {flags[1]} differs from experiment 'x'"):
+            run.check_resume_flags(given(*flags), settings)
 
 
 def test_cluster_too_small_for_a_trial_is_one_line_exit_2(tmp_path, cache_dir, capsys, monkeypatch):
