@@ -50,6 +50,11 @@ STRATEGIES = {
 }
 
 
+def experiment_name(space: str, strategy: str, seed: int, stamp: str) -> str:
+    """The experiment folder of one strategy and seed (``--stamp`` finds it again)."""
+    return f"{space}-{strategy.replace('+', '-')}-s{seed}-{stamp}"
+
+
 def finish_times(df: pd.DataFrame) -> pd.DataFrame:
     """Each trial's finish timestamp from its last result.json line."""
     stamps = []
@@ -68,21 +73,20 @@ def seconds_to_reach(df: pd.DataFrame, target: float, column: str, completed_onl
     return float(spent[reached].iloc[0]) if reached.any() else None
 
 
-def winner_ranks(df: pd.DataFrame, epochs: tuple[int, ...] = (1, 4)) -> dict[str, int | None]:
+def winner_ranks(folder: Path, df: pd.DataFrame, epochs: tuple[int, ...] = (1, 4)) -> dict[str, int | None]:
     """Where the trial that ended best (completed, last validation accuracy) stood among all trials after each of
     ``epochs``: the rank an early-stopping rung at that epoch would have judged it by (1 = best)."""
-    curves = {}
-    for row in df.itertuples():
-        lines = [x for x in (Path(row.path) / "result.json").read_text().splitlines() if x.strip()]
-        curves[row.trial_id] = [json.loads(x).get("val_accuracy") for x in lines]
+    from ips_search.report import load_curves
+
     done = df[df["status"] == "completed"]
     if done.empty:
         return {f"winner_rank_epoch{e}": None for e in epochs}
-    winner = curves[done.loc[done["val_accuracy"].idxmax(), "trial_id"]]
+    winner = done.loc[done["val_accuracy"].idxmax(), "trial_id"]
+    curves = load_curves(folder)  # one row per trial and epoch
     ranks = {}
     for e in epochs:
-        at = [c[e - 1] for c in curves.values() if len(c) >= e and c[e - 1] is not None]
-        ranks[f"winner_rank_epoch{e}"] = 1 + sum(v > winner[e - 1] for v in at) if len(winner) >= e else None
+        at = curves[curves["epoch"] == e].set_index("trial_id")["val_accuracy"].dropna()
+        ranks[f"winner_rank_epoch{e}"] = 1 + int((at > at[winner]).sum()) if winner in at.index else None
     return ranks
 
 
@@ -144,18 +148,19 @@ def main() -> None:
     for seed in args.seeds:
         runs = {}
         for strategy in dict.fromkeys(["random+fifo", *args.strategies]):
-            name = f"{args.space}-{strategy.replace('+', '-')}-s{seed}-{stamp}"
+            name = experiment_name(args.space, strategy, seed, stamp)
             runs[strategy] = run_one(args.space, args.trials, seed, name, results, STRATEGIES[strategy])
         baseline = runs["random+fifo"][0]
         random_budget = float(baseline["time_total_s"].sum())
         if args.extend_to_fraction:
             for strategy, (df, wall) in list(runs.items()):
-                name = f"{args.space}-{strategy.replace('+', '-')}-s{seed}-{stamp}"
+                name = experiment_name(args.space, strategy, seed, stamp)
                 if strategy != "random+fifo" and len(df) == args.trials:
                     runs[strategy] = (extend(results, name, df, args.extend_to_fraction * random_budget), wall)
         # "final": what the search chooses by (a completed trial's last validation accuracy); "any": any epoch
         target_final = float(baseline.loc[baseline["status"] == "completed", "val_accuracy"].max())
         target_any = float(baseline["best_val_accuracy"].max())
+        baseline_ranks = winner_ranks(results / experiment_name(args.space, "random+fifo", seed, stamp), baseline)
         for strategy, (df, wall) in runs.items():
             final = seconds_to_reach(df, target_final, "val_accuracy", completed_only=True)
             any_epoch = seconds_to_reach(df, target_any, "best_val_accuracy", completed_only=False)
@@ -175,7 +180,7 @@ def main() -> None:
                     "fraction_any_epoch": math.inf if any_epoch is None else any_epoch / random_budget,
                     "total_trial_seconds": float(df["time_total_s"].sum()),
                     "wall_seconds": wall,
-                    **(winner_ranks(df) if strategy == "random+fifo" else {}),
+                    **(baseline_ranks if strategy == "random+fifo" else {}),
                 }
             )
     table = pd.DataFrame(rows)
