@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -225,11 +226,13 @@ def resolve_asha_flags(args: argparse.Namespace) -> None:
             setattr(args, key, defaults[key])
 
 
-def given_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings the command line set to something other than their flag's default (read before any default is
-    filled in)."""
-    defaults = build_parser()
-    return {key: getattr(args, key) for key in RESUME_KEEPS if getattr(args, key) != defaults.get_default(key)}
+def given_settings(argv: list[str] | None) -> dict[str, Any]:
+    """The kept settings (``RESUME_KEEPS``) the command line names, with their values: parsed again with None as
+    their default (a value no flag gives), so a flag given with its default value counts too."""
+    parser = build_parser()
+    parser.set_defaults(**dict.fromkeys(RESUME_KEEPS))
+    parsed = vars(parser.parse_args(argv))
+    return {key: parsed[key] for key in RESUME_KEEPS if parsed[key] is not None}
 
 
 def check_resume_flags(given: dict[str, Any], settings: SearchSettings) -> None:
@@ -302,14 +305,14 @@ def extend(settings: SearchSettings, trials: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return exit_code_of(_main, build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    return exit_code_of(partial(_main, given=given_settings(argv)), args)
 
 
-def _main(args: argparse.Namespace) -> int:
+def _main(args: argparse.Namespace, given: dict[str, Any]) -> int:
     if not args.address:
         # Ray reads this when it is first imported, so it is set before anything imports ray
         os.environ.setdefault("RAY_AUTH_MODE", "token")
-    given = given_settings(args)
     validate_args(args)
     results_dir = check_results_dir(args.results_dir)
     if args.resume:
