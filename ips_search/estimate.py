@@ -26,15 +26,16 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ips_search.cli import OneLineParser, exit_code_of
 from ips_search.config import DataConfig, ExperimentConfig, IPSConfig, Task, TrainConfig
-from ips_search.errors import ConfigError, exit_code_of
+from ips_search.errors import ConfigError
 from ips_search.meter import MB, StorageMeter, cuda_block_bytes, optimizer_tensors, tensor_bytes
 from ips_search.model import IPSNet
 from ips_search.space import SearchSpace, load_space, memory_iteration_ranges, trial_config
@@ -340,15 +341,8 @@ def even_sample(items: list[Any], k: int) -> list[Any]:
     return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)]
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line (not the whole usage block) and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message}; see --help\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="python -m ips_search.estimate",
         description="Predict the peak GPU memory of one training step for a search space's patch size x M x I grid, "
         "without a GPU (fake tensors: nothing is computed).",

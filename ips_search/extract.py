@@ -42,9 +42,10 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
+from ips_search.cli import OneLineParser, exit_code_of
 from ips_search.config import DataConfig, IPSConfig, build_config
 from ips_search.data.cache import cache_key, cache_root
-from ips_search.errors import ConfigError, exit_code_of
+from ips_search.errors import ConfigError
 
 FORMAT_VERSION = 1
 IMAGENET = {"resnet18-imagenet": "resnet18", "resnet50-imagenet": "resnet50"}
@@ -439,7 +440,7 @@ def _config_from_sections(data: dict[str, Any], model: dict[str, Any], args: arg
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="ips-search-extract",
         description="Embed every image of a dataset with a frozen encoder into per-image HDF5 files "
         "(dataset: features reads them). Prints the output folder.",

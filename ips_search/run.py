@@ -14,9 +14,10 @@ import tempfile
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from ips_search.errors import ConfigError, exit_code_of
+from ips_search.cli import DefaultsHelpFormatter, OneLineParser, exit_code_of
+from ips_search.errors import ConfigError
 from ips_search.experiment import (
     ASHA_FLAGS,
     EXPERIMENT_FILE,
@@ -49,28 +50,12 @@ RESUME_KEEPS = (
 DEFAULT_TRIALS = 50
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line (not the whole usage block) and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message}; see --help\n")
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except empty ones (None / False), whose help text already says what happens."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="python -m ips_search.run",
         description="Find the IPS memory size M, iteration size I, patch size P and learning rate that give the best "
         "validation accuracy for a dataset and a memory budget. Results land in RESULTS_DIR/NAME/.",
-        formatter_class=_HelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument(
         "--trials",

@@ -12,11 +12,12 @@ import sys
 import time
 import warnings
 
-from ips_search.errors import ConfigError, exit_code_of
+from ips_search.cli import OneLineParser, exit_code_of
+from ips_search.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m ips_search.report",
         description="Tables, plots, attention maps and an executed notebook for an ips-search experiment.",
     )
