@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,32 @@ def trial_constraints(trial: optuna.trial.FrozenTrial) -> tuple[float, ...]:
     return tuple(trial.user_attrs.get(CONSTRAINT, ()))
 
 
+class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """NSGA-II that Ray can pickle.
+
+    Ray pickles the searcher, sampler included (to checkpoint it and to resume). From Optuna 5.1 the GA samplers
+    hold a ``threading.Lock`` (``BaseGASampler._thread_lock``, guarding their generation cache), which cannot be
+    pickled: the lock is left out of the pickle and a new one is made on unpickling. A lock guards threads of one
+    process, so a copy in another process needs its own, not the original's.
+    """
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_thread_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
+
+
+# Optuna 5.1 names a GA subclass's study keys after the class ("<name>:generation"); keep NSGAIISampler's, so a
+# search started with the plain sampler resumes in the same generation and the study reads as NSGA-II's.
+for _key in ("_GENERATION_KEY", "_PARENT_CACHE_KEY_PREFIX"):
+    if hasattr(optuna.samplers.NSGAIISampler, _key):
+        setattr(PicklableNSGAIISampler, _key, getattr(optuna.samplers.NSGAIISampler, _key))
+
+
 def make_sampler(name: str, seed: int, budgeted: bool) -> optuna.samplers.BaseSampler:
     constraints = _constraint if budgeted and not NATIVE_CONSTRAINTS else None
     if name == "tpe":
@@ -69,7 +96,7 @@ def make_sampler(name: str, seed: int, budgeted: bool) -> optuna.samplers.BaseSa
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, constraints_func=constraints)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints, population_size=10)
+        return PicklableNSGAIISampler(seed=seed, constraints_func=constraints, population_size=10)
     return optuna.samplers.RandomSampler(seed=seed)
 
 
