@@ -1,0 +1,62 @@
+"""The four command-line entry points share one base: a bad flag is one line and exit 2, Ctrl-C one line and 130."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ips_search import estimate, extract, run
+from ips_search.cli import EXIT_INTERRUPTED, exit_code_of
+from ips_search.errors import EXIT_BAD_INPUT, ConfigError
+from ips_search.report import __main__ as report
+
+CLIS = {"run": run.main, "report": report.main, "estimate": estimate.main, "extract": extract.main}
+
+
+@pytest.mark.parametrize("name", sorted(CLIS))
+def test_an_unknown_flag_is_one_line_exit_2(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        CLIS[name](["--no-such-flag"])
+    assert exc.value.code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and err[0].endswith("; see --help"), err
+
+
+@pytest.mark.parametrize("name", sorted(CLIS))
+def test_help_still_prints_the_usage(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        CLIS[name](["--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("usage:")
+
+
+def test_bad_input_and_ctrl_c_are_one_line_each(capsys):
+    def bad(_):
+        raise ConfigError("the thing is wrong; fix it")
+
+    def interrupted(_):
+        raise KeyboardInterrupt
+
+    assert exit_code_of(bad, None) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err.strip() == "error: the thing is wrong; fix it"
+    assert exit_code_of(interrupted, None, interrupted="stopped: nothing was written") == EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip() == "stopped: nothing was written"
+
+
+def test_ctrl_c_in_a_running_command_is_one_line_and_130(tmp_path, cache_dir):
+    """A real SIGINT, as a terminal's Ctrl-C sends it, into ``estimate`` while it predicts a grid (about 25 s)."""
+    env = {**os.environ, "IPS_SEARCH_CACHE": cache_dir}
+    cmd = [sys.executable, "-m", "ips_search.estimate", "--space", "default", "--sample", "60", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    time.sleep(8)  # past the imports and into the work
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED, (out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == ["interrupted"], err
