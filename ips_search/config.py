@@ -9,7 +9,12 @@ their own part.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import re
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,6 +25,237 @@ LOADING_MODES = ("eager", "eager-sequential", "lazy")
 SHUFFLES = ("none", "batch", "instance")
 DATASETS = ("megapixel", "mnist-resized", "folder", "slides", "features")
 MEGAPIXEL_TASKS = ("majority", "max", "top", "multilabel")
+SEED_LIMIT = 2**32  # numpy's: seeds are 0 .. 2**32 - 1
+
+
+# -- field validation -----------------------------------------------------------------------------------------------
+# One mechanism checks every field of data, model and train when the config is built (so when a space is loaded,
+# before Ray or any data build): the field's annotation gives its type (int, float, bool, str, a Literal's choices, a
+# mapping, a list of items, ``| None`` for optional) and RULES narrows it where the type says too little (ranges,
+# choices). A field that RULES does not name is still type-checked, so a new field is never unchecked.
+class FieldError(ConfigError):
+    """A field's bad value: one line naming ``<where>.<key>``, the value and the fix; :meth:`at` renames ``where``."""
+
+    def __init__(self, where: str, key: str, render: Callable[[str], str]) -> None:
+        super().__init__(render(f"{where}.{key}"))
+        self.key, self.render = key, render
+
+    def at(self, where: str) -> FieldError:
+        return FieldError(where, self.key, self.render)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a field accepts: ``ok(value)`` is true, else "``<where>`` must be ``expects``, got ...; ``fix``".
+
+    ``noun`` makes the rule a choice among names: "unknown ``noun`` 'x' in ``<where>``; choose one of ...".
+    """
+
+    ok: Callable[[Any], bool]
+    expects: str
+    fix: str
+    noun: str | None = None
+
+    def error(self, where: str, key: str, value: Any) -> FieldError:
+        if self.noun:
+            return FieldError(where, key, lambda at: f"unknown {self.noun} {value!r} in {at}; {self.fix}")
+        fix = self.fix
+        if isinstance(value, str) and _looks_numeric(value) and "e" in value.lower():  # YAML 1.1: 1e-4 is text
+            fix = f"write it as a number with a dot (YAML reads {value} as text: write 1.0e-4, not 1e-4)"
+        elif isinstance(value, str) and _looks_numeric(value):
+            fix = "write the number without quotes"
+        elif isinstance(value, str) and self.expects == BOOL.expects:
+            fix = "write true or false without quotes"
+        return FieldError(where, key, lambda at: f"{at} must be {self.expects}, got {value!r}; {fix}")
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def positive_int(fix: str = "set it to 1 or more") -> Rule:
+    return Rule(lambda v: _is_int(v) and v >= 1, "a positive integer", fix)
+
+
+def count(fix: str = "set it to 0 or more") -> Rule:
+    return Rule(lambda v: _is_int(v) and v >= 0, "0 or a positive integer", fix)
+
+
+def number(
+    low: float | None = None, high: float | None = None, *, open_low: bool = False, open_high: bool = False, fix: str
+) -> Rule:
+    """A finite int or float in a range (``open_*``: the bound itself is excluded)."""
+
+    def ok(v: Any) -> bool:
+        if not _is_number(v):
+            return False
+        if low is not None and (v < low or (open_low and v == low)):
+            return False
+        return high is None or (v < high if open_high else v <= high)
+
+    if low is not None and high is not None:
+        expects = f"a number in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    elif low == 0 and open_low:
+        expects = "a positive number"
+    elif low is not None:
+        expects = f"a number {'>' if open_low else '>='} {low:g}"
+    else:
+        expects = "a number"
+    return Rule(ok, expects, fix)
+
+
+def choice(options: tuple[str, ...], noun: str) -> Rule:
+    return Rule(
+        lambda v: isinstance(v, str) and v in options,
+        f"one of {', '.join(options)}",
+        f"choose one of {', '.join(options)}",
+        noun,
+    )
+
+
+def seed() -> Rule:
+    return Rule(lambda v: _is_int(v) and 0 <= v < SEED_LIMIT, "an integer from 0 to 2**32 - 1", "use e.g. 0")
+
+
+BOOL = Rule(lambda v: isinstance(v, bool), "true or false", "write true or false")
+PATH = Rule(
+    lambda v: isinstance(v, str) and v.strip() != "",
+    "a path (text)",
+    "write the path as text, in quotes if it could read as a number or list",
+)
+
+
+def _type_rule(hint: Any) -> Rule | None:
+    """The rule a field's annotation implies (None: anything goes, e.g. ``Any``)."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        options = tuple(typing.get_args(hint))
+        return Rule(lambda v: v in options, f"one of {', '.join(options)}", f"choose one of {', '.join(options)}")
+    if hint is bool:
+        return BOOL
+    if hint is int:
+        return Rule(_is_int, "an integer", "write a whole number")
+    if hint is float:
+        return number(fix="write a number")
+    if hint is str:
+        return Rule(lambda v: isinstance(v, str), "text", "write it as text")
+    if hint is dict or origin is dict:
+        return Rule(lambda v: isinstance(v, dict), "a mapping", "write it as {key: value, ...}")
+    if isinstance(hint, type) and hint is not object:
+        return Rule(lambda v: isinstance(v, hint), f"a {hint.__name__}", f"give a {hint.__name__}")
+    return None
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, tuple[Any, bool, bool]]:
+    """Per field: (its type without None, whether None is allowed, whether it is a list of that type)."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        hint, optional = hints[f.name], False
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            optional = len(args) < len(typing.get_args(hint))
+            hint = args[0] if len(args) == 1 else Any
+        many = typing.get_origin(hint) is tuple
+        if many:
+            hint = typing.get_args(hint)[0]
+        out[f.name] = (hint, optional, many)
+    return out
+
+
+def check_fields(obj: Any, where: str, rules: Mapping[str, Rule]) -> None:
+    """Check every field of dataclass ``obj``: its ``rules`` entry, else what its annotation implies.
+
+    A list field (``tuple[X, ...]``) must be a list, and its rule applies to each item. Raises :class:`FieldError`.
+    """
+    for name, (hint, optional, many) in _field_types(type(obj)).items():
+        value = getattr(obj, name)
+        if value is None and optional:
+            continue
+        rule = rules.get(name) or _type_rule(hint)
+        if many:
+            if not isinstance(value, (list, tuple)):
+                text = f"must be a list, got {value!r}; write " + (f"[{value}]" if isinstance(value, str) else "[a, b]")
+                raise FieldError(where, name, lambda at, text=text: f"{at} {text}")
+            bad = [item for item in value if rule is not None and not rule.ok(item)]
+            if bad:
+                raise rule.error(where, name, bad[0])
+        elif rule is not None and not rule.ok(value):
+            raise rule.error(where, name, value)
+
+
+_DROPOUT_FIX = "use a rate from 0 (off) up to below 1, e.g. 0.1"
+_FRACTION_FIX = "use a share strictly between 0 and 1, e.g. 0.2"
+_PATHS = ("root", "manifest", "slides_root", "cache_dir")
+# Range rules of the fields whose type says too little; the other fields are checked by type alone.
+RULES: dict[str, dict[str, Rule]] = {
+    "Task": {
+        "name": Rule(
+            lambda v: isinstance(v, str) and v != "" and "." not in v,
+            "a non-empty name without dots",
+            "name the task, e.g. label",
+        ),
+        "n_class": positive_int("give the number of classes, at least 1"),
+    },
+    "IPSConfig": {
+        **{k: positive_int() for k in ("n_class", "n_chan", "memory_size", "iteration_size", "patch_size")},
+        **{k: positive_int() for k in ("patch_stride", "dim", "heads", "d_k", "d_v", "d_inner", "encode_chunk")},
+        "max_patches": positive_int("set it to at least the largest patch count N"),
+        "encoder": choice(ENCODERS, "encoder"),
+        "dropout": number(0, 1, open_high=True, fix=_DROPOUT_FIX),
+        "attn_dropout": number(0, 1, open_high=True, fix=_DROPOUT_FIX),
+        "loading": choice(LOADING_MODES, "loading mode"),
+        "shuffle": choice(SHUFFLES, "shuffle"),
+        "ips_dtype": choice(("float32", "bfloat16"), "ips_dtype"),
+        "ips_impl": choice(("streaming", "reference"), "ips_impl"),
+    },
+    "DataConfig": {
+        "dataset": choice(DATASETS, "dataset"),
+        **{k: positive_int() for k in ("patch_size", "patch_stride", "canvas_size", "digit_size", "n_digits")},
+        **{k: positive_int() for k in ("n_train", "n_test", "image_size", "n_chan", "slide_size")},
+        "n_noise": count(),
+        "augment_shift": count("set it to 0 (off) or a shift in pixels"),
+        "val_fraction": number(0, 1, open_low=True, open_high=True, fix=_FRACTION_FIX),
+        "test_fraction": number(0, 1, open_low=True, open_high=True, fix=_FRACTION_FIX),
+        "tasks": choice(MEGAPIXEL_TASKS, "task"),
+        **{k: PATH for k in _PATHS},
+        "level": count("use 0 (full resolution) or a higher pyramid level"),
+        "mpp": number(0, open_low=True, fix="give the microns per pixel to read at, e.g. 0.5"),
+        "min_foreground": number(0, 1, fix="use a tissue share from 0 (keep every patch) to 1"),
+        "cohort_size": count("use 0 (read root/manifest) or the number of slides to generate"),
+        "feature_items": choice(("auto", "tensor", "source"), "feature_items"),
+        "seed": seed(),
+    },
+    "TrainConfig": {
+        "epochs": positive_int(),
+        "batch_size": positive_int(),
+        "lr": number(0, open_low=True, fix="use a learning rate like 1.0e-3"),
+        "weight_decay": number(0, fix="use 0 (off) or a positive number"),
+        "warmup_epochs": number(0, fix="use 0 (no warm-up) or a positive number of epochs"),
+        "min_lr_ratio": number(0, 1, fix="use a share of lr from 0 to 1, e.g. 0.01"),
+        "grad_clip": number(0, open_low=True, fix="use a positive norm like 1.0, or null for no clipping"),
+        "num_workers": count("use 0 (load in the trial's process) or a number of worker processes"),
+        "device": Rule(
+            lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+            "auto, cpu, cuda or cuda:N",
+            "use auto, cpu, cuda or cuda:N",
+        ),
+        "seed": seed(),
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -32,6 +268,9 @@ class Task:
     name: str
     n_class: int
     multi_label: bool = False
+
+    def __post_init__(self) -> None:
+        check_fields(self, "task", RULES["Task"])
 
 
 @dataclass
@@ -71,9 +310,9 @@ class IPSConfig:
     max_patches: int = 100_000  # positional-encoding table size
 
     def __post_init__(self) -> None:
-        if not self.tasks:
+        self.tasks = _tasks(self.tasks)
+        if not self.tasks and _is_int(self.n_class):  # a bad n_class is named by validate()
             self.tasks = (Task("label", self.n_class),)
-        self.tasks = tuple(Task(**t) if isinstance(t, dict) else t for t in self.tasks)
         if self.patch_stride is None:
             self.patch_stride = self.patch_size
         self.validate()
@@ -84,25 +323,27 @@ class IPSConfig:
         return self.patch_stride
 
     def validate(self) -> None:
-        for name in ("memory_size", "iteration_size", "patch_size", "n_chan", "dim", "heads", "encode_chunk"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}; set it to 1 or more")
-        if self.stride < 1:
-            raise ConfigError(f"patch_stride must be a positive integer, got {self.patch_stride!r}")
-        if self.encoder not in ENCODERS:
-            raise ConfigError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}")
-        if self.loading not in LOADING_MODES:
-            raise ConfigError(f"unknown loading mode {self.loading!r}; choose one of {', '.join(LOADING_MODES)}")
-        if self.shuffle not in SHUFFLES:
-            raise ConfigError(f"unknown shuffle {self.shuffle!r}; choose one of {', '.join(SHUFFLES)}")
-        if self.ips_impl not in ("streaming", "reference"):
-            raise ConfigError(f"ips_impl must be streaming or reference, got {self.ips_impl!r}")
-        if self.ips_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"ips_dtype must be float32 or bfloat16, got {self.ips_dtype!r}")
-        for task in self.tasks:
-            if task.n_class < 1:
-                raise ConfigError(f"task {task.name!r} needs at least one class, got {task.n_class}")
+        """Every field's type and range (:data:`RULES`); the heads need not divide ``dim`` (each has ``d_k``)."""
+        check_fields(self, "model", RULES["IPSConfig"])
+        names = [t.name for t in self.tasks]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"model.tasks names a task twice ({', '.join(names)}); give each task its own name")
+
+
+def _tasks(raw: Any) -> Any:
+    """``model.tasks`` as Task objects: each a Task or a mapping ``{name, n_class[, multi_label]}``."""
+    if not isinstance(raw, (list, tuple)):
+        return raw  # validate() names it
+    tasks = []
+    for i, item in enumerate(raw):
+        if isinstance(item, dict):
+            item = build_config(Task, item, f"model.tasks[{i}]", prefix=f"model.tasks[{i}]")
+        elif not isinstance(item, Task):
+            raise ConfigError(
+                f"model.tasks[{i}] must be a mapping like {{name: label, n_class: 10}}, got {item!r}; write it so"
+            )
+        tasks.append(item)
+    return tuple(tasks)
 
 
 @dataclass
@@ -150,55 +391,17 @@ class DataConfig:
     cache_dir: str | None = None  # default: $IPS_SEARCH_CACHE or ~/.cache/ips-search
 
     def __post_init__(self) -> None:
+        check_fields(self, "data", RULES["DataConfig"])  # every field's type and range, before any default is filled
         self.tasks = tuple(self.tasks)
         if self.patch_stride is None:
             self.patch_stride = self.patch_size
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
-        for name in ("patch_size", "canvas_size", "digit_size", "n_train", "n_test", "image_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.patch_stride, int) or isinstance(self.patch_stride, bool) or self.patch_stride < 1:
-            raise ConfigError(f"patch_stride must be a positive integer, got {self.patch_stride!r}")
-        if not isinstance(self.augment_digits, bool):
-            raise ConfigError(f"augment_digits must be true or false, got {self.augment_digits!r}")
-        if not isinstance(self.augment_shift, int) or isinstance(self.augment_shift, bool) or self.augment_shift < 0:
-            raise ConfigError(f"augment_shift must be 0 or a positive number of pixels, got {self.augment_shift!r}")
         if self.augment_shift and self.dataset in ("slides", "features"):
             raise ConfigError(
                 f"augment_shift applies to whole images (megapixel, mnist-resized, folder), not to {self.dataset}; "
                 "remove it from data:"
             )
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction!r}")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ConfigError(f"test_fraction must be between 0 and 1, got {self.test_fraction!r}")
-        if self.feature_items not in ("auto", "tensor", "source"):
-            raise ConfigError(f"feature_items must be auto, tensor or source, got {self.feature_items!r}")
-        if self.extract is not None and not isinstance(self.extract, dict):
-            raise ConfigError(f"extract must be a mapping like {{from: {{dataset: megapixel}}}}, got {self.extract!r}")
-        for task in self.tasks:
-            if task not in MEGAPIXEL_TASKS:
-                raise ConfigError(f"unknown task {task!r}; choose from {', '.join(MEGAPIXEL_TASKS)}")
-        self._validate_slides()
-
-    def _validate_slides(self) -> None:
-        level = self.level
-        if level is not None and (not isinstance(level, int) or isinstance(level, bool) or level < 0):
-            raise ConfigError(f"level must be 0 (full resolution) or a positive integer, got {self.level!r}")
-        if self.mpp is not None:
-            if not isinstance(self.mpp, (int, float)) or isinstance(self.mpp, bool) or self.mpp <= 0:
-                raise ConfigError(f"mpp must be a positive number of microns per pixel, got {self.mpp!r}")
-            if self.level is not None:
-                raise ConfigError("set either level or mpp for dataset: slides, not both")
-        fg = self.min_foreground
-        if not isinstance(fg, (int, float)) or isinstance(fg, bool) or not 0.0 <= fg <= 1.0:
-            raise ConfigError(f"min_foreground must be between 0 and 1 (0 keeps every patch), got {fg!r}")
-        for name in ("cohort_size", "slide_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{name} must be 0 or a positive integer, got {value!r}")
+        if self.mpp is not None and self.level is not None:
+            raise ConfigError("set either level or mpp for dataset: slides, not both")
 
 
 @dataclass
@@ -219,20 +422,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ConfigError(f"epochs must be a positive integer, got {self.epochs!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and self.lr > 0):
-            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
-        for name in ("weight_decay", "warmup_epochs", "min_lr_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
-        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
-            raise ConfigError(f"grad_clip must be a positive number or null, got {self.grad_clip!r}")
-        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_fields(self, "train", RULES["TrainConfig"])
 
 
 @dataclass
@@ -248,20 +438,46 @@ class ExperimentConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
-        return cls(
-            data=DataConfig(**d.get("data", {})),
-            model=IPSConfig(**d.get("model", {})),
-            train=TrainConfig(**d.get("train", {})),
+        """The config of a space's sections; ``dataset: features`` defaults ``model.encoder`` to the projector."""
+        data = DataConfig(**d.get("data", {}))
+        model = dict(d.get("model", {}))
+        if data.dataset == "features":
+            model.setdefault("encoder", "projector")
+        check_encoder_fits(data.dataset, model.get("encoder", IPSConfig.encoder))
+        return cls(data=data, model=IPSConfig(**model), train=TrainConfig(**d.get("train", {})))
+
+
+def check_encoder_fits(dataset: str, encoder: Any) -> None:
+    """The projector reads patch embeddings (``dataset: features``) and only it does; the other encoders read
+    images. A mismatch is one ConfigError (the model would fail on its first batch, in every trial)."""
+    if not isinstance(encoder, str) or encoder not in ENCODERS:
+        return  # IPSConfig names it
+    if dataset == "features" and encoder != "projector":
+        raise ConfigError(
+            f"model.encoder {encoder} reads images, but dataset: features holds patch embeddings; "
+            "set model.encoder: projector (or leave it out: features default to it)"
+        )
+    if dataset != "features" and encoder == "projector":
+        raise ConfigError(
+            f"model.encoder projector reads patch embeddings (dataset: features), not {dataset} images; "
+            "choose an image encoder such as small-cnn or resnet18"
         )
 
 
-def build_config(section: type, values: dict[str, Any], where: str) -> Any:
-    """Instantiate a config dataclass, turning unknown keys into a one-line ConfigError."""
+def build_config(section: type, values: dict[str, Any], where: str, prefix: str | None = None) -> Any:
+    """Instantiate a config dataclass, turning unknown keys and bad values into a one-line ConfigError.
+
+    ``prefix`` names the section in a field's error when it is not the class's own (``data.extract.from``).
+    """
     known = {f.name for f in dataclasses.fields(section)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(map(str, values)) - known)
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {where}; known keys: {', '.join(sorted(known))}")
     try:
         return section(**values)
+    except FieldError as exc:
+        if prefix is None:
+            raise
+        raise exc.at(prefix) from None
     except TypeError as exc:
         raise ConfigError(f"bad value in {where}: {exc}") from None

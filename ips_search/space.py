@@ -17,6 +17,15 @@ space (:func:`define_space`) samples P first, then M and I as *quantiles* of the
 feasible ranges (``M in [low, min(high, N - 1)]``, ``I in [low, min(high, N - M)]``,
 on a log scale when asked): the sampler sees fixed ``[0, 1]`` distributions it can
 model jointly with P, and every config satisfies ``M < N`` and ``I <= N - M``.
+
+Paths in a space (``data``'s ``root``, ``manifest``, ``cache_dir``, ``slides_root``, the same keys of
+``data.extract.from``, and a TorchScript file named by ``data.extract.encoder``) are resolved once, when the space
+is loaded: a relative path is taken relative to the current working directory of the command (not to the space
+file), ``~`` is expanded, and the absolute path is what the trials use and what ``experiment.json`` saves (Ray
+runs each trial in another working directory, so a relative path there would point elsewhere).
+
+``dataset: features`` holds patch embeddings, which only the ``projector`` encoder reads: such a space defaults
+``model.encoder`` to it, and names any other encoder as an error.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ SECTIONS = {"data": DataConfig, "model": IPSConfig, "train": TrainConfig}
 FILE_DATASETS = ("slides", "features")  # N comes from the files
 DERIVED = ("memory_size", "iteration_size")  # sampled as quantiles of a range that depends on N
 QUANTILE_SUFFIX = "_quantile"
+PATH_FIELDS = ("root", "manifest", "cache_dir", "slides_root")  # data fields that name files: resolved at load
 # where a searched parameter lands; patch_size/patch_stride set both data and model
 PARAM_SECTIONS = {"patch_size": ("data", "model"), "patch_stride": ("data", "model")}
 for _section, _cls in SECTIONS.items():
@@ -222,17 +232,55 @@ def _space_from_mapping(raw: dict[str, Any], where: str, name: str, path: str | 
         if not isinstance(raw.get(section) or {}, dict):
             raise ConfigError(f"section {section!r} in {where} must be a mapping of names to values")
     fixed = {s: dict(raw.get(s) or {}) for s in SECTIONS}
+    fixed["data"] = resolve_data_paths(fixed["data"])
+    if fixed["data"].get("dataset") == "features":  # explicit, so the saved space says which encoder ran
+        fixed["model"].setdefault("encoder", "projector")
     for section, cls in SECTIONS.items():
         build_config(cls, fixed[section], f"{section} of {where}")  # unknown keys, types, ranges
     params = {k: _parse_param(k, v, where) for k, v in (raw.get("search") or {}).items()}
+    for p in params.values():
+        if p.name in PATH_FIELDS and p.choices is not None:
+            p.choices = [resolve_path(c) for c in p.choices]
     first = raw.get("first") or []
     if not isinstance(first, list) or not all(isinstance(p, dict) for p in first):
         raise ConfigError(f"'first' in {where} must be a list of parameter mappings")
+    first = [{k: resolve_path(v) if k in PATH_FIELDS else v for k, v in point.items()} for point in first]
     space = SearchSpace(name, fixed, params, first, str(raw.get("description", "")), path)
     space.patch_counts = _patch_counts(raw.get("patch_counts"), where)
     validate_space(space, where)
     first_points(space)  # 'first' configs must fit their ranges: checked before Ray starts
     return space
+
+
+def resolve_path(value: Any) -> Any:
+    """A relative path made absolute against the current working directory, ``~`` expanded; an absolute path
+    keeps its spelling; anything else (a wrong type, named later by the config checks) is returned unchanged."""
+    if not isinstance(value, str) or not value.strip():
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (Path.cwd() / path).resolve())
+
+
+def resolve_data_paths(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with its paths resolved (:func:`resolve_path`), those of ``extract.from`` and a TorchScript
+    ``extract.encoder`` too. The one place a space's relative paths become absolute (see the module docstring)."""
+    data = {k: resolve_path(v) if k in PATH_FIELDS else v for k, v in data.items()}
+    extract = data.get("extract")
+    if isinstance(extract, dict):
+        extract = dict(extract)
+        if isinstance(extract.get("from"), dict):
+            extract["from"] = resolve_data_paths(extract["from"])
+        encoder = extract.get("encoder")
+        if isinstance(encoder, str) and not _is_named_encoder(encoder):
+            extract["encoder"] = resolve_path(encoder)  # a TorchScript file
+        data["extract"] = extract
+    return data
+
+
+def _is_named_encoder(name: str) -> bool:
+    from ips_search.extract import NAMED_ENCODERS
+
+    return name in NAMED_ENCODERS
 
 
 def _patch_counts(raw: Any, where: str) -> dict[int, int]:
