@@ -14,6 +14,11 @@ TRIDENT layout that ``dataset: features`` reads (``features`` ``(N, D)``, ``coor
 * ``resnet18-imagenet`` / ``resnet50-imagenet``: torchvision ImageNet weights (downloads once; opt-in);
 * a path to a TorchScript file (``torch.jit.save``) mapping ``(n, C, P, P) -> (n, D)``.
 
+TorchScript is code: loading the file runs the program saved in it. It is loaded only from a path a user named,
+on this command's ``--encoder`` or in a search space's ``data.extract.encoder`` (the search's driver extracts
+before any trial runs); the report never loads one (``run_torchscript=False``), so a path that only an experiment
+folder's files name is never run. Name only files you trust.
+
 The output folder is ``<cache>/features-<hash>``, the hash of every setting that changes the embeddings
 (data, encoder, patch size, dtype), so it is built once per setting. It is resumable: each image is
 written to ``<name>.h5.tmp`` and renamed when complete, finished images are skipped, and ``labels.csv``
@@ -30,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,7 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ips_search.cli import OneLineParser, exit_code_of
-from ips_search.config import DataConfig, IPSConfig, build_config
+from ips_search.config import DataConfig, IPSConfig, Rule, build_config, check_fields, positive_int
 from ips_search.data.cache import cache_key, cache_root
 from ips_search.errors import ConfigError
 
@@ -73,6 +79,7 @@ class ExtractConfig:
     warm_start_steps: int | None = None  # default: warmstart.DEFAULT_STEPS
 
     def validate(self, where: str) -> None:
+        check_fields(self, where, EXTRACT_RULES)  # types and ranges, as for data, model and train
         if self.source.dataset == "features":
             raise ConfigError(f"{where}.from is a features dataset; extract from an image dataset (e.g. megapixel)")
         if self.encoder not in NAMED_ENCODERS and not Path(self.encoder).expanduser().is_file():
@@ -80,12 +87,6 @@ class ExtractConfig:
                 f"{where}.encoder {self.encoder!r} is neither one of {', '.join(NAMED_ENCODERS)} "
                 "nor an existing TorchScript file; name one or give the file's path"
             )
-        if self.dtype not in ("float16", "float32"):
-            raise ConfigError(f"{where}.dtype must be float16 or float32, got {self.dtype!r}")
-        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
-            raise ConfigError(f"{where}.batch_size must be a positive integer, got {self.batch_size!r}")
-        if not isinstance(self.model, dict):
-            raise ConfigError(f"{where}.model must be a mapping of model settings like {{encoder: small-cnn}}")
         if self.encoder == "warm-start":
             from ips_search.warmstart import supports_warm_start
 
@@ -95,7 +96,25 @@ class ExtractConfig:
                     f"not {self.source.dataset!r}; use resnet18-imagenet or a TorchScript file"
                 )
         if self.encoder in ("warm-start", RANDOM_INIT):  # both are built from extract.model
-            build_config(IPSConfig, dict(self.model), f"{where}.model")
+            build_config(IPSConfig, dict(self.model), f"{where}.model", prefix=f"{where}.model")
+
+
+EXTRACT_RULES = {
+    "encoder": Rule(
+        lambda v: isinstance(v, str) and v.strip() != "",
+        "an encoder name or a TorchScript file's path",
+        f"name one of {', '.join(NAMED_ENCODERS)} or give the file's path",
+    ),
+    "dtype": Rule(lambda v: v in ("float16", "float32"), "float16 or float32", "choose float16 or float32"),
+    "batch_size": positive_int(),
+    "warm_start_steps": positive_int("leave it out for the default, or give a number of steps"),
+    "model": Rule(lambda v: isinstance(v, dict), "a mapping of model settings", "write it like {encoder: small-cnn}"),
+}
+
+
+def is_torchscript(cfg: ExtractConfig) -> bool:
+    """The encoder is a TorchScript file (code), not one of the named encoders."""
+    return cfg.encoder not in NAMED_ENCODERS
 
 
 def parse_extract(raw: Any, where: str = "data.extract") -> ExtractConfig:
@@ -108,7 +127,7 @@ def parse_extract(raw: Any, where: str = "data.extract") -> ExtractConfig:
         raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {where}; known keys: {', '.join(sorted(known))}")
     if not isinstance(raw.get("from"), dict):
         raise ConfigError(f"{where}.from must be the data section to extract from, like {{dataset: megapixel}}")
-    source = build_config(DataConfig, dict(raw["from"]), f"{where}.from")
+    source = build_config(DataConfig, dict(raw["from"]), f"{where}.from", prefix=f"{where}.from")
     cfg = ExtractConfig(source=source, **{k: v for k, v in raw.items() if k != "from"})
     cfg.validate(where)
     return cfg
@@ -358,10 +377,41 @@ def _folder_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def extract_device(device: str | torch.device | None) -> torch.device:
+    """The device to extract on: ``cpu``, ``cuda`` or ``cuda:N`` (None: cuda when available); one ConfigError line
+    for any other name, or a CUDA device this machine lacks."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, torch.device):
+        return device
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", str(device).strip())
+    if match is None:
+        raise ConfigError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N (e.g. cuda:0)")
+    if device.strip() == "cpu":
+        return torch.device("cpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"--device {device} asks for CUDA, but this machine has no usable CUDA GPU; use --device cpu")
+    index = int(match.group(1) or 0)
+    if index >= count:
+        raise ConfigError(
+            f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}; pick one of those"
+        )
+    return torch.device(device.strip())
+
+
 def extract(
-    cfg: ExtractConfig, cache_dir: str | None = None, progress: bool = True, device: str | torch.device | None = None
+    cfg: ExtractConfig,
+    cache_dir: str | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    run_torchscript: bool = True,
 ) -> Path:
-    """Extract ``cfg`` into its cache folder (once; resumes a partial one) and return the folder."""
+    """Extract ``cfg`` into its cache folder (once; resumes a partial one) and return the folder.
+
+    ``run_torchscript=False`` (the report): a TorchScript encoder's finished folder is used, but one still to be
+    extracted is a ConfigError instead of loading the file, which would run its code.
+    """
     from ips_search.data import build_datasets
 
     if cache_dir and cfg.source.cache_dir is None:  # the source data (and warm start) share the features' cache
@@ -369,11 +419,16 @@ def extract(
     folder = feature_folder(cfg, cache_dir)
     if (folder / MANIFEST).is_file():
         return folder
+    if not run_torchscript and is_torchscript(cfg):
+        raise ConfigError(
+            f"the features of TorchScript encoder {cfg.encoder} are not extracted, and the report does not run "
+            "TorchScript (it is code); extract them first with ips-search-extract, naming the file yourself"
+        )
+    dev = extract_device(device)
     with _folder_lock(folder):
         if (folder / MANIFEST).is_file():  # another process finished it while this one waited
             return folder
         data = build_datasets(cfg.source)
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         encoder = build_frozen_encoder(cfg, data.n_chan, progress).to(dev)
         P = cfg.source.patch_size
         attrs = {"patch_size": P, "patch_size_level0": P, "patch_level": 0, "downsample": [1.0, 1.0]}
@@ -384,9 +439,9 @@ def extract(
     return folder
 
 
-def extracted_data_config(cfg: DataConfig, progress: bool = True) -> DataConfig:
+def extracted_data_config(cfg: DataConfig, progress: bool = True, run_torchscript: bool = True) -> DataConfig:
     """``cfg`` (``dataset: features`` with ``extract``) pointed at its extracted folder, extracting on first use."""
-    folder = extract(parse_extract(cfg.extract), cfg.cache_dir, progress=progress)
+    folder = extract(parse_extract(cfg.extract), cfg.cache_dir, progress=progress, run_torchscript=run_torchscript)
     return dataclasses.replace(cfg, root=str(folder), manifest=str(folder / MANIFEST), extract=None)
 
 
@@ -412,14 +467,15 @@ def preview(cfg: DataConfig) -> Any:
     )
 
 
-def resolve_data(cfg: DataConfig, progress: bool = True) -> DataConfig:
+def resolve_data(cfg: DataConfig, progress: bool = True, run_torchscript: bool = True) -> DataConfig:
     """The data config ``build_datasets`` can build: a features config with ``extract`` settings is pointed at its
     extracted files (extracted on first use, once per machine); any other config is returned as it is.
 
     Extraction needs an encoder, so it happens here, above ``ips_search.data``; the search's driver, its trials,
-    the estimator and the report call this before ``build_datasets``."""
+    the estimator and the report call this before ``build_datasets``. The report passes ``run_torchscript=False``:
+    a TorchScript encoder named only by a trial's files is never loaded (see the module docstring)."""
     if cfg.dataset == "features" and cfg.extract is not None:
-        return extracted_data_config(cfg, progress)
+        return extracted_data_config(cfg, progress, run_torchscript)
     return cfg
 
 
@@ -457,9 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(args: argparse.Namespace) -> int:
-    if args.space:
-        from ips_search.space import load_space
+    from ips_search.space import load_space, resolve_data_paths
 
+    device = extract_device(args.device)  # checked before any data is built
+    if args.space:
         space = load_space(args.space)
         data, model = space.fixed.get("data", {}), space.fixed.get("model", {})
     else:
@@ -470,9 +527,10 @@ def _main(args: argparse.Namespace) -> int:
             raise ConfigError(f"cannot read {path} as YAML ({type(exc).__name__}); pass a YAML file") from None
         if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
             raise ConfigError(f"{path} needs a 'data' mapping (a data section like a search space's)")
-        data, model = raw["data"], raw.get("model") or {}
+        # relative paths as a space's (the cwd's): the folder's hash then names the data actually read
+        data, model = resolve_data_paths(raw["data"]), raw.get("model") or {}
     cfg = _config_from_sections(dict(data), dict(model), args)
-    print(extract(cfg, args.cache_dir, progress=True, device=args.device))
+    print(extract(cfg, args.cache_dir, progress=True, device=device))
     return 0
 
 

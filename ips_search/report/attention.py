@@ -5,6 +5,10 @@ of N, each coloured by its cross-attention score (averaged over heads and tasks)
 The model is rebuilt from the trial's ``params.json`` and ``result.json`` and its
 newest readable checkpoint is loaded with ``torch.load(weights_only=True)``:
 tensors and plain values only, nothing is unpickled.
+
+The report never loads TorchScript (it is code: loading a file runs it). A features trial whose ``params.json``
+names a TorchScript encoder is drawn from its already extracted files; if they are missing, the map is skipped
+with a note, and the file that only the trial's folder names is never run.
 """
 
 from __future__ import annotations
@@ -99,7 +103,7 @@ def load_trial_model(trial_dir: str | Path, device: str = "cpu") -> TrialModel:
     sampled = sampled_params(params)
     sampled.update({k: last[k] for k in ("memory_size", "iteration_size") if last.get(k) is not None})
     config = trial_config(params["fixed"], sampled)
-    splits = build_datasets(resolve_data(config.data, progress=False))
+    splits = build_datasets(resolve_data(config.data, progress=False, run_torchscript=False))
     model = build_model(config, splits, torch.device(device), warm_start=False)
     errors = []
     for path in checkpoints(trial_dir):
