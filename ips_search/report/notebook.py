@@ -13,10 +13,17 @@ Jupyter; ``report.html`` shows outputs only, without code.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
+import signal
 import sys
 import tempfile
+from collections.abc import AsyncGenerator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
@@ -53,7 +60,6 @@ from ips_search.report import (
     best_config_markdown,
     budget_table,
     load_experiment,
-    load_study,
     param_importances,
     parameter_effects,
     pareto_front,
@@ -65,6 +71,7 @@ from ips_search.report import (
     status_counts,
     top_trials,
 )
+from ips_search.report.sources import read_study
 
 pd.set_option("display.max_columns", 40)
 pd.set_option("display.width", 200)
@@ -128,8 +135,9 @@ CELLS = [
     ),
     (
         "code",
-        "importances, note = param_importances(load_study(exp.path))\n"
-        "if note:\n    print(note)\n"
+        "study, journal_note = read_study(exp.path)  # journal_note: lines of optuna.journal it could not read\n"
+        "importances, note = param_importances(study)\n"
+        "for line in (journal_note, note):\n    if line:\n        print('note:', line)\n"
         "plot_importance(importances) if not importances.empty else None",
     ),
     (
@@ -172,6 +180,18 @@ def build_notebook(experiment_path: str | Path) -> nbformat.NotebookNode:
     return nb
 
 
+def kernel_argv() -> list[str]:
+    """The kernel's command line: this interpreter's ipykernel, with no folder of the experiment on its module path.
+
+    ``-P`` (Python >= 3.11) keeps the working directory off ``sys.path`` (and IPython then adds none either), so a
+    ``pandas.py`` or ``ipykernel_launcher.py`` planted in the experiment cannot run; the kernel also starts in an
+    empty temporary folder (:func:`execute_notebook`), which is what protects Python 3.10, where ``-P`` is missing.
+    Every other import path (the venv, ``PYTHONPATH``, user site) stays as it is.
+    """
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+    return [sys.executable, *safe_path, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+
+
 def _kernel_manager(spec_dir: Path):
     """A kernel manager for this interpreter's ipykernel (not whatever ``python3`` kernel a user has installed)."""
     from jupyter_client.kernelspec import KernelSpecManager
@@ -179,11 +199,7 @@ def _kernel_manager(spec_dir: Path):
 
     kernel_dir = spec_dir / KERNEL_NAME
     kernel_dir.mkdir(parents=True, exist_ok=True)
-    spec = {
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python (ips-search report)",
-        "language": "python",
-    }
+    spec = {"argv": kernel_argv(), "display_name": "Python (ips-search report)", "language": "python"}
     (kernel_dir / "kernel.json").write_text(json.dumps(spec))
     return KernelManager(
         kernel_name=KERNEL_NAME,
@@ -193,17 +209,106 @@ def _kernel_manager(spec_dir: Path):
     )
 
 
-def execute_notebook(nb: nbformat.NotebookNode, cwd: str | Path, timeout: int = 900) -> nbformat.NotebookNode:
-    """Run every cell in a fresh kernel started in ``cwd``; raises ``nbclient``'s ``CellExecutionError`` on error."""
+def _client_class():
+    """nbclient's ``NotebookClient`` with Ctrl-C handled here (a function so nbclient loads only when needed)."""
     from nbclient import NotebookClient
 
+    class ReportClient(NotebookClient):
+        """Without nbclient's own SIGINT handler, which shut the kernel down under the running cell and then failed
+        on an ``AssertionError`` (an 80-line traceback, exit 1). Here Ctrl-C cancels the execution, the kernel is
+        shut down at once on the way out, and :func:`execute_notebook` raises ``KeyboardInterrupt``."""
+
+        interrupted = False
+
+        @asynccontextmanager
+        async def async_setup_kernel(self, **kwargs: Any) -> AsyncGenerator[None, None]:
+            kwargs.pop("cleanup_kc", None)  # we made the kernel, so it always goes
+            loop = asyncio.get_running_loop()
+            task = asyncio.current_task()
+
+            def on_interrupt() -> None:
+                self.interrupted = True
+                self.shutdown_kernel = "immediate"
+                if task is not None:
+                    task.cancel()
+
+            previous = signal.getsignal(signal.SIGINT)
+            try:
+                loop.add_signal_handler(signal.SIGINT, on_interrupt)
+                handled = True
+            except (RuntimeError, ValueError, NotImplementedError):  # not the main thread, or no signals here
+                handled = False
+            try:
+                if self.km is None:
+                    self.km = self.create_kernel_manager()
+                if not self.km.has_kernel:
+                    await self.async_start_new_kernel(**kwargs)
+                if self.kc is None:
+                    await self.async_start_new_kernel_client()
+                yield
+            finally:
+                try:
+                    if self.km is not None:
+                        await self._async_cleanup_kernel()
+                finally:
+                    if handled:
+                        loop.remove_signal_handler(signal.SIGINT)  # which puts Python's default handler back
+                        if previous is not None:  # None: a handler not set from Python, which we can't restore
+                            signal.signal(signal.SIGINT, previous)  # so put back the caller's
+
+    return ReportClient
+
+
+def execute_notebook(nb: nbformat.NotebookNode, timeout: int = 900) -> nbformat.NotebookNode:
+    """Run every cell in a fresh kernel; raises ``nbclient``'s ``CellExecutionError`` on error.
+
+    The kernel starts in an empty temporary folder, not the report folder (the notebook reads the experiment by its
+    absolute path), so no file of the experiment or its report is importable or read as configuration
+    (``ipython_kernel_config.py``, ``matplotlibrc``). Ctrl-C raises ``KeyboardInterrupt`` after the kernel is gone,
+    without nbclient's or ZMQ's messages.
+    """
     with tempfile.TemporaryDirectory(prefix="ips-report-kernel-") as tmp:
-        client = NotebookClient(
-            nb, timeout=timeout, km=_kernel_manager(Path(tmp)), resources={"metadata": {"path": str(cwd)}}
-        )
-        client.execute(cleanup_kc=True)  # shut the kernel down even though we made its manager
+        clean = Path(tmp) / "cwd"
+        clean.mkdir()
+        km = _kernel_manager(Path(tmp))
+        client = _client_class()(nb, timeout=timeout, km=km, resources={"metadata": {"path": str(clean)}})
+        try:
+            client.execute()
+        except BaseException as exc:
+            if client.interrupted or _is_interrupt(exc):
+                _quiet_kill(km)
+                raise KeyboardInterrupt from None
+            raise
+        finally:
+            _quiet_kill(km)
+        if client.interrupted:  # Ctrl-C as the last cell finished
+            raise KeyboardInterrupt
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
     return nb
+
+
+def _is_interrupt(exc: BaseException) -> bool:
+    """A ``KeyboardInterrupt`` here, or one the kernel reported from a cell (a SIGINT sent to its process group)."""
+    return isinstance(exc, KeyboardInterrupt) or getattr(exc, "ename", None) == "KeyboardInterrupt"
+
+
+def _quiet_kill(km) -> None:
+    """Make sure the kernel process (and anything it started) is gone, without a word on stderr.
+
+    After a clean run nbclient has shut it down and this finds nothing; after Ctrl-C landed outside the cancellable
+    part (the kernel starting up, say) it is killed here. The kernel runs in its own session (jupyter_client starts
+    it with ``start_new_session``), so its process group holds the kernel and its children only.
+    """
+    provisioner = getattr(km, "provisioner", None)
+    process = getattr(provisioner, "process", None)
+    if process is None or process.poll() is not None:
+        return
+    with contextlib.suppress(OSError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        process.kill()
+    with contextlib.suppress(Exception):
+        process.wait(timeout=10)
 
 
 def notebook_html(nb: nbformat.NotebookNode) -> str:
@@ -235,7 +340,7 @@ def write_notebook(
         from nbclient.exceptions import CellExecutionError
 
         try:
-            execute_notebook(nb, out_dir)
+            execute_notebook(nb)
         except CellExecutionError as exc:
             lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
             error = f"a notebook cell failed: {lines[-1] if lines else type(exc).__name__}"

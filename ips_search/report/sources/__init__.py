@@ -9,7 +9,7 @@
 """
 
 from ips_search.report.sources.json_files import read_json, read_json_lines
-from ips_search.report.sources.optuna_journal import load_study
+from ips_search.report.sources.optuna_journal import load_study, read_study
 from ips_search.report.sources.ray_state import RayTrialState, read_ray_states
 from ips_search.report.sources.trial_folders import (
     CURVE_COLUMNS,
@@ -28,6 +28,7 @@ __all__ = [
     "read_json",
     "read_json_lines",
     "read_ray_states",
+    "read_study",
     "read_trial_folder",
     "read_trials_csv",
     "sampled",
