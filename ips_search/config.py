@@ -385,6 +385,9 @@ class DataConfig:
     test_fraction: float = 0.2  # features without a split column: share of slides held out for test
     feature_items: str = "auto"  # auto | tensor | source: items as in-RAM (N, D) tensors or lazy sources
     slides_root: str | None = None  # features: the slides they were cut from (<slide>.<ext>), for attention maps
+    # folder, slides: a plain image (PNG, JPEG, strip TIFF, ...) is decoded whole; one whose header claims more pixels
+    # is refused before decoding (1 gigapixel: about 3 GB of RAM for RGB). Tiled slides are read lazily, never whole
+    max_pixels: int = 1_000_000_000
     # common
     seed: int = 0
     download: bool = False  # opt-in network access (MNIST)

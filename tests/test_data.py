@@ -394,12 +394,20 @@ def test_folder_dataset(tmp_path):
             assert img[:, 0, 0].sum() == 0 or img[:, 63, 63].sum() == 0 or path.name == "gray.jpg"  # padding
 
 
+def _png_text(text: str):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("id", text)
+    return info
+
+
 def test_folder_keeps_aspect_and_pads(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     for cls in "ab":
-        for i in range(3):
-            Image.new("L", (80, 40), 255).save(tmp_path / cls / f"{i}.png")
+        for i in range(3):  # the same pixels, distinct files (one file in two splits is refused)
+            Image.new("L", (80, 40), 255).save(tmp_path / cls / f"{i}.png", pnginfo=_png_text(cls + str(i)))
     s = build_datasets(DataConfig(dataset="folder", root=str(tmp_path), image_size=32, patch_size=16, n_chan=1))
     img = s.train.image(0)[0]
     assert img.shape == (32, 32)
@@ -411,7 +419,7 @@ def test_folder_train_test_layout(tmp_path):
         for cls in ("x", "y"):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(n):
-                Image.new("RGB", (20, 20), (i, 0, 0)).save(tmp_path / split / cls / f"{i}.png")
+                Image.new("RGB", (20, 20), (i, ord(cls), len(split))).save(tmp_path / split / cls / f"{i}.png")
     s = build_datasets(DataConfig(dataset="folder", root=str(tmp_path), image_size=20, patch_size=10, n_chan=1))
     assert (len(s.train), len(s.val), len(s.test)) == (8, 2, 4)
     assert all(p.parts[-3] == "test" for p in s.test.paths)
@@ -430,11 +438,12 @@ def test_folder_errors(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     for i in range(3):
-        Image.new("RGB", (10, 10)).save(tmp_path / "a" / f"{i}.png")
+        Image.new("RGB", (10, 10), (i, 0, 0)).save(tmp_path / "a" / f"{i}.png")
     with pytest.raises(ConfigError, match=r"class folder .*b has no images"):
         build_datasets(_folder_cfg(tmp_path))
     good = tmp_path / "b" / "ok.png"
     Image.new("RGB", (64, 64), (1, 2, 3)).save(good)
+    Image.new("RGB", (64, 64), (4, 5, 6)).save(tmp_path / "b" / "ok2.png")  # train holds both classes
     build_datasets(_folder_cfg(tmp_path))  # now fine
     bad = tmp_path / "b" / "broken.png"
     bad.write_bytes(good.read_bytes()[:60])  # truncated
@@ -450,7 +459,7 @@ def test_folder_truncated_jpeg(tmp_path):
     for cls in "ab":
         (tmp_path / cls).mkdir()
         for i in range(2):
-            Image.new("RGB", (16, 16)).save(tmp_path / cls / f"{i}.png")
+            Image.new("RGB", (16, 16), (i, ord(cls), 0)).save(tmp_path / cls / f"{i}.png")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a" / "photo.jpg")
     data = (tmp_path / "a" / "photo.jpg").read_bytes()

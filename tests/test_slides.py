@@ -187,8 +187,8 @@ def test_imagefolder_layout_and_seeded_split(tumour_slide, png_scene, tmp_path):
     root = tmp_path / "root"
     for cls, src in (("a", tumour_slide), ("b", png_scene)):
         (root / cls).mkdir(parents=True)
-        for i in range(3):
-            (root / cls / f"{i}{src.suffix}").write_bytes(src.read_bytes())
+        for i in range(3):  # distinct files (trailing bytes): one file in two splits is refused
+            (root / cls / f"{i}{src.suffix}").write_bytes(src.read_bytes() + bytes(i))
     splits = build_datasets(config(tmp_path, root=str(root), level=0, min_foreground=0.0, patch_size=256))
     assert len(splits.train) + len(splits.val) + len(splits.test) == 6
     assert splits.train.classes == ["a", "b"] and splits.n_patches == 16

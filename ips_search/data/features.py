@@ -19,6 +19,11 @@ small N), the slide's ``(N, D)`` float32 tensor. The dataset holds file names an
 tensor items it has read, up to ``KEEP_BYTES`` per split (a small cohort is read once per trial, not
 once per epoch; a large one stays on disk), and opens no file it keeps: each source opens its file on
 first read, in the process that reads (DataLoader workers included), and closes it when dropped.
+
+Checks (:mod:`ips_search.data.checks`): a ``slide`` name must stay inside ``root`` (no ``../x``, no absolute
+path); the cohort, the train split, and a validation or test split of two or more slides need two classes; no
+file may sit in two splits (same file, or same content up to 64 MB); features read with NaN or Inf stop the
+trial with the file named.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ips_search.config import DataConfig, Task
+from ips_search.data.checks import check_classes, check_disjoint, check_finite, inside
 from ips_search.data.dataset import n_validation
 from ips_search.errors import ConfigError
 
@@ -95,11 +101,11 @@ class H5FeatureSource:
             rows = features[lo:hi][unique - lo]  # (k_unique, D)
         else:
             rows = features[unique]
-        return torch.from_numpy(np.ascontiguousarray(rows[inverse], dtype=np.float32))
+        return check_finite(torch.from_numpy(np.ascontiguousarray(rows[inverse], dtype=np.float32)), self.path)
 
     def read_all(self) -> torch.Tensor:
         """The whole slide, float32 ``(N, D)``."""
-        return torch.from_numpy(np.asarray(self._features()[:], dtype=np.float32))
+        return check_finite(torch.from_numpy(np.asarray(self._features()[:], dtype=np.float32)), self.path)
 
     @property
     def coords(self) -> np.ndarray | None:
@@ -295,7 +301,7 @@ def build(cfg: DataConfig) -> tuple[FeatureDataset, FeatureDataset, FeatureDatas
         if slide in seen:
             raise ConfigError(f"manifest {manifest} lists slide {slide!r} twice; keep one row per slide")
         seen.add(slide)
-        path = folder / f"{slide}.h5"
+        path = inside(folder, f"{slide}.h5", f"manifest {manifest}: slide {slide!r}")
         if not path.is_file():
             raise ConfigError(
                 f"manifest {manifest} has a label for slide {slide!r} but {path} does not exist; "
@@ -316,10 +322,20 @@ def build(cfg: DataConfig) -> tuple[FeatureDataset, FeatureDataset, FeatureDatas
     as_tensors = cfg.feature_items == "tensor" or (
         cfg.feature_items == "auto" and len(sizes) == 1 and next(iter(sizes)) * dim <= TENSOR_ITEM_LIMIT
     )
-    parts = []
+    keep = {split: [i for i, s in enumerate(splits) if s == split] for split in SPLITS}
     for split in SPLITS:
-        keep = [i for i, s in enumerate(splits) if s == split]
-        if not keep:
+        if not keep[split]:
             raise ConfigError(f"manifest {manifest} leaves the {split} split empty; add {split} slides")
-        parts.append(FeatureDataset([files[i] for i in keep], [labels[i] for i in keep], classes, as_tensors))
+    given = [
+        s
+        for s in ("val", "test")
+        if "split" in rows[0] and any(SPLIT_ALIASES.get(r["split"].lower()) == s for r in rows)
+    ]
+    labels_of = {split: [labels[i] for i in idx] for split, idx in keep.items()}
+    check_classes(labels_of, classes, f"manifest {manifest}", given)
+    check_disjoint({split: [files[i].path for i in idx] for split, idx in keep.items()}, f"manifest {manifest}")
+    parts = [
+        FeatureDataset([files[i] for i in keep[split]], [labels[i] for i in keep[split]], classes, as_tensors)
+        for split in SPLITS
+    ]
     return parts[0], parts[1], parts[2], (Task("label", len(classes)),)

@@ -19,12 +19,17 @@ file is reported then, by name, not in the middle of training) into a uint8
 that every trial memory-maps: pages are shared through the page cache, not copied
 per trial, and a trial holds only the images it is reading. The array is keyed by
 each file's path, size and modification time, so an edited image is decoded again.
-For images too big to resize, see ``dataset: slides``.
+For images too big to resize, see ``dataset: slides``; an image whose header claims more than ``max_pixels``
+pixels is refused before it is decoded, and 16-bit images are scaled by their range (:mod:`ips_search.data.images`).
+
+Before anything is decoded the cohort is checked (:mod:`ips_search.data.checks`): two classes in all, in train,
+and in a validation or test split of two or more images; no file in two splits (same file or same bytes).
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +39,14 @@ from tqdm.auto import tqdm
 
 from ips_search.config import DataConfig, Task
 from ips_search.data.cache import cache_key, cache_root, cached_memmap
+from ips_search.data.checks import check_classes, check_disjoint
 from ips_search.data.dataset import PatchDataset, n_validation, seeded_test_split
+from ips_search.data.images import open_image, pil_high_depth_to_uint8, pixel_limit
 from ips_search.errors import ConfigError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 TEST_FRACTION = 0.2
-DECODE_VERSION = 1  # bump when load_image changes so old decoded arrays are not reused
+DECODE_VERSION = 2  # bump when load_image changes so old decoded arrays are not reused (2: float images in [0, 1])
 _DECODED: dict[str, np.ndarray] = {}  # in-process: same files + settings -> the open memory map
 
 
@@ -81,25 +88,20 @@ def scan(
 
 
 def _to_mode(im: Image.Image, n_chan: int) -> Image.Image:
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit grayscale: rescale, PIL would clip at 255
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        im = Image.fromarray(np.clip(arr / top * 255, 0, 255).astype(np.uint8), "L")
+    im = pil_high_depth_to_uint8(im)  # 16/32-bit grayscale: rescaled by its range, PIL would clip at 255
     if "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
     return im.convert("L" if n_chan == 1 else "RGB")
 
 
-def load_image(path: Path, size: int, n_chan: int) -> np.ndarray:
-    """Decode, convert, resize (longer side = ``size``) and pad to ``(C, size, size)`` uint8."""
-    try:
-        with Image.open(path) as im:
-            im.load()  # decode now: a truncated file raises here
-            im = _to_mode(im, n_chan)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        reason = " ".join(str(exc).split())[:100] or type(exc).__name__
-        raise ConfigError(f"cannot read image {path} ({reason}); replace or remove the file") from None
+def load_image(path: Path, size: int, n_chan: int, max_pixels: int | None = None) -> np.ndarray:
+    """Decode, convert, resize (longer side = ``size``) and pad to ``(C, size, size)`` uint8.
+
+    The size is read from the header first: an image over ``max_pixels`` is refused before it is decoded."""
+    with open_image(path, max_pixels) as im:  # an unreadable file or one too big: a ConfigError naming it
+        im.load()  # decode now: a truncated file raises here
+        im = _to_mode(im, n_chan)
     w, h = im.size
     scale = size / max(w, h)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
@@ -110,7 +112,9 @@ def load_image(path: Path, size: int, n_chan: int) -> np.ndarray:
     return arr[None] if n_chan == 1 else arr.transpose(2, 0, 1)  # (C, size, size)
 
 
-def decode_cached(paths: list[Path], size: int, n_chan: int, cache_dir: str | None = None) -> np.ndarray:
+def decode_cached(
+    paths: list[Path], size: int, n_chan: int, cache_dir: str | None = None, max_pixels: int | None = None
+) -> np.ndarray:
     """All ``paths`` decoded by :func:`load_image` into one read-only memory-mapped uint8 ``(n, C, size, size)``.
 
     The array lives in the cache directory, keyed by each file's identity (resolved path, size, mtime) and the
@@ -127,7 +131,7 @@ def decode_cached(paths: list[Path], size: int, n_chan: int, cache_dir: str | No
 
         def fill(out: np.ndarray) -> None:
             for i, p in enumerate(tqdm(paths, desc="decoding images", delay=2.0, leave=False)):
-                out[i] = load_image(p, size, n_chan)
+                out[i] = load_image(p, size, n_chan, max_pixels)
 
         shape = (len(paths), n_chan, size, size)
         if len(_DECODED) >= 4:  # keep a few maps open, not every one ever built
@@ -142,8 +146,19 @@ def _as_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def build(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchDataset, tuple[Task, ...]]:
-    """Train/val/test datasets of ``n_chan`` x ``image_size`` x ``image_size`` images; task ``label``."""
+@dataclass
+class FolderPlan:
+    """The images a folder config lists and how they are split, found without decoding a pixel."""
+
+    root: Path
+    classes: list[str]
+    paths: list[Path]
+    labels: list[int]
+    splits: dict[str, np.ndarray]  # train / val / test: indices into paths, sorted
+
+
+def plan(cfg: DataConfig) -> FolderPlan:
+    """Scan ``cfg.root``, split it (seeded), and check the cohort (:mod:`ips_search.data.checks`); no decoding."""
     if not cfg.root:
         raise ConfigError("dataset: folder needs root; set root to a folder with one sub-folder per class")
     root = Path(cfg.root).expanduser()
@@ -151,6 +166,7 @@ def build(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchDataset, tu
         raise ConfigError(f"data root {root} does not exist or is not a folder; set root to a folder of class folders")
     if cfg.n_chan not in (1, 3):
         raise ConfigError(f"n_chan must be 1 (grayscale) or 3 (RGB) for dataset: folder, got {cfg.n_chan!r}")
+    pixel_limit(cfg.max_pixels)
     rng = np.random.default_rng([cfg.seed, 8])
     has_train, has_test = (root / "train").is_dir(), (root / "test").is_dir()
     if has_train != has_test:
@@ -172,12 +188,22 @@ def build(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchDataset, tu
     if len(rest) < 2:
         raise ConfigError(f"{root} has {len(rest)} training image(s); need at least 2 (train and validation)")
     n_val = n_validation(len(rest), cfg.val_fraction)
-    images = _as_tensor(decode_cached(paths, cfg.image_size, cfg.n_chan, cfg.cache_dir))
-    targets = {"label": torch.tensor(labels, dtype=torch.long)}
+    splits = {"train": np.sort(rest[n_val:]), "val": np.sort(rest[:n_val]), "test": np.sort(test_idx)}
+    given = ("test",) if has_train else ()  # a seeded draw may land on one class by chance: not refused
+    check_classes({k: [labels[i] for i in idx] for k, idx in splits.items()}, classes, f"image folder {root}", given)
+    check_disjoint({k: [paths[i] for i in idx] for k, idx in splits.items()}, f"image folder {root}")
+    return FolderPlan(root, classes, paths, labels, splits)
+
+
+def build(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchDataset, tuple[Task, ...]]:
+    """Train/val/test datasets of ``n_chan`` x ``image_size`` x ``image_size`` images; task ``label``."""
+    p = plan(cfg)
+    images = _as_tensor(decode_cached(p.paths, cfg.image_size, cfg.n_chan, cfg.cache_dir, cfg.max_pixels))
+    targets = {"label": torch.tensor(p.labels, dtype=torch.long)}
     args = dict(patch_size=cfg.patch_size, stride=cfg.patch_stride)
-    train = PatchDataset(images, targets, indices=torch.from_numpy(np.sort(rest[n_val:])), **args)
-    val = PatchDataset(images, targets, indices=torch.from_numpy(np.sort(rest[:n_val])), **args)
-    test = PatchDataset(images, targets, indices=torch.from_numpy(np.sort(test_idx)), **args)
+    train, val, test = (
+        PatchDataset(images, targets, indices=torch.from_numpy(p.splits[k]), **args) for k in ("train", "val", "test")
+    )
     for ds in (train, val, test):
-        ds.classes, ds.paths = classes, [paths[j] for j in ds.indices.tolist()]
-    return train, val, test, (Task("label", len(classes)),)
+        ds.classes, ds.paths = p.classes, [p.paths[j] for j in ds.indices.tolist()]
+    return train, val, test, (Task("label", len(p.classes)),)

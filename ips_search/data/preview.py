@@ -42,30 +42,17 @@ def human_duration(seconds: float) -> str:
 
 
 def preview_folder(cfg) -> DataPreview:
-    """``dataset: folder``: the class folders scanned and every file's header read (nothing decoded)."""
-    from pathlib import Path
-
-    from PIL import Image
-
+    """``dataset: folder``: the class folders scanned, split and checked, and every file's header read (its size
+    within ``max_pixels``); nothing decoded."""
     from ips_search.data import folder
-    from ips_search.errors import ConfigError
+    from ips_search.data.images import open_image
 
-    if not cfg.root:
-        raise ConfigError("dataset: folder needs root; set root to a folder with one sub-folder per class")
-    root = Path(cfg.root).expanduser()
-    if not root.is_dir():
-        raise ConfigError(f"data root {root} does not exist or is not a folder; set root to a folder of class folders")
-    splits = [root / "train", root / "test"] if (root / "train").is_dir() else [root]
-    paths = [p for split in splits for p in folder.scan(split)[1]]
-    for path in paths:
-        try:
-            with Image.open(path) as im:  # reads the header only
-                im.size  # noqa: B018
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            reason = " ".join(str(exc).split())[:100] or type(exc).__name__
-            raise ConfigError(f"cannot read image {path} ({reason}); replace or remove the file") from None
-    what = f"folder {root} ({len(paths)} images at {cfg.image_size} px)"
-    size = len(paths) * cfg.n_chan * cfg.image_size**2
+    plan = folder.plan(cfg)  # the cohort's checks: classes per split, no file in two splits
+    for path in plan.paths:
+        with open_image(path, cfg.max_pixels):  # the header read as load_image will: unreadable or too big is refused
+            pass
+    what = f"folder {plan.root} ({len(plan.paths)} images at {cfg.image_size} px)"
+    size = len(plan.paths) * cfg.n_chan * cfg.image_size**2
     return DataPreview(what, cached=False, detail=f"headers read; decoded on the first run ({human_bytes(size)})")
 
 

@@ -13,7 +13,10 @@ rest. Items are ``(SlidePatchSource, {"label": int64 scalar})``: the source hold
 that pass the foreground filter (:mod:`.tissue`, cached per file and settings) and reads pixels only when asked.
 Every file is checked when the datasets are built, from its headers and a thumbnail: a missing, unsupported,
 corrupt or truncated file, a level it lacks, a slide smaller than one patch, or a slide without foreground is a
-one-line :class:`ConfigError` naming the file, before any training starts.
+one-line :class:`ConfigError` naming the file, before any training starts. A manifest's relative path must stay
+in the manifest's folder (``../x`` is refused; an absolute path is taken as given); a plain image is decoded whole,
+so one whose header claims more than ``max_pixels`` is refused. Then the cohort (:mod:`ips_search.data.checks`):
+two classes in all, in train, and in a validation or test split of two or more slides; no file in two splits.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from tqdm.auto import tqdm
 from ips_search.config import DataConfig, Task
 from ips_search.data import folder
 from ips_search.data.cache import cache_key, cache_root, cached_npy, file_lock
+from ips_search.data.checks import check_classes, check_disjoint, inside
 from ips_search.data.dataset import n_validation, seeded_test_split
+from ips_search.data.images import pixel_limit
 from ips_search.data.preview import DataPreview
 from ips_search.data.slides import tissue
 from ips_search.data.slides.readers import READABLE_EXTS, SlideReader, detect, open_slide
@@ -98,7 +103,7 @@ def _read_manifest(manifest: Path) -> SlideEntries:
         if not row["path"] or not row["label"]:
             raise ConfigError(f"manifest {manifest} line {line} has an empty path or label; fill it in or delete it")
         path = Path(row["path"]).expanduser()
-        path = path if path.is_absolute() else manifest.parent / path
+        path = path if path.is_absolute() else inside(manifest.parent, path, f"manifest {manifest} line {line}")
         if not path.is_file():
             raise ConfigError(f"manifest {manifest} line {line} names a missing file {path}; fix the path or the row")
         split = row.get("split", "")
@@ -189,8 +194,8 @@ def _check_level(reader: SlideReader, cfg: DataConfig) -> tuple[int, int, int]:
 def make_source(path: str | Path, cfg: DataConfig) -> SlidePatchSource:
     """Check one slide and build its source (coordinates from the on-disk cache when already computed)."""
     path = Path(path).expanduser()
-    kind = detect(path)
-    reader = open_slide(path, kind, cfg.cache_dir)
+    kind = detect(path, cfg.max_pixels)
+    reader = open_slide(path, kind, cfg.cache_dir, cfg.max_pixels)
     try:
         level, read_size, stride = _check_level(reader, cfg)
         coords = cached_npy(
@@ -206,15 +211,14 @@ def make_source(path: str | Path, cfg: DataConfig) -> SlidePatchSource:
             f"slide {path} has no patch with at least {cfg.min_foreground:g} foreground; "
             "lower min_foreground (0 keeps every patch) or remove the slide"
         )
-    return SlidePatchSource(path, coords, cfg.patch_size, level, read_size, cfg.n_chan, kind, cfg.cache_dir)
+    return SlidePatchSource(
+        path, coords, cfg.patch_size, level, read_size, cfg.n_chan, kind, cfg.cache_dir, max_pixels=cfg.max_pixels
+    )
 
 
-def build(cfg: DataConfig) -> tuple[SlideDataset, SlideDataset, SlideDataset, tuple[Task, ...]]:
-    """Train/val/test :class:`SlideDataset`\\ s and the one task ``label``."""
-    if cfg.n_chan not in (1, 3):
-        raise ConfigError(f"n_chan must be 1 (grayscale) or 3 (RGB) for dataset: slides, got {cfg.n_chan!r}")
-    entries = slide_entries(cfg)
-    sources = [make_source(p, cfg) for p in tqdm(entries.paths, desc="checking slides", delay=2.0, leave=False)]
+def split_cohort(entries: SlideEntries, cfg: DataConfig) -> dict[str, np.ndarray]:
+    """Train / val / test indices into ``entries`` (the given split, or a seeded one), the cohort checked
+    (:mod:`ips_search.data.checks`: classes per split, no file in two splits)."""
     rng = np.random.default_rng([cfg.seed, 8])
     if entries.splits is not None:
         test_idx = np.array([i for i, s in enumerate(entries.splits) if s == "test"], dtype=np.int64)
@@ -223,19 +227,34 @@ def build(cfg: DataConfig) -> tuple[SlideDataset, SlideDataset, SlideDataset, tu
             raise ConfigError("the slides' split column names no test slide; mark some rows test or drop the column")
         rest = rng.permutation(train_idx)
     else:
-        if len(sources) < 3:
-            raise ConfigError(f"found {len(sources)} slide(s); need at least 3 (train, validation and test)")
-        test_idx, rest = seeded_test_split(len(sources), cfg.n_test, TEST_FRACTION, rng)
+        if len(entries.paths) < 3:
+            raise ConfigError(f"found {len(entries.paths)} slide(s); need at least 3 (train, validation and test)")
+        test_idx, rest = seeded_test_split(len(entries.paths), cfg.n_test, TEST_FRACTION, rng)
     if len(rest) < 2:
         raise ConfigError(f"{len(rest)} training slide(s); need at least 2 (train and validation)")
     n_val = n_validation(len(rest), cfg.val_fraction)
+    splits = {"train": np.sort(rest[n_val:]), "val": np.sort(rest[:n_val]), "test": np.sort(test_idx)}
+    where = f"manifest {cfg.manifest}" if cfg.manifest else f"slide folder {cfg.root}" if cfg.root else "the slides"
+    given = ("test",) if entries.splits is not None else ()  # a seeded draw may land on one class by chance
+    check_classes({k: [entries.labels[i] for i in idx] for k, idx in splits.items()}, entries.classes, where, given)
+    check_disjoint({k: [entries.paths[i] for i in idx] for k, idx in splits.items()}, where)
+    return splits
+
+
+def build(cfg: DataConfig) -> tuple[SlideDataset, SlideDataset, SlideDataset, tuple[Task, ...]]:
+    """Train/val/test :class:`SlideDataset`\\ s and the one task ``label``."""
+    if cfg.n_chan not in (1, 3):
+        raise ConfigError(f"n_chan must be 1 (grayscale) or 3 (RGB) for dataset: slides, got {cfg.n_chan!r}")
+    pixel_limit(cfg.max_pixels)
+    entries = slide_entries(cfg)
+    sources = [make_source(p, cfg) for p in tqdm(entries.paths, desc="checking slides", delay=2.0, leave=False)]
+    splits = split_cohort(entries, cfg)
     labels = torch.tensor(entries.labels, dtype=torch.long)
 
     def subset(idx: np.ndarray) -> SlideDataset:
-        idx = np.sort(idx)
         return SlideDataset([sources[i] for i in idx], {"label": labels[idx]}, entries.classes, cfg.n_chan)
 
-    train, val, test = subset(rest[n_val:]), subset(rest[:n_val]), subset(test_idx)
+    train, val, test = subset(splits["train"]), subset(splits["val"]), subset(splits["test"])
     return train, val, test, (Task("label", len(entries.classes)),)
 
 
@@ -247,18 +266,20 @@ def preview(cfg: DataConfig) -> DataPreview:
         what = f"{cfg.cohort_size} generated slides of {cfg.slide_size} px"
         if not cached:
             return DataPreview(what, cached=False, detail="written tile by tile on the first run")
+    pixel_limit(cfg.max_pixels)
     entries = slide_entries(cfg)
     plain = 0
     for path in entries.paths:
-        kind = detect(path)  # headers only: a missing, unsupported or truncated file fails here
+        kind = detect(path, cfg.max_pixels)  # headers only: a missing, unsupported, truncated or too big file fails
         if kind == "memmap":  # a plain image: decoded once on the first run, its header is the check
             plain += 1
             continue
-        reader = open_slide(path, kind, cfg.cache_dir)
+        reader = open_slide(path, kind, cfg.cache_dir, cfg.max_pixels)
         try:
             _check_level(reader, cfg)
         finally:
             reader.close()
+    split_cohort(entries, cfg)  # the cohort's checks, as build does them
     what = f"{len(entries.paths)} slides ({', '.join(entries.classes)})"
     detail = "headers and levels checked; tissue coordinates computed once on the first run"
     if plain:

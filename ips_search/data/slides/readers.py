@@ -11,7 +11,9 @@
    on the same files (``benchmarks/bench_slides.py``, docs/slides.md).
 3. :class:`MemmapReader` for everything else Pillow or tifffile can decode (PNG, JPEG, strip TIFF, ...): these
    formats cannot be read by region, so the image is decoded once into a memory-mapped ``.npy`` pyramid under
-   the cache directory that every trial on the machine then maps (decoded once per machine, not per trial).
+   the cache directory that every trial on the machine then maps (decoded once per machine, not per trial). Its
+   size is read from the header first: one over ``data.max_pixels`` is refused before decoding
+   (:mod:`ips_search.data.images`, which also scales 16-bit samples and reorders separate TIFF colour planes).
 
 Every reader answers ``read_region(level, x, y, width, height) -> (height, width, C) uint8`` in *that level's*
 pixels, so reading a patch costs its region, never the whole slide. Opening reads headers only; a file that
@@ -29,12 +31,13 @@ from typing import Any
 import numpy as np
 
 from ips_search.data.cache import cache_key, cache_root, file_lock, save_npy_atomic
+from ips_search.data.images import open_image, pil_high_depth_to_uint8, read_header, read_tiff, to_uint8
 from ips_search.errors import ConfigError
 
 SLIDE_EXTS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 PLAIN_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".gif")
 READABLE_EXTS = SLIDE_EXTS + PLAIN_EXTS
-DECODE_VERSION = 1  # bump when the decoded-image cache layout changes
+DECODE_VERSION = 2  # bump when the decoded-image cache layout or decoding changes (2: 16-bit, planar TIFF)
 MIN_DECODED_SIDE = 512  # the decoded pyramid halves until its longer side is below 2x this
 
 
@@ -183,24 +186,13 @@ class TiffReader(SlideReader):
                 # overlap of this tile with the requested region, in region and tile pixels
                 x0, y0 = max(x, tx * tile_w), max(y, ty * tile_h)
                 x1, y1 = min(x + width, (tx + 1) * tile_w, img_w), min(y + height, (ty + 1) * tile_h, img_h)
-                out[y0 - y : y1 - y, x0 - x : x1 - x] = _to_uint8(
+                out[y0 - y : y1 - y, x0 - x : x1 - x] = to_uint8(
                     tile[y0 - ty * tile_h : y1 - ty * tile_h, x0 - tx * tile_w : x1 - tx * tile_w]
                 )
         return out
 
     def close(self) -> None:
         self._tif.close()
-
-
-def _to_uint8(array: np.ndarray) -> np.ndarray:
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype == np.uint16:
-        return (array >> 8).astype(np.uint8)
-    if array.dtype == bool:
-        return array.astype(np.uint8) * 255
-    top = float(array.max()) or 1.0
-    return np.clip(array.astype(np.float32) / top * 255, 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------- decoded once, memory-mapped
@@ -211,30 +203,19 @@ def _file_identity(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _decode_plain(path: Path) -> np.ndarray:
-    """Decode a whole ordinary image to ``(H, W, C)`` uint8 (C = 1 or 3); the one time the image is in memory."""
-    from PIL import Image
+def _decode_plain(path: Path, max_pixels: int | None = None) -> np.ndarray:
+    """Decode a whole ordinary image to ``(H, W, C)`` uint8 (C = 1 or 3); the one time the image is in memory.
 
+    Its size is read from the header first and refused above ``max_pixels`` (:mod:`ips_search.data.images`);
+    16-bit samples are scaled by their range and TIFF colour planes stored separately are put last."""
     if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
-        try:
-            array = tifffile.imread(path)
-        except (tifffile.TiffFileError, ValueError, OSError) as exc:
-            raise ConfigError(f"cannot read image {path} ({_reason(exc)}); replace or remove the file") from None
-        array = array if array.ndim == 3 else array[..., None]
-        return _to_uint8(array[..., :3] if array.shape[-1] >= 3 else array[..., :1])
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # big scenes are the point here; the file is the user's own
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = im.convert("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB")
-            array = np.asarray(im)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ConfigError(f"cannot read image {path} ({_reason(exc)}); replace or remove the file") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
+        array = read_tiff(path, max_pixels)  # (H, W, S) in the file's dtype
+        return to_uint8(array[..., :3] if array.shape[-1] >= 3 else array[..., :1])
+    with open_image(path, max_pixels) as im:
+        im.load()
+        im = pil_high_depth_to_uint8(im)  # 16/32-bit grey: scaled by its range, where convert("L") clips at 255
+        im = im.convert("L" if im.mode in ("1", "L") else "RGB")
+        array = np.asarray(im)
     return array if array.ndim == 3 else array[..., None]
 
 
@@ -244,17 +225,18 @@ def _halve(array: np.ndarray) -> np.ndarray:
     return (blocks.sum(axis=(1, 3)) // 4).astype(np.uint8)
 
 
-def decoded_pyramid(path: Path, cache_dir: str | None = None) -> list[np.ndarray]:
+def decoded_pyramid(path: Path, cache_dir: str | None = None, max_pixels: int | None = None) -> list[np.ndarray]:
     """The image decoded once into ``<cache>/slides-decoded/<key>/level<i>.npy`` (2x pyramid), memory-mapped.
 
-    The key is the file's identity (resolved path, size, mtime), so a replaced file is decoded again."""
+    The key is the file's identity (resolved path, size, mtime), so a replaced file is decoded again; an image
+    over ``max_pixels`` is refused from its header (:func:`_decode_plain`)."""
     folder = cache_root(cache_dir) / "slides-decoded" / cache_key({"v": DECODE_VERSION, **_file_identity(path)})
     done = folder / "levels.txt"
     if not done.exists():
         folder.mkdir(parents=True, exist_ok=True)
         with file_lock(folder / "decode"):
             if not done.exists():
-                level = _decode_plain(path)
+                level = _decode_plain(path, max_pixels)
                 count = 0
                 while True:
                     save_npy_atomic(level, folder / f"level{count}.npy")
@@ -272,9 +254,9 @@ def decoded_pyramid(path: Path, cache_dir: str | None = None) -> list[np.ndarray
 class MemmapReader(SlideReader):
     kind = "memmap"
 
-    def __init__(self, path: Path, cache_dir: str | None = None) -> None:
+    def __init__(self, path: Path, cache_dir: str | None = None, max_pixels: int | None = None) -> None:
         self.path = path
-        self._levels = decoded_pyramid(path, cache_dir)
+        self._levels = decoded_pyramid(path, cache_dir, max_pixels)
         self.dimensions = [(int(a.shape[1]), int(a.shape[0])) for a in self._levels]
         self.downsamples = [self.dimensions[0][0] / w for w, _ in self.dimensions]
         self.n_chan = int(self._levels[0].shape[2])
@@ -295,10 +277,11 @@ class MemmapReader(SlideReader):
 # ---------------------------------------------------------------- choosing a reader
 
 
-def detect(path: Path) -> str:
+def detect(path: Path, max_pixels: int | None = None) -> str:
     """Which reader :func:`open_slide` uses for ``path``: ``openslide``, ``tifffile`` or ``memmap``.
 
-    Reads headers only. Raises :class:`ConfigError` for a missing, unsupported, unreadable or truncated file."""
+    Reads headers only. Raises :class:`ConfigError` for a missing, unsupported, unreadable or truncated file, or
+    for a plain image (decoded whole: ``memmap``) with more than ``max_pixels`` pixels."""
     if not path.is_file():
         raise ConfigError(f"slide {path} does not exist; fix its path or remove it from the list")
     suffix = path.suffix.lower()
@@ -331,32 +314,25 @@ def detect(path: Path) -> str:
             return "openslide"
     if suffix in SLIDE_EXTS and not is_tiff:
         raise ConfigError(f"cannot open slide {path} (OpenSlide does not recognise it); replace or remove the file")
-    if not is_tiff:
-        _check_image_header(path)
+    _check_image_header(path, max_pixels)
     return "memmap"
 
 
-def _check_image_header(path: Path) -> None:
-    """Pillow can identify the file from its header (``Image.open`` decodes no pixels)."""
-    from PIL import Image
-
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with Image.open(path) as im:
-            im.size  # noqa: B018 - parsing the header is the check
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ConfigError(f"cannot read image {path} ({_reason(exc)}); replace or remove the file") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
+def _check_image_header(path: Path, max_pixels: int | None = None) -> None:
+    """The header can be read (TIFF by tifffile, the rest by Pillow: nothing decoded) and its size is within
+    ``max_pixels`` (the image will be decoded whole)."""
+    read_header(path, max_pixels)
 
 
-def open_slide(path: str | os.PathLike[str], kind: str | None = None, cache_dir: str | None = None) -> SlideReader:
-    """A reader for ``path`` (``kind`` from :func:`detect` when not given)."""
+def open_slide(
+    path: str | os.PathLike[str], kind: str | None = None, cache_dir: str | None = None, max_pixels: int | None = None
+) -> SlideReader:
+    """A reader for ``path`` (``kind`` from :func:`detect` when not given); ``max_pixels`` limits a plain image
+    decoded whole (``memmap``; default :data:`ips_search.data.images.DEFAULT_MAX_PIXELS`)."""
     path = Path(path)
-    kind = kind or detect(path)
+    kind = kind or detect(path, max_pixels)
     if kind == "openslide":
         return OpenSlideReader(path)
     if kind == "tifffile":
         return TiffReader(path)
-    return MemmapReader(path, cache_dir)
+    return MemmapReader(path, cache_dir, max_pixels)

@@ -32,6 +32,7 @@ class SlidePatchSource:
         n_chan: int = 3,
         kind: str | None = None,
         cache_dir: str | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
@@ -41,6 +42,7 @@ class SlidePatchSource:
         self.n_chan = n_chan
         self.kind = kind
         self.cache_dir = cache_dir
+        self.max_pixels = max_pixels  # a plain image decoded again (cache cleared) meets the limit it was built with
         self.patch_shape = (n_chan, patch_size, patch_size)
         self._reader: SlideReader | None = None
 
@@ -58,7 +60,7 @@ class SlidePatchSource:
     @property
     def reader(self) -> SlideReader:
         if self._reader is None:
-            self._reader = open_slide(self.path, self.kind, self.cache_dir)
+            self._reader = open_slide(self.path, self.kind, self.cache_dir, self.max_pixels)
         return self._reader
 
     @property

@@ -1,0 +1,137 @@
+"""Checks on a cohort as a whole, run when its datasets are built or previewed (``--dry-run``), before any trial.
+
+Each one turns data that would train and report nonsense without a word into a one-line :class:`ConfigError`:
+
+* :func:`check_classes`: one class in the whole cohort or in the training split (a classifier that always answers
+  that class scores 1.0), or in a validation / test split of two or more items that the user gave (a split column,
+  a ``test/`` folder). A seeded draw is not refused for landing on one class by chance.
+* :func:`check_disjoint`: one file in two splits, found by its identity (the same file after resolving links:
+  same device and inode) or, for files up to :data:`HASH_LIMIT` bytes, by the same content (SHA-256; only files of
+  equal size are hashed, so a cohort of distinct sizes costs one ``stat`` per file).
+* :func:`inside`: a manifest's relative path, or a slide name, that points outside its folder (``../x``).
+* :func:`check_finite`: NaN or Inf in a tensor of features as it is read, naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import defaultdict
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from ips_search.errors import ConfigError
+
+HASH_LIMIT = 64 << 20  # files up to 64 MB are compared by content; bigger ones (slides) by identity only
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime): SHA-256, kept for the process
+
+
+def _names(classes: Sequence[str], labels: set[int]) -> str:
+    return ", ".join(repr(classes[i]) if 0 <= i < len(classes) else repr(i) for i in sorted(labels))
+
+
+def check_classes(
+    splits: Mapping[str, Sequence[int]], classes: Sequence[str], where: str, given: Collection[str] = ()
+) -> None:
+    """Refuse a cohort (``splits``: split name -> class indices of its items) that cannot measure a classifier.
+
+    Always refused: one class in all items, or in ``train``. A validation or test split is refused for one class
+    only when its items were ``given`` by the user (a split column, a ``test/`` folder) and it has two or more: a
+    seeded draw of a small cohort can land on one class by chance (another seed changes it), a given split cannot.
+    ``where`` names the data in the message (a folder or a manifest)."""
+    found = {int(label) for labels in splits.values() for label in labels}
+    total = sum(len(labels) for labels in splits.values())
+    if len(found) < 2:
+        raise ConfigError(
+            f"{where} has one class ({_names(classes, found)}) in all its {total} item(s); a classifier needs at least "
+            "2 (it would score 1.0 by always answering that one): add items of another class"
+        )
+    for split, labels in splits.items():
+        present = {int(label) for label in labels}
+        if len(present) != 1 or not (split == "train" or (split in given and len(labels) >= 2)):
+            continue
+        what = {"train": "training", "val": "validation", "test": "test"}.get(split, split)
+        if split == "train":
+            raise ConfigError(
+                f"{where}: the training split's {len(labels)} item(s) are all of class {_names(classes, present)}; "
+                "a model trained on one class always answers it: give the training split items of another class"
+            )
+        raise ConfigError(
+            f"{where}: the {what} split's {len(labels)} items are all of class {_names(classes, present)}, so its "
+            f"scores cannot tell a model from one that always answers it: give the {what} split items of another class"
+        )
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
+
+
+def _digest(path: Path, size: int) -> str:
+    key = (str(path.resolve()), size, path.stat().st_mtime_ns)
+    if key not in _DIGESTS:
+        sha = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                sha.update(block)
+        _DIGESTS[key] = sha.hexdigest()
+    return _DIGESTS[key]
+
+
+def check_disjoint(splits: Mapping[str, Sequence[Path]], where: str) -> None:
+    """Refuse one file in two splits: the same file (links resolved) or, up to :data:`HASH_LIMIT`, the same bytes."""
+    owner: dict[tuple[int, int], tuple[str, Path]] = {}
+    by_size: dict[int, list[tuple[str, Path]]] = defaultdict(list)
+    for split, paths in splits.items():
+        for path in paths:
+            key = _identity(path)
+            if key in owner and owner[key][0] != split:
+                other_split, other = owner[key]
+                raise _leak(where, (other_split, other), (split, path), "are the same file")
+            owner.setdefault(key, (split, path))
+            size = path.stat().st_size
+            if size <= HASH_LIMIT:
+                by_size[size].append((split, path))
+    for size, files in by_size.items():
+        if len({split for split, _ in files}) < 2:  # same size, one split: no leak possible
+            continue
+        seen: dict[str, tuple[str, Path]] = {}
+        for split, path in files:
+            digest = _digest(path, size)
+            if digest in seen and seen[digest][0] != split:
+                raise _leak(where, seen[digest], (split, path), "have the same content")
+            seen.setdefault(digest, (split, path))
+
+
+def _leak(where: str, first: tuple[str, Path], second: tuple[str, Path], how: str) -> ConfigError:
+    (split_a, a), (split_b, b) = first, second
+    return ConfigError(
+        f"{where}: {split_a} item {a} and {split_b} item {b} {how}, so the {split_b} split would score an item "
+        "the model trained or was selected on: remove one copy"
+    )
+
+
+def inside(folder: Path, name: str | os.PathLike[str], what: str) -> Path:
+    """``folder / name`` when ``name`` is relative and stays inside ``folder`` (``..`` resolved by name, links kept),
+    else a ConfigError naming ``what`` (e.g. "manifest m.csv line 3")."""
+    rel = Path(name)
+    joined = Path(os.path.normpath(folder / rel))
+    if rel.is_absolute() or not joined.is_relative_to(Path(os.path.normpath(folder))):
+        raise ConfigError(
+            f"{what} names {str(name)!r}, outside {folder}; keep the files under that folder (or give the path "
+            "absolute where an absolute path is allowed)"
+        )
+    return folder / rel
+
+
+def check_finite(values: torch.Tensor, path: str | os.PathLike[str]) -> torch.Tensor:
+    """``values`` unchanged, or a ConfigError naming ``path`` when any is NaN or infinite."""
+    if not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise ConfigError(
+            f"feature file {path} holds {bad} NaN or infinite value(s); re-extract that slide (an encoder in float16 "
+            "can overflow: extract in float32) or remove it from the manifest"
+        )
+    return values
