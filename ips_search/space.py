@@ -237,6 +237,10 @@ def _space_from_mapping(raw: dict[str, Any], where: str, name: str, path: str | 
         fixed["model"].setdefault("encoder", "projector")
     for section, cls in SECTIONS.items():
         build_config(cls, fixed[section], f"{section} of {where}")  # unknown keys, types, ranges
+    if fixed["data"].get("extract") is not None:  # its settings too, before any data build
+        from ips_search.extract import parse_extract
+
+        parse_extract(fixed["data"]["extract"])
     params = {k: _parse_param(k, v, where) for k, v in (raw.get("search") or {}).items()}
     for p in params.values():
         if p.name in PATH_FIELDS and p.choices is not None:

@@ -298,6 +298,21 @@ CASES: dict[str, Case] = {
     "resume-experiment-json-not-json": Case(
         resume_case("cut", {"experiment.json": saved()[:40]}), "experiment.json is damaged (not valid JSON"
     ),
+    # --- every field checked by type and range when the space loads (it used to pass the dry run, then fail in
+    # every trial, or be a traceback)
+    "dropout-above-1": Case(space_case(smoke(model__dropout=1.5)), "model.dropout must be a number in [0, 1), got 1.5"),
+    "root-is-a-number": Case(
+        space_case(smoke(data__dataset="folder", data__root=5)), "data.root must be a path (text), got 5"
+    ),
+    "manifest-is-a-list": Case(space_case(smoke(data__manifest=["a"])), "data.manifest must be a path (text)"),
+    "canvas-size-word": Case(space_case(smoke(data__canvas_size="big")), "data.canvas_size must be a positive integer"),
+    "min-foreground-word": Case(space_case(smoke(data__min_foreground="x")), "data.min_foreground must be a number"),
+    "bool-quoted": Case(space_case(smoke(train__amp="yes")), "train.amp must be true or false, got 'yes'"),
+    "num-workers-negative": Case(space_case(smoke(train__num_workers=-1)), "train.num_workers must be 0 or a positive"),
+    "features-with-image-encoder": Case(
+        space_case(smoke(data__dataset="features", data__root="/nowhere", model__encoder="small-cnn")),
+        "set model.encoder: projector",
+    ),
 }
 
 
