@@ -237,6 +237,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "min_foreground": number(0, 1, fix="use a tissue share from 0 (keep every patch) to 1"),
         "cohort_size": count("use 0 (read root/manifest) or the number of slides to generate"),
         "feature_items": choice(("auto", "tensor", "source"), "feature_items"),
+        "max_pixels": positive_int("give the largest image area to decode, e.g. 1000000000"),
         "seed": seed(),
     },
     "TrainConfig": {

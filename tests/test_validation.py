@@ -99,6 +99,7 @@ RANGE_CASES = [
     ("data", "tasks", "majority", "data.tasks must be a list, got 'majority'; write [majority]"),
     ("data", "n_noise", -1, "data.n_noise must be 0 or a positive integer"),
     ("data", "seed", -1, "data.seed must be an integer from 0 to 2**32 - 1"),
+    ("data", "max_pixels", 0, "data.max_pixels must be a positive integer, got 0"),
     ("train", "num_workers", -1, "train.num_workers must be 0 or a positive integer, got -1"),
     ("train", "amp", "true", "train.amp must be true or false, got 'true'"),
     ("train", "warm_start", 1, "train.warm_start must be true or false, got 1"),
