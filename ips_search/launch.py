@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import stat
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,14 @@ from ips_search.experiment import (
     update_settings,
     write_experiment,
 )
+from ips_search.experiment.files import experiment_lock
 from ips_search.plan import plan_lines, prepare_data
 
 # Tune warns when it snapshots experiment state often; with short epochs that is by design (nothing is lost)
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 AUTH_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
+EXIT_ALL_FAILED = 1
 log = logging.getLogger("ips_search")
 
 
@@ -64,11 +68,39 @@ def start_ray(args: argparse.Namespace) -> dict[str, Any]:
             else "token auth is off"
         )
         print(f"Ray dashboard: http://{url}  ({auth})", flush=True)
+    secure_token_file(AUTH_TOKEN_FILE)
     return ray.cluster_resources()
 
 
+def secure_token_file(path: Path) -> None:
+    """Ray writes its dashboard token readable by everyone on the machine (0644): anyone who reads it can submit
+    jobs to the cluster. Ours is made 0600; someone else's is only warned about (it is not ours to change)."""
+    try:
+        info = path.stat()
+    except OSError:  # no token (token auth off, or Ray keeps it elsewhere): nothing to protect here
+        return
+    if not info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return
+    if info.st_uid == os.getuid():
+        try:
+            path.chmod(0o600)
+            return
+        except OSError as exc:
+            reason = exc.strerror
+    else:
+        reason = f"it belongs to uid {info.st_uid}"
+    print(
+        f"warning: Ray's token file {path} can be read by other users (mode {stat.S_IMODE(info.st_mode):o}) and "
+        f"cannot be made private ({reason}); run `chmod 600 {path}` as its owner",
+        file=sys.stderr,
+    )
+
+
 def fit_resources(settings: SearchSettings, cluster: dict[str, Any], explicit_concurrency: bool) -> None:
-    """GPU requests on a cluster without GPUs fall back to CPU (one warning); concurrency fits the cluster."""
+    """GPUs per trial left to auto (None) become 1 when the cluster has GPUs, else 0 (silently); GPU requests on a
+    cluster without GPUs fall back to CPU (one warning); concurrency fits the cluster."""
+    if settings.gpus_per_trial is None:
+        settings.gpus_per_trial = min(1.0, float(cluster.get("GPU", 0))) if cluster.get("GPU", 0) > 0 else 0.0
     if settings.gpus_per_trial > 0 and cluster.get("GPU", 0) <= 0:
         print("warning: the Ray cluster has no GPU; trials run on CPU (--gpus-per-trial ignored)", file=sys.stderr)
         settings.gpus_per_trial = 0.0
@@ -93,9 +125,8 @@ def save_experiment(space, settings: SearchSettings, argv: list[str]) -> None:
 def run_search(space, settings: SearchSettings, args: argparse.Namespace, resume: bool) -> int:
     import ray
 
-    from ips_search.search import make_tuner, restore_tuner
-
     prepare_data(space)
+    gpus_auto = settings.gpus_per_trial is None
     joined = ray.is_initialized()  # a session someone else started (notebook, tests) stays theirs to shut down
     cluster = start_ray(args)
     try:
@@ -104,12 +135,33 @@ def run_search(space, settings: SearchSettings, args: argparse.Namespace, resume
         if not joined:  # the cluster we just started (or joined with --address) runs nothing: leave it now
             ray.shutdown()
         raise
+    with ExitStack() as held:
+        if not resume:  # a resumed search holds the lock already (run.main takes it before anything starts)
+            try:
+                settings.experiment_dir.mkdir(parents=True)
+            except FileExistsError:  # made since run.main checked: another search of the same --name
+                raise ConfigError(
+                    f"experiment {settings.name!r} already exists in {settings.results_dir}; pick another --name"
+                ) from None
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot create {settings.experiment_dir} ({exc.strerror}); free space or pass another "
+                    "--results-dir"
+                ) from None
+            held.enter_context(experiment_lock(settings.experiment_dir, settings.name))
+        return _run(space, settings, args, resume, gpus_auto)
+
+
+def _run(space, settings: SearchSettings, args: argparse.Namespace, resume: bool, gpus_auto: bool) -> int:
+    """The search itself, in a folder whose lock this process holds."""
+    from ips_search.search import make_tuner, restore_tuner
+
     verbose = getattr(args, "verbose", False)
     log_path = settings.experiment_dir / LOG_FILE
     try:
         if not resume:
             save_experiment(space, settings, sys.argv)
-        print("\n".join(plan_lines(space, settings)), flush=True)
+        print("\n".join(plan_lines(space, settings, gpus_auto=gpus_auto)), flush=True)
         if not verbose:
             print(f"Ray's output: {log_path} (--verbose shows it here)", flush=True)
         if resume:
@@ -119,7 +171,7 @@ def run_search(space, settings: SearchSettings, args: argparse.Namespace, resume
             tuner = restore_tuner(settings) if resume else make_tuner(space, settings)
             with TrialProgress(settings.experiment_dir / TRIALS_CSV, settings.trials, terminal):
                 tuner.fit()
-            if settings.confirm:
+            if settings.confirm and first_error(settings.experiment_dir) is None:  # every trial failed: none to confirm
                 from ips_search.confirm import run_confirm
 
                 runs = settings.confirm * settings.confirm_top
@@ -138,7 +190,30 @@ def run_search(space, settings: SearchSettings, args: argparse.Namespace, resume
             f"then continue with --resume {settings.name}"
         ) from None
     print_summary(settings)
+    error = first_error(settings.experiment_dir)
+    if error is not None:
+        print(
+            f"error: every trial failed; the first one's error is in {error}: fix its cause, then start a new search "
+            f"(or --resume {settings.name}, which retries the failed trials)",
+            file=sys.stderr,
+        )
+        return EXIT_ALL_FAILED
     return 0
+
+
+def first_error(folder: Path) -> Path | None:
+    """When every trial of ``folder/trials.csv`` failed: the first one's ``error.txt`` (its folder if Ray wrote
+    none); None when any trial got further, or there is no trial at all."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(folder / TRIALS_CSV, dtype={"trial_id": str, "path": str})
+    except (OSError, ValueError):
+        return None
+    if df.empty or not (df["status"] == "failed").all():
+        return None
+    trial = Path(df["path"].iloc[0])
+    return trial / "error.txt" if (trial / "error.txt").is_file() else trial
 
 
 def drop_empty_snapshots(folder: Path) -> None:

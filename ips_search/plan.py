@@ -14,20 +14,32 @@ from ips_search.space import SearchSpace, memory_iteration_ranges, validate_spac
 from ips_search.warmstart import supports_warm_start
 
 
-def plan_lines(space: SearchSpace, settings: SearchSettings) -> list[str]:
-    """What the search will run: the folder, trials and resources, objective, and each parameter's range."""
+def plan_lines(space: SearchSpace, settings: SearchSettings, gpus_auto: bool = False) -> list[str]:
+    """What the search will run: the folder, trials and resources, objective, and each parameter's range.
+
+    ``gpus_auto``: ``settings.gpus_per_trial`` was resolved from the cluster (no ``--gpus-per-trial``), which the
+    plan says with the flag that keeps trials on the CPU; None (a dry run, before any cluster) says what auto does.
+    """
     rungs = asha_rungs(settings) if settings.scheduler == "asha" else []
+    gpus = "auto" if settings.gpus_per_trial is None else f"{settings.gpus_per_trial:g}"
     lines = [
         f"experiment   {settings.experiment_dir}",
         f"space        {space.name}: {space.description}".rstrip(": "),
         f"trials       {settings.trials} ({settings.concurrency} at once, {settings.cpus_per_trial:g} CPU"
-        f" + {settings.gpus_per_trial:g} GPU each), {settings.epochs} epochs max",
+        f" + {gpus} GPU each), {settings.epochs} epochs max",
         f"objective    {settings.objective}, sampler {settings.sampler}, scheduler {settings.scheduler}"
         + (f" (rungs at {', '.join(map(str, rungs))} epochs on {settings.rung_metric}" if rungs else "")
         + (f", {settings.brackets} brackets" if rungs and settings.brackets > 1 else "")
         + (")" if rungs else "")
         + (f", budget {settings.max_memory_mb:g} MB" if settings.max_memory_mb else ""),
     ]
+    if settings.gpus_per_trial is None:
+        lines.append("GPUs         auto: 1 per trial when the cluster has GPUs, else the CPU (--gpus-per-trial 0: CPU)")
+    elif gpus_auto and settings.gpus_per_trial > 0:
+        lines.append(
+            f"GPUs         {settings.gpus_per_trial:g} per trial (auto; pass --gpus-per-trial 0 to keep trials on "
+            "the CPU)"
+        )
     if settings.confirm:
         lines.append(
             f"confirm      the best {settings.confirm_top} configs again with {settings.confirm} more seeds each; "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import ipaddress
 import os
 import sys
 import tempfile
@@ -28,6 +29,8 @@ from ips_search.experiment import (
     read_experiment,
     settings_from_saved,
 )
+from ips_search.experiment.files import check_trusted, experiment_lock, find_experiment
+from ips_search.experiment.settings import check_name
 from ips_search.plan import dry_run_lines, plan_lines
 from ips_search.space import SearchSpace, load_space, saved_space
 
@@ -117,9 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gpus-per-trial",
         type=float,
-        default=0.0,
-        help="GPUs per trial, fractional allowed (0.25 packs four trials per GPU); "
-        "falls back to CPU with a warning when the cluster has no GPU",
+        default=None,
+        help="GPUs per trial, fractional allowed (0.25 packs four trials per GPU); 0 keeps every trial on the CPU. "
+        "Default: auto, 1 per trial when the cluster has GPUs, else 0 (the resolved value is saved and kept by "
+        "--resume). A value above 0 falls back to CPU with a warning when the cluster has no GPU",
     )
     p.add_argument(
         "--concurrency", type=int, default=None, help="trials at once (default: as many as the cluster's CPUs/GPUs fit)"
@@ -142,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         metavar="NAME",
         default=None,
-        help="continue experiment NAME in --results-dir (finished trials are kept)",
+        help="continue experiment NAME in --results-dir, or the experiment folder at path NAME (a copied or moved "
+        "one: the search writes only there); finished trials are kept",
     )
     p.add_argument(
         "--confirm",
@@ -240,14 +245,36 @@ def check_resume_flags(given: dict[str, Any], settings: SearchSettings) -> None:
 def validate_args(args: argparse.Namespace) -> None:
     """Every flag's own rule, before anything starts."""
     resolve_asha_flags(args)
+    if args.name is not None:
+        check_name(args.name)
     check_settings(args)
     check_positive(args.num_gpus, "--num-gpus", allow_zero=True)
+    check_dashboard_host(args.dashboard_host)
+
+
+def check_dashboard_host(host: str) -> None:
+    """``--dashboard-host``: ``localhost`` or an IP address (Ray binds the dashboard to it; anything else fails only
+    once the data is built and Ray starts)."""
+    if host == "localhost":
+        return
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            f"--dashboard-host {host!r} is not an IP address; pass 127.0.0.1 (this machine only, the default), "
+            "an address of one of its interfaces, or 0.0.0.0 (all of them)"
+        ) from None
 
 
 def load_experiment(results_dir: Path, name: str) -> tuple[SearchSettings, SearchSpace]:
-    """The saved settings and space of experiment ``name``; a one-line error if it isn't ours or is damaged."""
-    folder = results_dir / name
-    if not folder.is_dir():
+    """The saved settings and space of experiment ``name`` (a folder in ``results_dir``, or the path of one); a
+    one-line error if it isn't ours or is damaged.
+
+    The settings name the folder they were read from, whatever name ``experiment.json`` saved: a copied, renamed or
+    moved experiment runs, and writes, where it is now, never in the folder it was started in.
+    """
+    folder = find_experiment(results_dir, name)
+    if folder is None:
         known = sorted(p.name for p in results_dir.iterdir() if (p / EXPERIMENT_FILE).is_file())
         raise ConfigError(f"no experiment {name!r} in {results_dir}; existing: {', '.join(known) or 'none'}")
     saved = read_experiment(folder, "pass the name of a folder this tool created", damaged_hint=RESUME_FIX)
@@ -256,7 +283,7 @@ def load_experiment(results_dir: Path, name: str) -> tuple[SearchSettings, Searc
         space = saved_space(saved.get("space"))  # what the experiment ran with, even if the file changed since
     except ConfigError as exc:  # any problem in the file: name the file, then the one fix that always works
         raise ConfigError(f"{folder / EXPERIMENT_FILE} is damaged ({exc}); {RESUME_FIX}") from None
-    settings.results_dir = str(results_dir)
+    settings.results_dir, settings.name = str(folder.parent), folder.name
     return settings, space
 
 
@@ -299,13 +326,16 @@ def _main(args: argparse.Namespace, given: dict[str, Any]) -> int:
         # Ray reads this when it is first imported, so it is set before anything imports ray
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     validate_args(args)
-    results_dir = check_results_dir(args.results_dir)
     if args.resume:
-        settings, space = load_experiment(results_dir, args.resume)
+        # a path to an experiment folder resumes it where it is, without creating or writing --results-dir
+        folder = find_experiment(Path(args.results_dir), args.resume)
+        results_dir = check_results_dir(str(folder.parent) if folder else args.results_dir)
+        settings, space = load_experiment(results_dir, folder.name if folder else args.resume)
         check_resume_flags(given, settings)
         if args.trials is not None:
             extend(settings, args.trials)
     else:
+        results_dir = check_results_dir(args.results_dir)
         args.trials = args.trials or DEFAULT_TRIALS
         space = load_space(args.space)
         if args.epochs:
@@ -347,7 +377,11 @@ def _main(args: argparse.Namespace, given: dict[str, Any]) -> int:
         return 0
     from ips_search.launch import run_search
 
-    return run_search(space, settings, args, resume=bool(args.resume))
+    if not args.resume:
+        return run_search(space, settings, args, resume=False)
+    check_trusted(settings.experiment_dir)  # Ray unpickles the folder's state files: they must be this user's alone
+    with experiment_lock(settings.experiment_dir, settings.name):
+        return run_search(space, settings, args, resume=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import warnings
@@ -162,12 +163,41 @@ class ExtendableSearch(SearchGenerator):
 
     def set_state(self, state: dict) -> None:
         super().set_state(state)
+        self.follow_folder(self.experiment_file.parent)
         try:
             trials = int(read_experiment(self.experiment_file.parent, "")["settings"]["trials"])
         except (ConfigError, KeyError, TypeError, ValueError):  # a moved folder: run the count Tune saved
             return
         if trials > self._total_samples:
             self._total_samples, self._finished = trials, False
+
+    def follow_folder(self, folder: Path) -> None:
+        """Point the restored state at ``folder``, the experiment being resumed.
+
+        Ray's saved state names the folder the experiment was started in: the storage new trials are created in,
+        and the searcher's Optuna journal (its pickled ``JournalStorage``, and the study and trials bound to it).
+        Ray re-roots the trials it restores; without this, new trials and the study of a copied or moved experiment
+        would go to the original folder.
+        """
+        folder = Path(folder).resolve()
+        if self._experiment is not None:
+            storage = copy.copy(self._experiment.storage)
+            storage.storage_fs_path, storage.experiment_dir_name = folder.parent.as_posix(), folder.name
+            self._experiment.storage = self._experiment.spec["storage"] = storage
+        base = self.searcher
+        while hasattr(base, "searcher"):  # ConcurrencyLimiter wraps the Optuna searcher
+            base = base.searcher
+        if getattr(base, "_ot_study", None) is None:
+            return
+        journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / JOURNAL_FILE)))
+        study = optuna.load_study(
+            study_name=base._ot_study.study_name,  # the name it was started with: the copied journal holds that one
+            storage=journal,
+            sampler=base._ot_study.sampler,
+            pruner=base._ot_study.pruner,
+        )
+        base._storage, base._ot_study = journal, study
+        base._ot_trials = {tid: optuna.trial.Trial(study, t._trial_id) for tid, t in base._ot_trials.items()}
 
 
 def make_searcher(space: SearchSpace, settings: SearchSettings) -> IPSOptunaSearch:
@@ -246,7 +276,23 @@ def make_tuner(space: SearchSpace, settings: SearchSettings, verbose: int = 1) -
 
 
 def restore_tuner(settings: SearchSettings) -> tune.Tuner:
-    """Continue an experiment: finished trials are kept, unfinished and errored ones resumed."""
-    return tune.Tuner.restore(
+    """Continue an experiment: finished trials are kept, unfinished and errored ones resumed.
+
+    Everything the search writes goes to ``settings.experiment_dir``, also when ``tuner.pkl`` names another folder
+    (a copied, renamed or moved experiment): the ``trials.csv`` callback and the search generator (which points the
+    searcher's state there once Ray restores it: ``ExtendableSearch.follow_folder``) are pointed there here.
+    """
+    tuner = tune.Tuner.restore(
         str(settings.experiment_dir), trainable=make_trainable(settings), resume_unfinished=True, resume_errored=True
     )
+    internal = tuner._local_tuner  # None only through a Ray client (ray://), which runs the tuner remotely
+    if internal is not None:
+        run_config = internal.get_run_config()
+        csv = settings.experiment_dir / TRIALS_CSV
+        run_config.callbacks = [
+            TrialsCsvCallback(csv) if isinstance(c, TrialsCsvCallback) else c for c in run_config.callbacks or []
+        ]
+        search_alg = internal._tune_config.search_alg
+        if isinstance(search_alg, ExtendableSearch):
+            search_alg.experiment_file = settings.experiment_dir / EXPERIMENT_FILE
+    return tuner

@@ -289,11 +289,11 @@ CASES: dict[str, Case] = {
     # a resumed search keeps the settings it saved: another value would be silently ignored
     "resume-with-another-sampler": Case(
         lambda tmp: [*resume_case("sure", {"experiment.json": saved()})(tmp), "--sampler", "random"],
-        "--sampler random differs from experiment 'x', which runs with tpe",
+        "--sampler random differs from experiment 'sure', which runs with tpe",
     ),
     "resume-with-another-scheduler": Case(
         lambda tmp: [*resume_case("sure", {"experiment.json": saved()})(tmp), "--scheduler", "asha"],
-        "--scheduler asha differs from experiment 'x', which runs with fifo",
+        "--scheduler asha differs from experiment 'sure', which runs with fifo",
     ),
     "resume-experiment-json-not-json": Case(
         resume_case("cut", {"experiment.json": saved()[:40]}), "experiment.json is damaged (not valid JSON"
@@ -313,12 +313,32 @@ CASES: dict[str, Case] = {
         space_case(smoke(data__dataset="features", data__root="/nowhere", model__encoder="small-cnn")),
         "set model.encoder: projector",
     ),
+    # --- names and addresses that failed with a traceback (issue 19)
+    "name-too-long": Case(args_case("--space", "smoke", "--name", "x" * 300), "(300 characters) must be a plain"),
+    "name-with-a-space": Case(args_case("--space", "smoke", "--name", "my run"), "must be a plain folder name"),
+    "name-with-a-newline": Case(args_case("--space", "smoke", "--name", "a\nb"), "must be a plain folder name"),
+    "name-hidden": Case(args_case("--space", "smoke", "--name", ".hidden"), "not starting with '.'"),
+    "dashboard-host-not-an-address": Case(
+        args_case("--space", "smoke", "--dashboard-host", "no such host"), "--dashboard-host 'no such host' is not"
+    ),
+    "dashboard-host-bad-ip": Case(args_case("--space", "smoke", "--dashboard-host", "300.1.2.3"), "not an IP address"),
+    # Ray unpickles the folder's state files on resume: one that another user can write is refused (issue 19)
+    "resume-pickle-writable-by-others": Case(
+        lambda tmp: _chmod(resume_case("shared", {"experiment.json": saved(), "tuner.pkl": "x"})(tmp), tmp, 0o666),
+        "tuner.pkl can be written by other users",
+    ),
 }
 
 
 def _file(path: Path) -> Path:
     path.write_text("not a folder")
     return path
+
+
+def _chmod(argv: list[str], tmp: Path, mode: int) -> list[str]:
+    """``argv`` of a resume case, after giving its experiment's ``tuner.pkl`` ``mode``."""
+    os.chmod(tmp / "results" / argv[argv.index("--resume") + 1] / "tuner.pkl", mode)
+    return argv
 
 
 @pytest.fixture

@@ -3,13 +3,18 @@
 ``results/<name>/`` holds Ray Tune's experiment folder (one ``train_ips_<id>/`` per trial with ``params.json``,
 ``result.json`` and ``checkpoint_*/checkpoint.pt``), ``experiment.json`` (ours: settings and space),
 ``trials.csv``, ``optuna.journal`` and ``search.log`` (Ray's console output); with a confirm stage, ``confirm/``
-(its Tune experiment and ``trials.csv``) and ``confirm.csv``.
+(its Tune experiment and ``trials.csv``) and ``confirm.csv``. ``search.lock`` is held (``flock``) by the search that
+runs in the folder, so a second one is refused.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,9 @@ REPORT_DIR = "report"
 TRAINABLE_NAME = "train_ips"  # trial folders are train_ips_<trial id>
 CONFIRM_DIR = "confirm"  # the confirm stage's own Tune experiment (its trials.csv inside)
 CONFIRM_CSV = "confirm.csv"  # per confirmed config: runs, mean and standard deviation
+LOCK_FILE = "search.lock"  # flock'ed by the search running in the folder
+# the files Ray unpickles when it restores an experiment (its .json state files are cloudpickle inside)
+RAY_PICKLES = ("**/*.pkl", "experiment_state-*.json", "search_gen_state-*.json")
 
 
 def write_experiment(folder: Path, settings: dict[str, Any], space: dict[str, Any], **extra: Any) -> Path:
@@ -68,6 +76,75 @@ def read_experiment(folder: Path, hint: str, damaged_hint: str | None = None) ->
             f"{folder} is not an ips-search experiment ({EXPERIMENT_FILE} was not written by ips-search); {hint}"
         )
     return meta
+
+
+def find_experiment(results_dir: Path, name: str) -> Path | None:
+    """The folder ``--resume NAME`` means: ``results_dir/NAME``, else NAME itself when it is the path of a folder
+    holding ``experiment.json`` (a copied or moved experiment); None when neither exists."""
+    if (results_dir / name).is_dir():
+        return results_dir / name
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / EXPERIMENT_FILE).is_file():
+        return path.resolve()
+    return None
+
+
+@contextmanager
+def experiment_lock(folder: Path, name: str) -> Iterator[None]:
+    """Hold ``folder/search.lock`` while a search runs there; a second search of the same folder is refused.
+
+    ``flock`` is released by the kernel when the process ends however it ends, so a killed search leaves no stale
+    lock to clean up (the file stays, unlocked: removing it would let two searches lock two different files).
+    """
+    path = folder / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create {path} ({exc.strerror}); fix the folder's permissions or free space"
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"experiment {name!r} is already being searched by another process (it holds {path}); wait for that "
+                "search to finish or stop it (Ctrl-C), or copy the folder and resume the copy"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_trusted(folder: Path, uid: int | None = None) -> None:
+    """Refuse to resume from a folder another user could have written to: Ray unpickles its state files
+    (``RAY_PICKLES``), and unpickling a file runs whatever code its writer put in it.
+
+    The folder, every folder inside it and each of those files must belong to the user running the search
+    (``uid``, default this process's) and be writable by no one else (no group/other write bit).
+    """
+    uid = os.getuid() if uid is None else uid
+    paths = [folder, *(p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink())]
+    paths += [p for pattern in RAY_PICKLES for p in sorted(folder.glob(pattern))]
+    for path in paths:
+        try:
+            info = path.stat()  # follows a link: what Ray would read is what must be ours
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path} ({exc.strerror}); fix its permissions, then resume") from None
+        why = "resuming unpickles Ray's state files, which runs any code they hold"
+        target = path.resolve() if path.is_symlink() else path
+        shown = f"{path} (a link to {target})" if target != path else str(path)
+        if info.st_uid != uid:
+            raise ConfigError(
+                f"{shown} belongs to another user (uid {info.st_uid}, you are {uid}); {why}: if you trust it, copy "
+                f"the experiment into a folder of your own (cp -rL) or `chown -R` it, then resume that"
+            )
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            fix = f"`chmod -R go-w {folder}`" if target == path else f"`chmod go-w {target}`"
+            raise ConfigError(
+                f"{shown} can be written by other users (mode {stat.S_IMODE(info.st_mode):o}); {why}: if you trust "
+                f"it, {fix}, then resume"
+            )
 
 
 def _first_line(exc: Exception) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
@@ -22,6 +23,8 @@ ASHA_FLAGS = {
     "brackets": "--brackets",
 }
 SEED_LIMIT = 2**32  # numpy's, so Optuna's samplers: seeds are 0 .. 2**32 - 1
+NAME_LIMIT = 100  # characters of --name: a folder name, and Optuna's study name, that any filesystem takes
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 @dataclass
@@ -38,7 +41,8 @@ class SearchSettings:
     scheduler: str = "fifo"
     max_memory_mb: float | None = None
     cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
+    # None: auto, resolved once the cluster is known (1 per trial when it has GPUs, else 0) and saved resolved
+    gpus_per_trial: float | None = 0.0
     concurrency: int = 1
     seed: int = 0
     epochs: int = 4
@@ -78,7 +82,7 @@ def check_settings(args: Any) -> None:
     check_positive(args.max_memory_mb, "--max-memory-mb")
     check_positive(args.cpus_per_trial, "--cpus-per-trial")
     check_positive(args.gpus_per_trial, "--gpus-per-trial", allow_zero=True)
-    if args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial):
+    if args.gpus_per_trial is not None and args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial):
         raise ConfigError(f"--gpus-per-trial above 1 must be whole, got {args.gpus_per_trial:g}")
     if args.concurrency is not None and args.concurrency < 1:
         raise ConfigError(f"--concurrency must be at least 1, got {args.concurrency}")
@@ -98,6 +102,16 @@ def check_settings(args: Any) -> None:
         raise ConfigError(f"--name {args.name!r} must be a plain folder name (no '/', not starting with '.')")
     if not 0 <= args.seed < SEED_LIMIT:
         raise ConfigError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
+
+
+def check_name(name: str) -> None:
+    """``--name``: a plain folder name of at most ``NAME_LIMIT`` letters, digits, '.', '_' and '-', not hidden."""
+    if len(name) > NAME_LIMIT or not NAME_PATTERN.fullmatch(name):
+        shown = repr(name) if len(name) <= NAME_LIMIT else f"{name[:20]!r}... ({len(name)} characters)"
+        raise ConfigError(
+            f"--name {shown} must be a plain folder name: at most {NAME_LIMIT} letters, digits, '.', '_' and '-', "
+            "not starting with '.'"
+        )
 
 
 def settings_from_saved(saved: Any) -> SearchSettings:
