@@ -44,9 +44,9 @@ def pixel_limit(max_pixels: Any = None) -> int:
 
 
 def _too_big(path: Path, pixels: int | None, size: str, limit: int) -> ConfigError:
-    claimed = f"{size} = {pixels:,} pixels" if pixels is not None else size
+    claimed = f"{size} = {pixels:,} pixels" if size and pixels else f"{pixels:,} pixels" if pixels else "too large"
     return ConfigError(
-        f"image {path} is {claimed}, over data.max_pixels = {limit:,}; it was not decoded: raise data.max_pixels "
+        f"image {path} has {claimed}, over data.max_pixels = {limit:,}; it was not decoded: raise data.max_pixels "
         "if you trust the file, or convert it to a tiled pyramidal TIFF (dataset: slides reads those lazily)"
     )
 
@@ -90,7 +90,7 @@ def open_image(path: Path, max_pixels: int | None = None) -> Iterator[Any]:
             raise
         except Image.DecompressionBombError as exc:  # Pillow refuses at twice its limit, before we see the size
             found = re.search(r"\((\d+) pixels\)", str(exc))
-            raise _too_big(path, int(found[1]) if found else None, "too large", limit) from None
+            raise _too_big(path, int(found[1]) if found else None, "", limit) from None
         except (OSError, ValueError, SyntaxError) as exc:
             raise ConfigError(f"cannot read image {path} ({_reason(exc)}); replace or remove the file") from None
 
@@ -112,6 +112,8 @@ def _open_tiff(path: Path) -> Iterator[Any]:
     try:
         with tifffile.TiffFile(path) as tif:
             yield tif
+    except ConfigError:
+        raise
     except (tifffile.TiffFileError, ValueError, OSError, IndexError) as exc:
         raise ConfigError(f"cannot read image {path} ({_reason(exc)}); replace or remove the file") from None
 
