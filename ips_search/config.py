@@ -25,6 +25,8 @@ LOADING_MODES = ("eager", "eager-sequential", "lazy")
 SHUFFLES = ("none", "batch", "instance")
 DATASETS = ("megapixel", "mnist-resized", "folder", "slides", "features")
 MEGAPIXEL_TASKS = ("majority", "max", "top", "multilabel")
+# data.extract.encoder names (ips_search.extract); any other value is a TorchScript file's path
+EXTRACT_ENCODERS = ("warm-start", "random-init", "resnet18-imagenet", "resnet50-imagenet")
 SEED_LIMIT = 2**32  # numpy's: seeds are 0 .. 2**32 - 1
 
 

@@ -49,14 +49,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ips_search.cli import OneLineParser, exit_code_of
-from ips_search.config import DataConfig, IPSConfig, Rule, build_config, check_fields, positive_int
+from ips_search.config import EXTRACT_ENCODERS, DataConfig, IPSConfig, Rule, build_config, check_fields, positive_int
 from ips_search.data.cache import cache_key, cache_root
 from ips_search.errors import ConfigError
 
 FORMAT_VERSION = 1
 IMAGENET = {"resnet18-imagenet": "resnet18", "resnet50-imagenet": "resnet50"}
 RANDOM_INIT = "random-init"
-NAMED_ENCODERS = ("warm-start", RANDOM_INIT, *IMAGENET)
+NAMED_ENCODERS = EXTRACT_ENCODERS  # ("warm-start", RANDOM_INIT, *IMAGENET): config.py names them for space.py
 MANIFEST = "labels.csv"
 SPLIT_ORDER = ("train", "val", "test")
 SETTINGS = "extraction.json"

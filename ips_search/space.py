@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from ips_search.config import DataConfig, ExperimentConfig, IPSConfig, TrainConfig, build_config
+from ips_search.config import EXTRACT_ENCODERS, DataConfig, ExperimentConfig, IPSConfig, TrainConfig, build_config
 from ips_search.errors import ConfigError
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -237,10 +237,6 @@ def _space_from_mapping(raw: dict[str, Any], where: str, name: str, path: str | 
         fixed["model"].setdefault("encoder", "projector")
     for section, cls in SECTIONS.items():
         build_config(cls, fixed[section], f"{section} of {where}")  # unknown keys, types, ranges
-    if fixed["data"].get("extract") is not None:  # its settings too, before any data build
-        from ips_search.extract import parse_extract
-
-        parse_extract(fixed["data"]["extract"])
     params = {k: _parse_param(k, v, where) for k, v in (raw.get("search") or {}).items()}
     for p in params.values():
         if p.name in PATH_FIELDS and p.choices is not None:
@@ -275,16 +271,10 @@ def resolve_data_paths(data: dict[str, Any]) -> dict[str, Any]:
         if isinstance(extract.get("from"), dict):
             extract["from"] = resolve_data_paths(extract["from"])
         encoder = extract.get("encoder")
-        if isinstance(encoder, str) and not _is_named_encoder(encoder):
+        if isinstance(encoder, str) and encoder not in EXTRACT_ENCODERS:
             extract["encoder"] = resolve_path(encoder)  # a TorchScript file
         data["extract"] = extract
     return data
-
-
-def _is_named_encoder(name: str) -> bool:
-    from ips_search.extract import NAMED_ENCODERS
-
-    return name in NAMED_ENCODERS
 
 
 def _patch_counts(raw: Any, where: str) -> dict[int, int]:

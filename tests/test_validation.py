@@ -289,6 +289,11 @@ def test_extract_setting_of_the_wrong_type_names_its_nested_key():
         extract.parse_extract({"from": {"dataset": "megapixel"}, "warm_start_steps": 0})
 
 
+def test_the_named_extraction_encoders_are_the_ones_space_loading_leaves_alone():
+    """space.py tells a TorchScript path (resolved at load) from a named encoder by config.EXTRACT_ENCODERS."""
+    assert set(extract.NAMED_ENCODERS) == {"warm-start", extract.RANDOM_INIT, *extract.IMAGENET}
+
+
 # -- TorchScript: code, loaded only from a path a user named --------------------------------------------------------
 SOURCE = {"dataset": "megapixel", "canvas_size": 64, "digit_size": 16, "n_digits": 3, "n_noise": 2, "n_train": 6,
           "n_test": 3, "patch_size": 16}  # fmt: skip
