@@ -64,9 +64,8 @@ def image_folder(root: Path, counts: dict[str, int]) -> Path:
 
 
 def folder_cfg(root: Path, **overrides) -> DataConfig:
-    return DataConfig(
-        **{"dataset": "folder", "root": str(root), "image_size": 32, "patch_size": 16, "n_chan": 3, **overrides}
-    )
+    values = dict(dataset="folder", root=str(root), image_size=32, patch_size=16, n_chan=3)
+    return DataConfig(**{**values, "cache_dir": str(root.parent / "cache"), **overrides})
 
 
 def slides_cfg(tmp: Path, **overrides) -> DataConfig:
@@ -99,7 +98,9 @@ def features_cohort(root: Path, labels: list[str], splits: list[str] | None = No
 
 
 def features_cfg(root: Path, **overrides) -> DataConfig:
-    return DataConfig(**{"dataset": "features", "root": str(root), **overrides})
+    return DataConfig(
+        **{"dataset": "features", "root": str(root), "cache_dir": str(root.parent / "cache"), **overrides}
+    )
 
 
 # ---------------------------------------------------------------- 1. one class
@@ -214,8 +215,9 @@ def test_a_copied_feature_file_in_another_split_is_refused(tmp_path):
     assert "slide00.h5" in message and "slide04.h5" in message and "same content" in message
 
 
-def test_only_files_of_equal_size_are_hashed(tmp_path, monkeypatch):
-    """Sizes are compared first: a cohort of distinct sizes reads no file; above HASH_LIMIT nothing is hashed."""
+def test_only_files_of_equal_size_are_hashed_and_a_passed_cohort_is_remembered(tmp_path, monkeypatch):
+    """Sizes are compared first: a cohort of distinct sizes reads no file; above HASH_LIMIT nothing is hashed; a
+    cohort that passed is not read again by the next build (every trial builds its datasets)."""
     hashed = []
     real = checks._digest
     monkeypatch.setattr(checks, "_digest", lambda path, size: hashed.append(path) or real(path, size))
@@ -223,16 +225,19 @@ def test_only_files_of_equal_size_are_hashed(tmp_path, monkeypatch):
     a.write_bytes(b"x" * 10)
     b.write_bytes(b"y" * 11)
     c.write_bytes(b"z" * 10)
-    checks.check_disjoint({"train": [a], "test": [b]}, "cohort")
+    checks.check_disjoint({"train": [a], "test": [b]}, "cohort", str(tmp_path / "cache1"))
     assert hashed == []
-    checks.check_disjoint({"train": [a], "test": [c]}, "cohort")  # same size, other content: hashed, passes
+    checks.check_disjoint({"train": [a], "test": [c]}, "cohort", str(tmp_path / "cache1"))  # same size: hashed
     assert sorted(hashed) == [a, c]
+    hashed.clear()
+    checks.check_disjoint({"train": [a], "test": [c]}, "cohort", str(tmp_path / "cache1"))  # remembered
+    assert hashed == []
     c.write_bytes(b"x" * 10)
     with pytest.raises(ConfigError, match="same content"):
-        checks.check_disjoint({"train": [a], "test": [c]}, "cohort")
+        checks.check_disjoint({"train": [a], "test": [c]}, "cohort", str(tmp_path / "cache2"))
     monkeypatch.setattr(checks, "HASH_LIMIT", 5)
     hashed.clear()
-    checks.check_disjoint({"train": [a], "test": [c]}, "cohort")  # big files: identity only
+    checks.check_disjoint({"train": [a], "test": [c]}, "cohort", str(tmp_path / "cache3"))  # big: identity only
     assert hashed == []
 
 

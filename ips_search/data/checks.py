@@ -7,13 +7,15 @@ Each one turns data that would train and report nonsense without a word into a o
   a ``test/`` folder). A seeded draw is not refused for landing on one class by chance.
 * :func:`check_disjoint`: one file in two splits, found by its identity (the same file after resolving links:
   same device and inode) or, for files up to :data:`HASH_LIMIT` bytes, by the same content (SHA-256; only files of
-  equal size are hashed, so a cohort of distinct sizes costs one ``stat`` per file).
+  equal size are hashed, so a cohort of distinct sizes costs one ``stat`` per file; a cohort that passed is
+  remembered in the cache directory, so the builds that follow in every trial do not read its files again).
 * :func:`inside`: a manifest's relative path, or a slide name, that points outside its folder (``../x``).
 * :func:`check_finite`: NaN or Inf in a tensor of features as it is read, naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections import defaultdict
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ips_search.data.cache import cache_key, cache_root
 from ips_search.errors import ConfigError
 
 HASH_LIMIT = 64 << 20  # files up to 64 MB are compared by content; bigger ones (slides) by identity only
@@ -64,11 +67,6 @@ def check_classes(
         )
 
 
-def _identity(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_dev, stat.st_ino
-
-
 def _digest(path: Path, size: int) -> str:
     key = (str(path.resolve()), size, path.stat().st_mtime_ns)
     if key not in _DIGESTS:
@@ -80,20 +78,29 @@ def _digest(path: Path, size: int) -> str:
     return _DIGESTS[key]
 
 
-def check_disjoint(splits: Mapping[str, Sequence[Path]], where: str) -> None:
-    """Refuse one file in two splits: the same file (links resolved) or, up to :data:`HASH_LIMIT`, the same bytes."""
+def check_disjoint(splits: Mapping[str, Sequence[Path]], where: str, cache_dir: str | None = None) -> None:
+    """Refuse one file in two splits: the same file (links resolved) or, up to :data:`HASH_LIMIT`, the same bytes.
+
+    A cohort that passed is remembered in the cache directory by every file's identity (path, size, mtime), so the
+    builds that follow (every trial builds its datasets) cost one ``stat`` per file, not a read of the files."""
+    stats = {split: [(path, path.stat()) for path in paths] for split, paths in splits.items()}
+    fields = {
+        "v": 1,
+        "splits": {k: [(str(p.resolve()), st.st_size, st.st_mtime_ns) for p, st in v] for k, v in stats.items()},
+    }
+    passed = cache_root(cache_dir) / "cohort-checked" / cache_key(fields)
+    if passed.exists():
+        return
     owner: dict[tuple[int, int], tuple[str, Path]] = {}
     by_size: dict[int, list[tuple[str, Path]]] = defaultdict(list)
-    for split, paths in splits.items():
-        for path in paths:
-            key = _identity(path)
+    for split, files in stats.items():
+        for path, stat in files:
+            key = (stat.st_dev, stat.st_ino)
             if key in owner and owner[key][0] != split:
-                other_split, other = owner[key]
-                raise _leak(where, (other_split, other), (split, path), "are the same file")
+                raise _leak(where, owner[key], (split, path), "are the same file")
             owner.setdefault(key, (split, path))
-            size = path.stat().st_size
-            if size <= HASH_LIMIT:
-                by_size[size].append((split, path))
+            if stat.st_size <= HASH_LIMIT:
+                by_size[stat.st_size].append((split, path))
     for size, files in by_size.items():
         if len({split for split, _ in files}) < 2:  # same size, one split: no leak possible
             continue
@@ -103,6 +110,9 @@ def check_disjoint(splits: Mapping[str, Sequence[Path]], where: str) -> None:
             if digest in seen and seen[digest][0] != split:
                 raise _leak(where, seen[digest], (split, path), "have the same content")
             seen.setdefault(digest, (split, path))
+    with contextlib.suppress(OSError):  # a read-only cache only costs the next build the same check
+        passed.parent.mkdir(parents=True, exist_ok=True)
+        passed.touch()
 
 
 def _leak(where: str, first: tuple[str, Path], second: tuple[str, Path], how: str) -> ConfigError:

@@ -333,7 +333,8 @@ def build(cfg: DataConfig) -> tuple[FeatureDataset, FeatureDataset, FeatureDatas
     ]
     labels_of = {split: [labels[i] for i in idx] for split, idx in keep.items()}
     check_classes(labels_of, classes, f"manifest {manifest}", given)
-    check_disjoint({split: [files[i].path for i in idx] for split, idx in keep.items()}, f"manifest {manifest}")
+    paths_of = {split: [files[i].path for i in idx] for split, idx in keep.items()}
+    check_disjoint(paths_of, f"manifest {manifest}", cfg.cache_dir)
     parts = [
         FeatureDataset([files[i] for i in keep[split]], [labels[i] for i in keep[split]], classes, as_tensors)
         for split in SPLITS

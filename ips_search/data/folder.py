@@ -191,7 +191,7 @@ def plan(cfg: DataConfig) -> FolderPlan:
     splits = {"train": np.sort(rest[n_val:]), "val": np.sort(rest[:n_val]), "test": np.sort(test_idx)}
     given = ("test",) if has_train else ()  # a seeded draw may land on one class by chance: not refused
     check_classes({k: [labels[i] for i in idx] for k, idx in splits.items()}, classes, f"image folder {root}", given)
-    check_disjoint({k: [paths[i] for i in idx] for k, idx in splits.items()}, f"image folder {root}")
+    check_disjoint({k: [paths[i] for i in idx] for k, idx in splits.items()}, f"image folder {root}", cfg.cache_dir)
     return FolderPlan(root, classes, paths, labels, splits)
 
 

@@ -237,7 +237,7 @@ def split_cohort(entries: SlideEntries, cfg: DataConfig) -> dict[str, np.ndarray
     where = f"manifest {cfg.manifest}" if cfg.manifest else f"slide folder {cfg.root}" if cfg.root else "the slides"
     given = ("test",) if entries.splits is not None else ()  # a seeded draw may land on one class by chance
     check_classes({k: [entries.labels[i] for i in idx] for k, idx in splits.items()}, entries.classes, where, given)
-    check_disjoint({k: [entries.paths[i] for i in idx] for k, idx in splits.items()}, where)
+    check_disjoint({k: [entries.paths[i] for i in idx] for k, idx in splits.items()}, where, cfg.cache_dir)
     return splits
 
 
