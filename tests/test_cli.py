@@ -49,11 +49,18 @@ def test_bad_input_and_ctrl_c_are_one_line_each(capsys):
 
 
 def test_ctrl_c_in_a_running_command_is_one_line_and_130(tmp_path, cache_dir):
-    """A real SIGINT, as a terminal's Ctrl-C sends it, into ``estimate`` while it predicts a grid (about 25 s)."""
+    """A real SIGINT, as a terminal's Ctrl-C sends it, into ``estimate`` while it predicts a grid (about 25 s).
+
+    The child says when its imports are done, so the signal lands in the command's work whatever the machine's load.
+    """
     env = {**os.environ, "IPS_SEARCH_CACHE": cache_dir}
-    cmd = [sys.executable, "-m", "ips_search.estimate", "--space", "default", "--sample", "60", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-    time.sleep(8)  # past the imports and into the work
+    argv = ["--space", "default", "--sample", "60", "--device", "cpu"]
+    code = f"import sys; from ips_search import estimate; print('ready', flush=True); sys.exit(estimate.main({argv!r}))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path
+    )
+    assert proc.stdout.readline().strip() == "ready", proc.communicate()
+    time.sleep(3)  # into the grid
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
