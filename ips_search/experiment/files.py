@@ -109,7 +109,7 @@ def experiment_lock(folder: Path, name: str) -> Iterator[None]:
         except BlockingIOError:
             raise ConfigError(
                 f"experiment {name!r} is already being searched by another process (it holds {path}); wait for that "
-                "search to finish or stop it (Ctrl-C), or copy the folder and resume the copy"
+                "search to finish, or stop it (Ctrl-C in its terminal), then run this again"
             ) from None
         yield
     finally:
