@@ -89,6 +89,24 @@ def test_the_lock_is_held_while_the_search_runs(tmp_path, monkeypatch, capsys):
     assert resume("exp", tmp_path / "results") == 0 and tried == [True]
 
 
+def test_a_new_search_holds_the_lock_too(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setattr(launch, "start_ray", lambda *a: {"CPU": 2.0})
+    held = []
+
+    def tuner(*args, **kwargs):
+        with open(tmp_path / "new" / LOCK_FILE, "a") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.append(True)
+        raise _Stop
+
+    monkeypatch.setattr("ips_search.search.make_tuner", tuner)
+    with pytest.raises(_Stop):
+        run.main(["--space", "smoke", "--results-dir", str(tmp_path), "--name", "new", "--no-dashboard"])
+    assert held == [True]
+    with open(tmp_path / "new" / LOCK_FILE, "a") as after:  # released once the search ended, however it ended
+        fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 # ------------------------------------------------------------------ --resume: which folder, and whether to trust it
 
 
