@@ -49,6 +49,18 @@ def ray_cluster(cache_dir):
 
 
 @pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if anything tries to start or join Ray."""
+    import ray
+
+    def started(*args, **kwargs):
+        pytest.fail("Ray was started")
+
+    monkeypatch.setattr("ips_search.launch.start_ray", started)
+    monkeypatch.setattr(ray, "init", started)
+
+
+@pytest.fixture
 def results_dir(tmp_path) -> Path:
     path = tmp_path / "results"
     path.mkdir()

@@ -313,7 +313,7 @@ CASES: dict[str, Case] = {
         space_case(smoke(data__dataset="features", data__root="/nowhere", model__encoder="small-cnn")),
         "set model.encoder: projector",
     ),
-    # --- names and addresses that failed with a traceback (issue 19)
+    # --- names and addresses that failed with a traceback
     "name-too-long": Case(args_case("--space", "smoke", "--name", "x" * 300), "(300 characters) must be a plain"),
     "name-with-a-space": Case(args_case("--space", "smoke", "--name", "my run"), "must be a plain folder name"),
     "name-with-a-newline": Case(args_case("--space", "smoke", "--name", "a\nb"), "must be a plain folder name"),
@@ -322,7 +322,7 @@ CASES: dict[str, Case] = {
         args_case("--space", "smoke", "--dashboard-host", "no such host"), "--dashboard-host 'no such host' is not"
     ),
     "dashboard-host-bad-ip": Case(args_case("--space", "smoke", "--dashboard-host", "300.1.2.3"), "not an IP address"),
-    # Ray unpickles the folder's state files on resume: one that another user can write is refused (issue 19)
+    # Ray unpickles the folder's state files on resume: one that another user can write is refused
     "resume-pickle-writable-by-others": Case(
         lambda tmp: _chmod(resume_case("shared", {"experiment.json": saved(), "tuner.pkl": "x"})(tmp), tmp, 0o666),
         "tuner.pkl can be written by other users",
@@ -339,18 +339,6 @@ def _chmod(argv: list[str], tmp: Path, mode: int) -> list[str]:
     """``argv`` of a resume case, after giving its experiment's ``tuner.pkl`` ``mode``."""
     os.chmod(tmp / "results" / argv[argv.index("--resume") + 1] / "tuner.pkl", mode)
     return argv
-
-
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Fail the test if anything tries to start or join Ray."""
-    import ray
-
-    def started(*args, **kwargs):
-        pytest.fail("Ray was started")
-
-    monkeypatch.setattr("ips_search.launch.start_ray", started)
-    monkeypatch.setattr(ray, "init", started)
 
 
 def _params():

@@ -1,4 +1,4 @@
-"""Bad cohorts refused before anything runs (issue 19): one class, one file in two splits, manifest paths outside
+"""Bad cohorts refused before anything runs: one class, one file in two splits, manifest paths outside
 their folder, NaN / Inf features, 16-bit and planar images decoded right, and a pixel limit read from the header.
 
 Every refusal is a one-line :class:`ConfigError` raised when the datasets are built or previewed (``--dry-run``).

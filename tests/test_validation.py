@@ -1,4 +1,4 @@
-"""Load-time validation (issue 19): every config field's type and range, the features encoder, a space's paths
+"""Load-time validation: every config field's type and range, the features encoder, a space's paths
 resolved once, ``extract --device``, and TorchScript loaded only from paths a user named."""
 
 from __future__ import annotations
@@ -129,17 +129,6 @@ def test_a_bad_searched_value_is_refused_at_load(tmp_path):
     doc["search"]["dropout"] = {"low": 0.0, "high": 1.0}  # high 1.0: every trial that draws near it would raise
     with pytest.raises(ConfigError, match=r"model\.dropout must be a number in \[0, 1\), got 1\.0"):
         load_space(_space(tmp_path, doc))
-
-
-@pytest.fixture
-def no_ray(monkeypatch):
-    import ray
-
-    def started(*args, **kwargs):
-        pytest.fail("Ray was started")
-
-    monkeypatch.setattr("ips_search.launch.start_ray", started)
-    monkeypatch.setattr(ray, "init", started)
 
 
 def test_dropout_above_1_stops_the_search_before_ray(tmp_path, cache_dir, capsys, no_ray):
