@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from ips_search.config import DataConfig, IPSConfig
 from ips_search.data import build_datasets
 from ips_search.data.features import H5FeatureSource
-from ips_search.extract import MANIFEST, feature_folder, parse_extract, resolve_data
+from ips_search.extraction import MANIFEST, feature_folder, parse_extract, resolve_data
 from ips_search.memory import PeakMemory
 from ips_search.model import IPSNet
 from ips_search.space import load_space, trial_config
@@ -100,7 +100,7 @@ def bench_trial(point: dict, epochs: int, device: torch.device, repeats: int = 1
 def bench_extract(folder: Path) -> dict:
     """The default-features space's extraction (every canvas, its frozen warm-start encoder) into ``folder``;
     the canvases and the warm-start weights come from the cache (built first if missing, not timed)."""
-    from ips_search.extract import build_frozen_encoder, extract_splits
+    from ips_search.extraction import build_frozen_encoder, extract_splits
 
     cfg = parse_extract(load_space("default-features").fixed["data"]["extract"])
     data = build_datasets(cfg.source)

@@ -7,7 +7,7 @@
   ``--full-grid`` adds the whole grid). Targets: <= 2 s per config, <= 30 s for the grid. Writes
   ``memory-estimate-<machine>.json`` / ``.md``.
 * **CUDA (``--device cuda``, on a GPU).** For each config in ``CUDA_CONFIGS`` the prediction against
-  ``torch.cuda.max_memory_allocated`` of a real training step (``estimate.measure_step_memory``: random weights, a
+  ``torch.cuda.max_memory_allocated`` of a real training step (``prediction.measure_step_memory``: random weights, a
   warm-up step, then the measured one), with and without the cuBLAS workspaces; then seconds per training step of the
   paper config with ``ips_impl="reference"`` against the default ``streaming``. Writes
   ``memory-cuda-<machine>.json`` / ``.md``. Needs no Ray; meant as one command with a timeout::
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ips_search import estimate
+from ips_search import prediction
 from ips_search.config import ExperimentConfig, Task
 from ips_search.space import load_space, trial_config
 
@@ -69,7 +69,7 @@ def config(name: str) -> tuple[ExperimentConfig, int, int, tuple[Task, ...]]:
     space = load_space(space_name)
     fixed = {**space.fixed, "model": {**space.fixed.get("model", {}), **model}}
     exp = trial_config(fixed, params)
-    n_chan, tasks = estimate.data_shape(exp.data)
+    n_chan, tasks = prediction.data_shape(exp.data)
     return exp, space.n_patches(exp.data.patch_size), n_chan, tasks
 
 
@@ -102,17 +102,17 @@ def _timed(fn) -> tuple[Any, float]:
 def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     space = load_space("default")
     best = {"patch_size": 32, "memory_size": 8, "iteration_size": 8}
-    estimate.clear_cache()
+    prediction.clear_cache()
     smoke = {"patch_size": 32, "memory_size": 4, "iteration_size": 4}  # another model: torch's one-off setup
-    _, first_s = _timed(lambda: estimate.estimate_config(load_space("smoke"), smoke))
-    cold, cold_s = _timed(lambda: estimate.estimate_config(space, best))
-    _, warm_s = _timed(lambda: estimate.estimate_config(space, {**best, "memory_size": 9}))
+    _, first_s = _timed(lambda: prediction.estimate_config(load_space("smoke"), smoke))
+    cold, cold_s = _timed(lambda: prediction.estimate_config(space, best))
+    _, warm_s = _timed(lambda: prediction.estimate_config(space, {**best, "memory_size": 9}))
     exp, n, n_chan, tasks = config(PAPER)
-    paper, paper_s = _timed(lambda: estimate.estimate_step_memory(exp, n, n_chan, tasks))
-    grid = estimate.space_grid(space)
-    sample = estimate.even_sample(grid, 60)
-    estimate.clear_cache()
-    _, sample_s = _timed(lambda: [estimate.estimate_config(space, p) for p in sample])
+    paper, paper_s = _timed(lambda: prediction.estimate_step_memory(exp, n, n_chan, tasks))
+    grid = prediction.space_grid(space)
+    sample = prediction.even_sample(grid, 60)
+    prediction.clear_cache()
+    _, sample_s = _timed(lambda: [prediction.estimate_config(space, p) for p in sample])
     res: dict[str, Any] = {
         "first_in_process_s": first_s,
         "one_config": {"config": best, "peak_mb": cold.peak_mb, "cold_s": cold_s, "warm_s": warm_s},
@@ -120,8 +120,8 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
         "grid": {"configs": len(grid), "sampled": len(sample), "sample_s": sample_s},
     }
     if args.full_grid:
-        estimate.clear_cache()
-        _, full_s = _timed(lambda: [estimate.estimate_config(space, p) for p in grid])
+        prediction.clear_cache()
+        _, full_s = _timed(lambda: [prediction.estimate_config(space, p) for p in grid])
         res["grid"]["full_s"] = full_s
     res["targets"] = {
         "first config in a process <= 2 s": {"seconds": first_s, "met": first_s <= TARGET_ONE_S},
@@ -199,10 +199,10 @@ def run_cuda(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for name in CUDA_CONFIGS:
         exp, n, n_chan, tasks = config(name)
-        est, est_s = _timed(lambda exp=exp, n=n, n_chan=n_chan, tasks=tasks: estimate.estimate_step_memory(
+        est, est_s = _timed(lambda exp=exp, n=n, n_chan=n_chan, tasks=tasks: prediction.estimate_step_memory(
             exp, n, n_chan, tasks))  # fmt: skip
         try:
-            measured = estimate.measure_step_memory(exp, n, n_chan, tasks)
+            measured = prediction.measure_step_memory(exp, n, n_chan, tasks)
         except RuntimeError as exc:  # e.g. out of memory: the row says so
             measured = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
         row = {"config": name, "n_patches": n, "predicted_mb": est.peak_mb, "estimate_s": est_s, **measured}

@@ -56,7 +56,7 @@ def no_ray(monkeypatch):
     def started(*args, **kwargs):
         pytest.fail("Ray was started")
 
-    monkeypatch.setattr("ips_search.launch.start_ray", started)
+    monkeypatch.setattr("ips_search.search.launch.start_ray", started)
     monkeypatch.setattr(ray, "init", started)
 
 

@@ -1,9 +1,9 @@
 """Bad inputs: every one is exit 2 with exactly one stderr line naming the problem, and Ray never starts.
 
 Each case builds its input in ``tmp_path`` (a space YAML, an image folder, a results folder) and runs the real
-command, ``run.main([...])``, without ``--dry-run``: with ``ips_search.launch.start_ray`` and ``ray.init`` made to fail
-the test, a case passes only if the problem is caught before the search would start. docs/reliability.md tables
-every case with the line it prints.
+command, ``run.main([...])``, without ``--dry-run``: with ``ips_search.search.launch.start_ray`` and ``ray.init``
+made to fail the test, a case passes only if the problem is caught before the search would start.
+docs/reliability.md tables every case with the line it prints.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from PIL import Image
 
 from ips_search import run
 from ips_search.errors import ConfigError
+from ips_search.search import cli
 from ips_search.space import SPACES_DIR
 
 SMOKE = yaml.safe_load((SPACES_DIR / "smoke.yaml").read_text())  # canvas 128, P=32: N=16
@@ -370,30 +371,30 @@ def test_there_are_at_least_15_handled_cases():
 
 def test_a_saved_experiment_loads_back_unchanged(tmp_path):
     """The checks on a resumed experiment.json accept every file the search writes."""
-    from ips_search.launch import save_experiment
-    from ips_search.search import SearchSettings
+    from ips_search.search.launch import save_experiment
+    from ips_search.search.tuner import SearchSettings
     from ips_search.space import load_space
 
     for name in ("default", "smoke"):
         space = load_space(name)
         settings = SearchSettings(name=name, results_dir=str(tmp_path), space=name, max_memory_mb=500.0, seed=3)
         save_experiment(space, settings, ["run"])
-        settings_back, space_back = run.load_experiment(tmp_path, name)
+        settings_back, space_back = cli.load_experiment(tmp_path, name)
         assert settings_back == settings
         assert space_back.to_dict() == space.to_dict()
 
 
 def test_resume_accepts_the_saved_settings_and_refuses_others():
     """Flags equal to what the experiment saved (or left out) pass; any other value of a kept setting is refused."""
-    from ips_search.search import SearchSettings
+    from ips_search.search.tuner import SearchSettings
 
     settings = SearchSettings(name="x", results_dir="r", space="smoke", sampler="random", seed=3, confirm=1, epochs=4)
 
     def given(*flags: str) -> dict:
-        return run.given_settings(["--resume", "x", *flags])
+        return cli.given_settings(["--resume", "x", *flags])
 
     assert given() == {} and given("--trials", "80") == {}  # --trials extends the search: not a kept setting
-    run.check_resume_flags(given("--sampler", "random", "--seed", "3", "--confirm", "1", "--epochs", "4"), settings)
+    cli.check_resume_flags(given("--sampler", "random", "--seed", "3", "--confirm", "1", "--epochs", "4"), settings)
     # "--sampler tpe" is the flag's default, and still not what this experiment runs with
     for flags in (
         ["--seed", "4"],
@@ -403,14 +404,14 @@ def test_resume_accepts_the_saved_settings_and_refuses_others():
         ["--sampler", "tpe"],
     ):
         with pytest.raises(ConfigError, match=f"^{flags[0]} {flags[1]} differs from experiment 'x'"):
-            run.check_resume_flags(given(*flags), settings)
+            cli.check_resume_flags(given(*flags), settings)
 
 
 def test_cluster_too_small_for_a_trial_is_one_line_exit_2(tmp_path, cache_dir, capsys, monkeypatch):
     """Found once Ray runs (a joined cluster's size is unknown before): still one line, exit 2, and Ray left."""
     import ray
 
-    monkeypatch.setattr("ips_search.launch.start_ray", lambda *a: {"CPU": 1.0})
+    monkeypatch.setattr("ips_search.search.launch.start_ray", lambda *a: {"CPU": 1.0})
     shutdowns = []
     monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(True))
     argv = ["--space", "smoke", "--cpus-per-trial", "2", "--address", "auto", "--results-dir", str(tmp_path)]
@@ -455,12 +456,12 @@ class _Stop(Exception):
 
 
 def test_a_valid_space_file_outside_search_spaces_is_accepted(tmp_path, cache_dir, monkeypatch):
-    monkeypatch.setattr("ips_search.launch.start_ray", lambda *a: {"CPU": 2.0})  # Ray is faked: not needed here
+    monkeypatch.setattr("ips_search.search.launch.start_ray", lambda *a: {"CPU": 2.0})  # Ray is faked: not needed here
 
     def tuner(*args, **kwargs):
         raise _Stop
 
-    monkeypatch.setattr("ips_search.search.make_tuner", tuner)
+    monkeypatch.setattr("ips_search.search.tuner.make_tuner", tuner)
     space = tmp_path / "elsewhere" / "my-space.yaml"
     space.parent.mkdir()
     space.write_text(smoke())

@@ -161,7 +161,7 @@ def test_one_class_is_one_line_and_exit_2_before_ray(tmp_path, cache_dir, capsys
     def started(*args, **kwargs):
         pytest.fail("Ray was started")
 
-    monkeypatch.setattr("ips_search.launch.start_ray", started)
+    monkeypatch.setattr("ips_search.search.launch.start_ray", started)
     monkeypatch.setattr(ray, "init", started)
     root = image_folder(tmp_path / "images", {"only": 6})
     space = {

@@ -92,8 +92,8 @@ def _search(results_dir: Path, name: str) -> list[str]:
     ],
 )
 def test_confirm_runs_share_the_search_slots(cpus_per_trial, concurrency, n_runs, cluster_cpus, expected):
-    from ips_search.confirm import confirm_cpus
     from ips_search.experiment import SearchSettings
+    from ips_search.search.confirm import confirm_cpus
 
     settings = SearchSettings("x", "results", "default", cpus_per_trial=cpus_per_trial, concurrency=concurrency)
     assert confirm_cpus(settings, n_runs, cluster_cpus) == expected

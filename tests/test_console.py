@@ -9,8 +9,8 @@ import sys
 import pandas as pd
 import pytest
 
-from ips_search.console import TrialProgress, trial_line
 from ips_search.experiment import LOG_FILE, TRIALS_CSV
+from ips_search.search.console import TrialProgress, trial_line
 
 
 @pytest.mark.ray
@@ -35,7 +35,7 @@ def test_a_smoke_search_prints_at_most_40_lines_and_logs_ray(tmp_path, cache_dir
 
 def test_terminal_only_ours_sends_fds_to_the_log(tmp_path):
     code = (
-        "import os, sys; from pathlib import Path; from ips_search.console import terminal_only_ours\n"
+        "import os, sys; from pathlib import Path; from ips_search.search.console import terminal_only_ours\n"
         f"with terminal_only_ours(Path({str(tmp_path / 'x.log')!r}), False) as t:\n"
         "    print('to the log'); os.write(2, b'fd two\\n'); t.write('to the terminal\\n')\n"
         "print('after')\n"

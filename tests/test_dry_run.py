@@ -15,7 +15,7 @@ def test_dry_run_of_a_shipped_space_builds_nothing(name, tmp_path, monkeypatch, 
     cache = tmp_path / "cache"
     monkeypatch.setenv("IPS_SEARCH_CACHE", str(cache))
     monkeypatch.setattr("ips_search.data.megapixel.generate", lambda cfg: pytest.fail("the dataset was generated"))
-    monkeypatch.setattr("ips_search.launch.start_ray", lambda *a: pytest.fail("Ray was started"))
+    monkeypatch.setattr("ips_search.search.launch.start_ray", lambda *a: pytest.fail("Ray was started"))
     assert run.main(["--space", name, "--results-dir", str(tmp_path / "results"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "the first run builds (nothing was built now):" in out and "data " in out

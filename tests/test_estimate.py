@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from ips_search.config import DataConfig, ExperimentConfig, IPSConfig, Task, TrainConfig
-from ips_search.estimate import (
+from ips_search.estimate import main
+from ips_search.prediction import (
     clear_cache,
     estimate_config,
     estimate_step_memory,
     even_sample,
-    main,
     measure_step_memory,
     space_grid,
 )

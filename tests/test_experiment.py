@@ -28,14 +28,14 @@ from ips_search.experiment import (
 PACKAGE = Path(ips_search.__file__).parent
 # The pipeline, lowest first: a module may import only from its own layer or below
 LAYERS = [
-    {"errors", "config", "experiment"},
+    {"errors", "cli", "config", "experiment"},
     {"data", "memory", "meter"},
     {"model"},
     {"warmstart", "space", "train"},
-    {"plan", "trainable", "estimate", "extract"},
-    {"results", "search", "confirm"},
-    {"report", "console", "launch"},
-    {"run"},
+    {"prediction", "extraction"},
+    {"search"},
+    {"report"},
+    {"run", "estimate", "extract"},
 ]
 
 
@@ -107,13 +107,15 @@ def test_imports_run_one_way_down_the_pipeline():
 
 def test_model_data_training_and_contract_know_nothing_of_ray():
     files = [*PACKAGE.glob("model/*.py"), *PACKAGE.glob("data/**/*.py"), *PACKAGE.glob("experiment/*.py")]
-    files += [PACKAGE / "train.py", PACKAGE / "plan.py"]
+    files += [PACKAGE / "train.py", PACKAGE / "search" / "plan.py"]
     for path in files:
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
             assert not any(n == "ray" or n.startswith("ray.") for n in names), f"{path.name} imports Ray"
-    code = "import sys, ips_search.experiment, ips_search.plan, ips_search.report.load; print('ray' in sys.modules)"
+    code = (
+        "import sys, ips_search.experiment, ips_search.search.plan, ips_search.report.load; print('ray' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -217,7 +219,7 @@ def test_report_tables_and_attention_rank_by_the_same_rule(tmp_path):
 
 def test_cli_summary_picks_by_the_same_rule(tmp_path, capsys):
     from ips_search.experiment import TRIALS_CSV, SearchSettings
-    from ips_search.launch import print_summary
+    from ips_search.search.launch import print_summary
 
     settings = SearchSettings(name="tie", results_dir=str(tmp_path), space="smoke")
     settings.experiment_dir.mkdir(parents=True)

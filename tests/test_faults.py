@@ -27,8 +27,8 @@ import pytest
 import yaml
 
 from ips_search import run
+from ips_search.search.trainable import CHECKPOINT_FILE, load_checkpoint
 from ips_search.space import SPACES_DIR
-from ips_search.trainable import CHECKPOINT_FILE, load_checkpoint
 
 SMOKE = yaml.safe_load((SPACES_DIR / "smoke.yaml").read_text())
 
@@ -356,7 +356,7 @@ def _one_line(err: str) -> list[str]:
 
 
 def test_read_only_results_disk_is_one_line_exit_2_before_ray(tmp_path, capsys, monkeypatch, cache_dir):
-    monkeypatch.setattr("ips_search.launch.start_ray", lambda *a: pytest.fail("Ray was started"))
+    monkeypatch.setattr("ips_search.search.launch.start_ray", lambda *a: pytest.fail("Ray was started"))
     with tmpfs(tmp_path / "ro", "1m", read_only=True) as disk:
         rc = run.main(["--space", "smoke", "--results-dir", str(disk), "--no-dashboard"])
     err = _one_line(capsys.readouterr().err)
@@ -364,7 +364,7 @@ def test_read_only_results_disk_is_one_line_exit_2_before_ray(tmp_path, capsys, 
 
 
 def test_read_only_results_subfolder_is_one_line_exit_2(tmp_path, capsys, monkeypatch, cache_dir):
-    monkeypatch.setattr("ips_search.launch.start_ray", lambda *a: pytest.fail("Ray was started"))
+    monkeypatch.setattr("ips_search.search.launch.start_ray", lambda *a: pytest.fail("Ray was started"))
     with tmpfs(tmp_path / "ro", "1m", read_only=True) as disk:
         rc = run.main(["--space", "smoke", "--results-dir", str(disk / "results"), "--no-dashboard"])
     err = _one_line(capsys.readouterr().err)
@@ -373,8 +373,10 @@ def test_read_only_results_subfolder_is_one_line_exit_2(tmp_path, capsys, monkey
 
 def test_full_results_disk_is_one_line_exit_2(tmp_path, capsys, monkeypatch, cache_dir):
     # Ray is faked: the failure being checked is in the driver's own writes, before any trial
-    monkeypatch.setattr("ips_search.launch.start_ray", lambda *a: {"CPU": 2.0})
-    monkeypatch.setattr("ips_search.search.make_tuner", lambda *a, **k: pytest.fail("search started on a full disk"))
+    monkeypatch.setattr("ips_search.search.launch.start_ray", lambda *a: {"CPU": 2.0})
+    monkeypatch.setattr(
+        "ips_search.search.tuner.make_tuner", lambda *a, **k: pytest.fail("search started on a full disk")
+    )
     with tmpfs(tmp_path / "full", "256k") as disk:
         fill(disk)
         rc = run.main(["--space", "smoke", "--results-dir", str(disk), "--name", "new", "--no-dashboard"])

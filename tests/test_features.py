@@ -16,7 +16,8 @@ from ips_search.config import DataConfig, IPSConfig
 from ips_search.data import build_datasets
 from ips_search.data.features import H5FeatureSource
 from ips_search.errors import ConfigError
-from ips_search.extract import ExtractConfig, extract, extract_splits, main, parse_extract, resolve_data
+from ips_search.extract import main
+from ips_search.extraction import ExtractConfig, extract, extract_splits, parse_extract, resolve_data
 from ips_search.model import IPSNet
 from ips_search.model.fold import try_fold
 
@@ -301,7 +302,7 @@ def test_extract_config_defaults():
 
 
 def test_imagenet_encoder_offline_is_one_line(monkeypatch):
-    from ips_search.extract import build_frozen_encoder
+    from ips_search.extraction import build_frozen_encoder
     from ips_search.model import encoders
 
     def offline(model, arch):
@@ -409,7 +410,7 @@ def test_trident_features_are_drawn_on_their_slide_or_at_their_places(tmp_path):
 
 
 def test_random_init_encoder_is_seeded_and_named_in_the_cache_key():
-    from ips_search.extract import build_frozen_encoder, encoder_identity
+    from ips_search.extraction import build_frozen_encoder, encoder_identity
 
     raw = {"from": {"dataset": "megapixel", "seed": 3}, "encoder": "random-init", "model": {"encoder": "small-cnn"}}
     a = build_frozen_encoder(parse_extract(raw), n_chan=1, progress=False)

@@ -17,7 +17,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from ips_search.experiment.settings import SAMPLERS
-from ips_search.search import CONSTRAINT, NATIVE_CONSTRAINTS, make_sampler
+from ips_search.search.tuner import CONSTRAINT, NATIVE_CONSTRAINTS, make_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements.lock"

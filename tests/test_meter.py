@@ -95,7 +95,7 @@ _WORKER = r"""
 import json, torch
 from ips_search import IPSConfig, IPSNet
 from ips_search.config import ExperimentConfig, DataConfig, TrainConfig
-from ips_search.estimate import estimate_step_memory
+from ips_search.prediction import estimate_step_memory
 from ips_search.meter import StorageMeter, training_state
 from ips_search.train import make_optimizer, train_step
 

@@ -16,8 +16,8 @@ import pytest
 
 from ips_search import run
 from ips_search.experiment import METRIC
-from ips_search.run import plan_lines
-from ips_search.search import SearchSettings, asha_rungs, make_scheduler, trial_constraints
+from ips_search.search.plan import plan_lines
+from ips_search.search.tuner import SearchSettings, asha_rungs, make_scheduler, trial_constraints
 from ips_search.space import define_space, load_space, searcher_space
 
 pytestmark = pytest.mark.ray
@@ -188,7 +188,7 @@ def test_bad_space_is_one_line_and_exit_2_before_ray(case, tmp_path, results_dir
     text, message = CASES[case]
     path = tmp_path / f"{case}.yaml"
     path.write_text(text)
-    monkeypatch.setattr("ips_search.launch.start_ray", lambda *a: pytest.fail("Ray was started"))
+    monkeypatch.setattr("ips_search.search.launch.start_ray", lambda *a: pytest.fail("Ray was started"))
     assert run.main(["--space", str(path), "--results-dir", str(results_dir)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
@@ -205,7 +205,7 @@ def test_bad_space_is_one_line_and_exit_2_before_ray(case, tmp_path, results_dir
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(args, message, results_dir, capsys, monkeypatch):
-    monkeypatch.setattr("ips_search.launch.start_ray", lambda *a: pytest.fail("Ray was started"))
+    monkeypatch.setattr("ips_search.search.launch.start_ray", lambda *a: pytest.fail("Ray was started"))
     full = ["--results-dir", str(results_dir), *args] if "--results-dir" not in args else args
     assert run.main(full) == 2
     err = capsys.readouterr().err.strip()
@@ -227,7 +227,7 @@ def test_resume_refuses_a_folder_from_another_tool(results_dir, capsys):
 
 
 def test_dry_run_prints_the_plan_and_starts_nothing(results_dir, capsys, monkeypatch, cache_dir):
-    monkeypatch.setattr("ips_search.launch.start_ray", lambda *a: pytest.fail("Ray was started"))
+    monkeypatch.setattr("ips_search.search.launch.start_ray", lambda *a: pytest.fail("Ray was started"))
     assert run.main(["--space", "smoke", "--results-dir", str(results_dir), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "P=32" in out and "N=16" in out and not any(results_dir.iterdir())

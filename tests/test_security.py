@@ -150,8 +150,8 @@ def test_dashboard_needs_token_and_listens_on_loopback_only(tmp_path, cache_dir)
 def test_dashboard_host_outside_loopback_warns(monkeypatch, capsys):
     import ray
 
-    from ips_search.launch import start_ray
     from ips_search.run import build_parser
+    from ips_search.search.launch import start_ray
 
     class Stop(Exception):
         pass
@@ -188,7 +188,7 @@ class _OpensFile:
 
 
 def test_checkpoint_with_pickled_code_is_refused(tmp_path):
-    from ips_search.trainable import CHECKPOINT_FILE, load_checkpoint
+    from ips_search.search.trainable import CHECKPOINT_FILE, load_checkpoint
 
     marker = tmp_path / "pwned"
     ckpt_dir = tmp_path / "ckpt"

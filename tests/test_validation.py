@@ -14,7 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
-from ips_search import extract, run
+from ips_search import extract, extraction, run
 from ips_search.config import RULES, DataConfig, IPSConfig, Task, TrainConfig, build_config
 from ips_search.errors import ConfigError
 from ips_search.space import SPACES_DIR, load_space, saved_space, trial_config
@@ -242,8 +242,8 @@ def test_experiment_json_saves_the_absolute_root(tmp_path, cache_dir, monkeypatc
     def tuner(*args, **kwargs):
         raise Stop
 
-    monkeypatch.setattr("ips_search.launch.start_ray", lambda *a: {"CPU": 2.0})
-    monkeypatch.setattr("ips_search.search.make_tuner", tuner)
+    monkeypatch.setattr("ips_search.search.launch.start_ray", lambda *a: {"CPU": 2.0})
+    monkeypatch.setattr("ips_search.search.tuner.make_tuner", tuner)
     with pytest.raises(Stop):
         run.main(["--space", space, "--results-dir", str(tmp_path / "results"), "--name", "x", "--no-dashboard"])
     saved = json.loads((tmp_path / "results" / "x" / "experiment.json").read_text())
@@ -273,14 +273,14 @@ def test_extract_bad_device_is_one_line_exit_2(tmp_path, capsys, monkeypatch, de
 
 def test_extract_setting_of_the_wrong_type_names_its_nested_key():
     with pytest.raises(ConfigError, match=r"^data\.extract\.from\.canvas_size must be a positive integer, got 'big'"):
-        extract.parse_extract({"from": {"dataset": "megapixel", "canvas_size": "big"}})
+        extraction.parse_extract({"from": {"dataset": "megapixel", "canvas_size": "big"}})
     with pytest.raises(ConfigError, match=r"^data\.extract\.warm_start_steps must be a positive integer, got 0"):
-        extract.parse_extract({"from": {"dataset": "megapixel"}, "warm_start_steps": 0})
+        extraction.parse_extract({"from": {"dataset": "megapixel"}, "warm_start_steps": 0})
 
 
 def test_the_named_extraction_encoders_are_the_ones_space_loading_leaves_alone():
     """space.py tells a TorchScript path (resolved at load) from a named encoder by config.EXTRACT_ENCODERS."""
-    assert set(extract.NAMED_ENCODERS) == {"warm-start", extract.RANDOM_INIT, *extract.IMAGENET}
+    assert set(extraction.NAMED_ENCODERS) == {"warm-start", extraction.RANDOM_INIT, *extraction.IMAGENET}
 
 
 # -- TorchScript: code, loaded only from a path a user named --------------------------------------------------------
@@ -312,7 +312,7 @@ def test_the_report_never_loads_torchscript(tmp_path, torchscript_file, monkeypa
     monkeypatch.setattr(torch.jit, "load", lambda *a, **k: loads.append(a) or pytest.fail("TorchScript was loaded"))
     cfg = _features_config(torchscript_file, tmp_path / "cache")
     with pytest.raises(ConfigError, match="the report does not run TorchScript"):
-        extract.resolve_data(cfg, progress=False, run_torchscript=False)
+        extraction.resolve_data(cfg, progress=False, run_torchscript=False)
     trial = tmp_path / "trial_0"
     trial.mkdir()
     fixed = {"data": dataclasses.asdict(cfg), "model": {"encoder": "projector", "dim": 8}, "train": {}}
@@ -328,6 +328,6 @@ def test_the_report_reads_features_a_user_extracted_with_torchscript(
     """Extracted by a command that named the file (here the extract API, as the driver does), the report reads
     the extracted files and still never loads the TorchScript file."""
     cfg = _features_config(torchscript_file, tmp_path / "cache")
-    folder = Path(extract.resolve_data(cfg, progress=False).root)  # the named path: loaded once, here
+    folder = Path(extraction.resolve_data(cfg, progress=False).root)  # the named path: loaded once, here
     monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("TorchScript was loaded"))
-    assert Path(extract.resolve_data(cfg, progress=False, run_torchscript=False).root) == folder
+    assert Path(extraction.resolve_data(cfg, progress=False, run_torchscript=False).root) == folder

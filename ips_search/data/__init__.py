@@ -7,7 +7,7 @@ needs to know (tasks, channels, image size, patch grid). For ``slides`` an item'
 first element is instead a lazy patch source (:class:`~ips_search.data.slides.SlidePatchSource`)
 whose N differs from slide to slide; for ``features`` a source of (N, D) embeddings or an (N, D) tensor.
 Imports nothing above ``ips_search.config`` / ``ips_search.errors``: ``features`` with ``extract`` settings are
-extracted first by :func:`ips_search.extract.resolve_data`, which needs an encoder.
+extracted first by :func:`ips_search.extraction.resolve_data`, which needs an encoder.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _build_slides(cfg: DataConfig) -> DataSplits:
 def _build_features(cfg: DataConfig) -> DataSplits:
     if cfg.extract is not None:  # extraction needs an encoder: it runs above this package
         raise ConfigError(
-            "features with extract settings must be extracted first; call ips_search.extract.resolve_data(cfg) "
+            "features with extract settings must be extracted first; call ips_search.extraction.resolve_data(cfg) "
             "or run python -m ips_search.extract"
         )
     train, val, test, tasks = features.build(cfg)
@@ -122,7 +122,7 @@ def preview_datasets(cfg: DataConfig) -> DataPreview:
 
 def _preview_features(cfg: DataConfig) -> DataPreview:
     """Feature files: their headers read (shapes, widths, the manifest). Extraction settings are previewed by
-    :func:`ips_search.extract.preview` (it needs the extractor)."""
+    :func:`ips_search.extraction.preview` (it needs the extractor)."""
     train, val, test, _ = features.build(cfg)  # headers only: shapes, widths and the manifest's rows
     files = [f for split in (train, val, test) for f in split.files]
     return DataPreview(f"{len(files)} feature files ({files[0].dim}-d)", cached=True, detail="headers read")

@@ -1,5 +1,6 @@
 """The confirm stage's arithmetic: each confirmed config's runs (the search's own and its extra seeds), their mean
-and standard deviation, written beside the search's trials. Ray-free: the stage itself is :mod:`ips_search.confirm`.
+and standard deviation, written beside the search's trials. Ray-free: the stage itself is
+:mod:`ips_search.search.confirm`.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def load_trial_model(trial_dir: str | Path, device: str = "cpu") -> TrialModel:
     folder has no config or no loadable checkpoint.
     """
     from ips_search.data import build_datasets
-    from ips_search.extract import resolve_data
+    from ips_search.extraction import resolve_data
     from ips_search.space import trial_config
     from ips_search.train import build_model
 

@@ -75,7 +75,7 @@ class FeatureViews:
     def _extracted_view(self, split: str, index: int, coords: np.ndarray | None) -> SlideView | ImageView | None:
         if self._source_splits is None:
             from ips_search.data import build_datasets
-            from ips_search.extract import parse_extract
+            from ips_search.extraction import parse_extract
 
             self._source_splits = build_datasets(parse_extract(self.data.extract).source)
         dataset = getattr(self._source_splits, split)

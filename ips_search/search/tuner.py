@@ -40,9 +40,9 @@ from ips_search.experiment import (
     asha_rungs,
     read_experiment,
 )
-from ips_search.results import TrialsCsvCallback
+from ips_search.search.results import TrialsCsvCallback
+from ips_search.search.trainable import train_ips
 from ips_search.space import SearchSpace, first_points, searcher_space
-from ips_search.trainable import train_ips
 
 __all__ = ["SearchSettings", "asha_rungs", "make_searcher", "make_scheduler", "make_tuner", "restore_tuner"]
 

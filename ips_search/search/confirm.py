@@ -34,9 +34,9 @@ from ips_search.experiment import (
     summarize,
 )
 from ips_search.experiment.confirmation import RUN, SEED, SOURCE
-from ips_search.results import TrialsCsvCallback
-from ips_search.search import trial_dirname
-from ips_search.trainable import train_ips
+from ips_search.search.results import TrialsCsvCallback
+from ips_search.search.trainable import train_ips
+from ips_search.search.tuner import trial_dirname
 
 
 def confirm_ips(config: dict[str, Any]) -> None:

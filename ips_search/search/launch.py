@@ -11,7 +11,6 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from ips_search.console import TrialProgress, terminal_only_ours
 from ips_search.errors import ConfigError
 from ips_search.experiment import (
     CONFIRM_DIR,
@@ -25,7 +24,8 @@ from ips_search.experiment import (
     write_experiment,
 )
 from ips_search.experiment.files import experiment_lock
-from ips_search.plan import plan_lines, prepare_data
+from ips_search.search.console import TrialProgress, terminal_only_ours
+from ips_search.search.plan import plan_lines, prepare_data
 
 # Tune warns when it snapshots experiment state often; with short epochs that is by design (nothing is lost)
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -154,7 +154,7 @@ def run_search(space, settings: SearchSettings, args: argparse.Namespace, resume
 
 def _run(space, settings: SearchSettings, args: argparse.Namespace, resume: bool, gpus_auto: bool) -> int:
     """The search itself, in a folder whose lock this process holds."""
-    from ips_search.search import make_tuner, restore_tuner
+    from ips_search.search.tuner import make_tuner, restore_tuner
 
     verbose = getattr(args, "verbose", False)
     log_path = settings.experiment_dir / LOG_FILE
@@ -172,7 +172,7 @@ def _run(space, settings: SearchSettings, args: argparse.Namespace, resume: bool
             with TrialProgress(settings.experiment_dir / TRIALS_CSV, settings.trials, terminal):
                 tuner.fit()
             if settings.confirm and first_error(settings.experiment_dir) is None:  # every trial failed: none to confirm
-                from ips_search.confirm import run_confirm
+                from ips_search.search.confirm import run_confirm
 
                 runs = settings.confirm * settings.confirm_top
                 print(

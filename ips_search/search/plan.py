@@ -71,7 +71,7 @@ def prepare_data(space: SearchSpace) -> None:
     import torch
 
     from ips_search.data import build_datasets
-    from ips_search.extract import resolve_data
+    from ips_search.extraction import resolve_data
     from ips_search.train import build_model
 
     base = space.base_config()
@@ -91,7 +91,7 @@ def dry_run_lines(space: SearchSpace) -> list[str]:
 
     The warm start's cost is timed on two pretraining steps at the smallest patch size and scaled by patch area for
     the others, so a dry run of the paper-scale space stays in seconds."""
-    from ips_search.extract import preview as preview_datasets
+    from ips_search.extraction import preview as preview_datasets
     from ips_search.warmstart import pretrain_seconds, warm_start_cached
 
     base = space.base_config()
@@ -127,7 +127,7 @@ def count_patches(space: SearchSpace) -> None:
     if not space.counts_from_files:
         return
     from ips_search.data import build_datasets
-    from ips_search.extract import resolve_data
+    from ips_search.extraction import resolve_data
 
     base = space.base_config().data
     counts = {p: build_datasets(resolve_data(data_at(base, p))).n_patches for p in space.patch_sizes()}

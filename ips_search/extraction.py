@@ -1,0 +1,478 @@
+"""Patch-embedding extraction: a frozen encoder over a dataset's patches, one HDF5 file per image.
+
+``python -m ips_search.extract --space NAME`` (or ``ips-search-extract``) runs a frozen encoder over every
+image of a dataset (megapixel, mnist-resized, folder; any dataset whose items are ``(patches (N, C, P, P),
+targets)`` or ``(source with .read, targets)``) and writes, per image, ``<split>-<index>.h5`` in the
+TRIDENT layout that ``dataset: features`` reads (``features`` ``(N, D)``, ``coords`` ``(N, 2)`` with
+``patch_size`` / ``patch_size_level0`` / ``patch_level`` attributes), plus ``labels.csv``
+(``slide,label,split``, the source's own splits). Encoders:
+
+* ``warm-start``: the cached digit-pretrained encoder of :mod:`ips_search.warmstart` (megapixel data),
+  built from ``model`` (``encoder``, ``dim``) up to its embedding;
+* ``random-init``: ``model``'s encoder (``encoder``, ``dim``) as initialised with the data's seed, frozen: an
+  offline baseline for any dataset (random convolutions keep colour and texture), not a pretrained encoder;
+* ``resnet18-imagenet`` / ``resnet50-imagenet``: torchvision ImageNet weights (downloads once; opt-in);
+* a path to a TorchScript file (``torch.jit.save``) mapping ``(n, C, P, P) -> (n, D)``.
+
+TorchScript is code: loading the file runs the program saved in it. It is loaded only from a path a user named,
+on this command's ``--encoder`` or in a search space's ``data.extract.encoder`` (the search's driver extracts
+before any trial runs); the report never loads one (``run_torchscript=False``), so a path that only an experiment
+folder's files name is never run. Name only files you trust.
+
+The output folder is ``<cache>/features-<hash>``, the hash of every setting that changes the embeddings
+(data, encoder, patch size, dtype), so it is built once per setting. It is resumable: each image is
+written to ``<name>.h5.tmp`` and renamed when complete, finished images are skipped, and ``labels.csv``
+is written last, so its presence marks a complete extraction. A lock file keeps concurrent trials from
+extracting the same folder twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ips_search.config import EXTRACT_ENCODERS, DataConfig, IPSConfig, Rule, build_config, check_fields, positive_int
+from ips_search.data.cache import cache_key, cache_root
+from ips_search.errors import ConfigError
+
+FORMAT_VERSION = 1
+IMAGENET = {"resnet18-imagenet": "resnet18", "resnet50-imagenet": "resnet50"}
+RANDOM_INIT = "random-init"
+NAMED_ENCODERS = EXTRACT_ENCODERS  # ("warm-start", RANDOM_INIT, *IMAGENET): config.py names them for space.py
+MANIFEST = "labels.csv"
+SPLIT_ORDER = ("train", "val", "test")
+SETTINGS = "extraction.json"
+
+try:  # POSIX only; elsewhere concurrent extractions of one folder just repeat work
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+
+@dataclass
+class ExtractConfig:
+    """What to extract: ``source`` (the ``from`` data section), ``encoder`` and how to store it."""
+
+    source: DataConfig
+    encoder: str = "warm-start"  # warm-start | random-init | resnet18-imagenet | resnet50-imagenet | TorchScript
+    model: dict[str, Any] = field(default_factory=dict)  # warm-start, random-init: IPSConfig fields (encoder, dim)
+    dtype: str = "float16"  # float16 | float32, as stored; reads are float32
+    batch_size: int = 256  # patches per encoder call
+    warm_start_steps: int | None = None  # default: warmstart.DEFAULT_STEPS
+
+    def validate(self, where: str) -> None:
+        check_fields(self, where, EXTRACT_RULES)  # types and ranges, as for data, model and train
+        if self.source.dataset == "features":
+            raise ConfigError(f"{where}.from is a features dataset; extract from an image dataset (e.g. megapixel)")
+        if self.encoder not in NAMED_ENCODERS and not Path(self.encoder).expanduser().is_file():
+            raise ConfigError(
+                f"{where}.encoder {self.encoder!r} is neither one of {', '.join(NAMED_ENCODERS)} "
+                "nor an existing TorchScript file; name one or give the file's path"
+            )
+        if self.encoder == "warm-start":
+            from ips_search.warmstart import supports_warm_start
+
+            if not supports_warm_start(self.source):
+                raise ConfigError(
+                    f"{where}.encoder warm-start needs dataset: megapixel in {where}.from, "
+                    f"not {self.source.dataset!r}; use resnet18-imagenet or a TorchScript file"
+                )
+        if self.encoder in ("warm-start", RANDOM_INIT):  # both are built from extract.model
+            build_config(IPSConfig, dict(self.model), f"{where}.model", prefix=f"{where}.model")
+
+
+EXTRACT_RULES = {
+    "encoder": Rule(
+        lambda v: isinstance(v, str) and v.strip() != "",
+        "an encoder name or a TorchScript file's path",
+        f"name one of {', '.join(NAMED_ENCODERS)} or give the file's path",
+    ),
+    "dtype": Rule(lambda v: v in ("float16", "float32"), "float16 or float32", "choose float16 or float32"),
+    "batch_size": positive_int(),
+    "warm_start_steps": positive_int("leave it out for the default, or give a number of steps"),
+    "model": Rule(lambda v: isinstance(v, dict), "a mapping of model settings", "write it like {encoder: small-cnn}"),
+}
+
+
+def is_torchscript(cfg: ExtractConfig) -> bool:
+    """The encoder is a TorchScript file (code), not one of the named encoders."""
+    return cfg.encoder not in NAMED_ENCODERS
+
+
+def parse_extract(raw: Any, where: str = "data.extract") -> ExtractConfig:
+    """An :class:`ExtractConfig` from a space's ``extract`` mapping; every problem is one ConfigError."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping like {{from: {{dataset: megapixel}}, encoder: warm-start}}")
+    known = {"from", "encoder", "model", "dtype", "batch_size", "warm_start_steps"}
+    unknown = sorted(set(map(str, raw)) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {where}; known keys: {', '.join(sorted(known))}")
+    if not isinstance(raw.get("from"), dict):
+        raise ConfigError(f"{where}.from must be the data section to extract from, like {{dataset: megapixel}}")
+    source = build_config(DataConfig, dict(raw["from"]), f"{where}.from", prefix=f"{where}.from")
+    cfg = ExtractConfig(source=source, **{k: v for k, v in raw.items() if k != "from"})
+    cfg.validate(where)
+    return cfg
+
+
+# -- encoders -------------------------------------------------------------------------------------------------------
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _encoder_model_cfg(cfg: ExtractConfig, n_chan: int) -> IPSConfig:
+    model = {k: v for k, v in cfg.model.items() if k not in ("n_chan", "patch_size", "patch_stride")}
+    return IPSConfig(**model, n_chan=n_chan, patch_size=cfg.source.patch_size, patch_stride=cfg.source.patch_stride)
+
+
+def encoder_identity(cfg: ExtractConfig) -> dict[str, Any]:
+    """What identifies the encoder's weights, for the cache key."""
+    if cfg.encoder == "warm-start":
+        return {"kind": "warm-start", "model": cfg.model, "steps": cfg.warm_start_steps}
+    if cfg.encoder == RANDOM_INIT:
+        return {"kind": RANDOM_INIT, "model": cfg.model, "seed": cfg.source.seed}
+    if cfg.encoder in IMAGENET:
+        return {"kind": "imagenet", "arch": IMAGENET[cfg.encoder]}
+    return {"kind": "torchscript", "sha256": _file_digest(Path(cfg.encoder).expanduser())}
+
+
+def extraction_fields(cfg: ExtractConfig) -> dict[str, Any]:
+    """Every setting that changes the extracted files (the folder's hash)."""
+    source = {k: v for k, v in dataclasses.asdict(cfg.source).items() if k not in ("cache_dir", "download")}
+    return {"version": FORMAT_VERSION, "source": source, "encoder": encoder_identity(cfg), "dtype": cfg.dtype}
+
+
+def feature_folder(cfg: ExtractConfig, cache_dir: str | None = None) -> Path:
+    """``<cache>/features-<hash of extraction_fields>``."""
+    return cache_root(cache_dir or cfg.source.cache_dir) / f"features-{cache_key(extraction_fields(cfg))}"
+
+
+def build_frozen_encoder(cfg: ExtractConfig, n_chan: int, progress: bool = True) -> nn.Module:
+    """The frozen encoder ``(n, C, P, P) -> (n, D)`` in eval mode."""
+    from ips_search.model.encoders import build_encoder
+
+    if cfg.encoder == "warm-start":
+        from ips_search.warmstart import DEFAULT_STEPS, apply_warm_start, pretrained_encoder_state
+
+        model_cfg = _encoder_model_cfg(cfg, n_chan)
+        encoder = build_encoder(model_cfg)
+        steps = cfg.warm_start_steps or DEFAULT_STEPS
+        apply_warm_start(encoder, pretrained_encoder_state(model_cfg, cfg.source, steps=steps, progress=progress))
+    elif cfg.encoder == RANDOM_INIT:
+        with torch.random.fork_rng(devices=[]):  # the same weights on every machine, whatever ran before
+            torch.manual_seed(cfg.source.seed)
+            encoder = build_encoder(_encoder_model_cfg(cfg, n_chan))
+    elif cfg.encoder in IMAGENET:
+        arch = IMAGENET[cfg.encoder]
+        width = 512 if arch == "resnet18" else 2048  # native: no projection appended
+        try:
+            encoder = build_encoder(IPSConfig(encoder=arch, pretrained=True, n_chan=n_chan, dim=width))
+        except ConfigError:
+            raise ConfigError(
+                f"could not download ImageNet weights for {arch}; connect to the internet once, "
+                "or extract with encoder warm-start or a TorchScript file"
+            ) from None
+    else:
+        path = Path(cfg.encoder).expanduser()
+        try:
+            encoder = torch.jit.load(str(path), map_location="cpu")
+        except (RuntimeError, ValueError) as exc:
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+            raise ConfigError(f"cannot load {path} as TorchScript ({first}); save it with torch.jit.save") from None
+    for param in encoder.parameters():  # ScriptModules have no requires_grad_()
+        param.requires_grad_(False)
+    return encoder.eval()
+
+
+# -- the resumable core ---------------------------------------------------------------------------------------------
+def _grid_coords(dataset: Any, n: int) -> np.ndarray | None:
+    """Top-left ``(x, y)`` of a PatchDataset's N patches (row-major grid), or None when it has no grid."""
+    grid, stride = getattr(dataset, "grid", None), getattr(dataset, "stride", None)
+    if grid is None or stride is None or grid[0] * grid[1] != n:
+        return None
+    rows, cols = np.divmod(np.arange(n), grid[1])
+    return np.stack([cols * stride, rows * stride], axis=1).astype(np.int64)  # (N, 2)
+
+
+def _level_attrs(source: Any) -> dict[str, Any]:
+    """TRIDENT's coords attributes for a slide source read at a pyramid level: coords stay level-0 pixels, and a
+    patch covers ``patch_size_level0`` of them (the patch size times the level's downsample)."""
+    if not hasattr(source, "patch_size_level0"):
+        return {}
+    level = int(getattr(source, "level", 0))
+    downsample = float(source.reader.downsamples[level])
+    return {"patch_size_level0": float(source.patch_size_level0), "patch_level": level, "downsample": [downsample] * 2}
+
+
+def _chunks(patches: Any, batch_size: int) -> Iterator[torch.Tensor]:
+    """A source (``.read``) or a tensor ``(N, C, P, P)``, ``batch_size`` patches at a time."""
+    n = len(patches)
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        yield patches.read(np.arange(start, stop)) if hasattr(patches, "read") else patches[start:stop]
+
+
+def _label(targets: dict[str, torch.Tensor], where: str) -> int:
+    if len(targets) != 1:
+        raise ConfigError(f"{where} has {len(targets)} tasks; extraction writes one label per image: keep one task")
+    value = next(iter(targets.values()))
+    if value.dim() != 0:
+        raise ConfigError(f"{where}'s task is multi-label; extraction writes one class per image: use a softmax task")
+    return int(value)
+
+
+def _targets(dataset: Any, i: int) -> dict[str, torch.Tensor]:
+    """Item ``i``'s targets without loading its image, where the dataset keeps them apart (PatchDataset does)."""
+    if isinstance(getattr(dataset, "targets", None), dict):
+        return {k: v[i] for k, v in dataset.targets.items()}
+    return dataset[i][1]
+
+
+def write_slide(
+    path: Path,
+    chunks: Iterator[torch.Tensor],
+    n: int,
+    coords: np.ndarray | None,
+    dtype: str,
+    attrs: dict[str, Any],
+) -> None:
+    """Write one image's embeddings (``chunks`` of ``(k, D)``, N rows in all) to ``path`` via ``<path>.tmp``."""
+    import h5py
+
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:  # truncates what a killed run left
+        features, row = None, 0
+        for emb in chunks:
+            emb = emb.detach().float().cpu().flatten(1).numpy()  # (k, D)
+            if features is None:
+                dim = emb.shape[1]
+                rows = max(1, min(n, (1 << 18) // (dim * np.dtype(dtype).itemsize)))  # ~256 KB chunks
+                features = f.create_dataset("features", shape=(n, dim), dtype=dtype, chunks=(rows, dim))
+            features[row : row + len(emb)] = emb
+            row += len(emb)
+        if features is None or row != n:
+            raise RuntimeError(f"encoder produced {row} rows for {n} patches of {path.name}")
+        features.attrs["name"] = path.stem
+        if coords is not None:
+            f.create_dataset("coords", data=coords)
+            for key, value in attrs.items():
+                f["coords"].attrs[key] = value
+    os.replace(tmp, path)
+
+
+@dataclass
+class _Pending:
+    """An image whose (small) patch tensor waits to be encoded together with the next ones."""
+
+    name: str
+    path: Path
+    patches: torch.Tensor  # (N, C, P, P)
+    coords: np.ndarray | None
+    row: tuple[str, int, str]
+
+
+def extract_splits(
+    splits: dict[str, Any],
+    encoder: Callable[[torch.Tensor], torch.Tensor],
+    out_dir: Path,
+    dtype: str = "float16",
+    batch_size: int = 256,
+    attrs: dict[str, Any] | None = None,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> Path:
+    """Embed every image of ``splits`` (``{"train": ds, "val": ds, "test": ds}``) into ``out_dir``; returns
+    the manifest's path. Finished images (their ``.h5`` exists) are skipped; ``labels.csv`` is written last.
+
+    Images with fewer than ``batch_size`` patches are encoded several at a time (a 256 px canvas has 64 patches
+    of 32 px), so the encoder sees full batches; each image is still its own file, written once its rows are in.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = device or torch.device("cpu")
+    attrs = attrs or {}
+    rows: list[tuple[str, int, str]] = []
+    pending: list[_Pending] = []
+    total = sum(len(ds) for ds in splits.values())
+    bar = tqdm(total=total, desc=f"extracting features to {out_dir.name}", disable=not progress, leave=False)
+
+    def encode(patches: Any) -> Iterator[torch.Tensor]:
+        with torch.inference_mode():
+            for chunk in _chunks(patches, batch_size):
+                yield encoder(chunk.to(device))
+
+    def flush() -> None:
+        if not pending:
+            return
+        emb = torch.cat(list(encode(torch.cat([p.patches for p in pending]))))  # (sum of N, D)
+        for p, part in zip(pending, emb.split([len(p.patches) for p in pending]), strict=True):
+            write_slide(p.path, iter([part]), len(p.patches), p.coords, dtype, attrs)
+            rows.append(p.row)
+            bar.update()
+        pending.clear()
+
+    for split, dataset in splits.items():
+        for i in range(len(dataset)):
+            name = f"{split}-{i:06d}"
+            path = out_dir / f"{name}.h5"
+            if path.exists():  # finished before a kill: only its label is needed
+                rows.append((name, _label(_targets(dataset, i), split), split))
+                bar.update()
+                continue
+            patches, targets = dataset[i]
+            row = (name, _label(targets, split), split)
+            if hasattr(patches, "read"):  # a lazy source: streamed chunk by chunk, never held whole
+                coords = getattr(patches, "coords", None)
+                write_slide(path, encode(patches), len(patches), coords, dtype, {**attrs, **_level_attrs(patches)})
+                rows.append(row)
+                bar.update()
+                continue
+            pending.append(_Pending(name, path, patches, _grid_coords(dataset, len(patches)), row))
+            if sum(len(p.patches) for p in pending) >= batch_size:
+                flush()
+        flush()
+    bar.close()
+    manifest = out_dir / MANIFEST
+    tmp = manifest.with_name(MANIFEST + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["slide", "label", "split"])
+        writer.writerows(sorted(rows, key=lambda r: (SPLIT_ORDER.index(r[2]) if r[2] in SPLIT_ORDER else 9, r[0])))
+    os.replace(tmp, manifest)
+    return manifest
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    with open(folder / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def extract_device(device: str | torch.device | None) -> torch.device:
+    """The device to extract on: ``cpu``, ``cuda`` or ``cuda:N`` (None: cuda when available); one ConfigError line
+    for any other name, or a CUDA device this machine lacks."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, torch.device):
+        return device
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", str(device).strip())
+    if match is None:
+        raise ConfigError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N (e.g. cuda:0)")
+    if device.strip() == "cpu":
+        return torch.device("cpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"--device {device} asks for CUDA, but this machine has no usable CUDA GPU; use --device cpu")
+    index = int(match.group(1) or 0)
+    if index >= count:
+        raise ConfigError(
+            f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}; pick one of those"
+        )
+    return torch.device(device.strip())
+
+
+def extract(
+    cfg: ExtractConfig,
+    cache_dir: str | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    run_torchscript: bool = True,
+) -> Path:
+    """Extract ``cfg`` into its cache folder (once; resumes a partial one) and return the folder.
+
+    ``run_torchscript=False`` (the report): a TorchScript encoder's finished folder is used, but one still to be
+    extracted is a ConfigError instead of loading the file, which would run its code.
+    """
+    from ips_search.data import build_datasets
+
+    if cache_dir and cfg.source.cache_dir is None:  # the source data (and warm start) share the features' cache
+        cfg = dataclasses.replace(cfg, source=dataclasses.replace(cfg.source, cache_dir=cache_dir))
+    folder = feature_folder(cfg, cache_dir)
+    if (folder / MANIFEST).is_file():
+        return folder
+    if not run_torchscript and is_torchscript(cfg):
+        raise ConfigError(
+            f"the features of TorchScript encoder {cfg.encoder} are not extracted, and the report does not run "
+            "TorchScript (it is code); extract them first with ips-search-extract, naming the file yourself"
+        )
+    dev = extract_device(device)
+    with _folder_lock(folder):
+        if (folder / MANIFEST).is_file():  # another process finished it while this one waited
+            return folder
+        data = build_datasets(cfg.source)
+        encoder = build_frozen_encoder(cfg, data.n_chan, progress).to(dev)
+        P = cfg.source.patch_size
+        attrs = {"patch_size": P, "patch_size_level0": P, "patch_level": 0, "downsample": [1.0, 1.0]}
+        with open(folder / SETTINGS, "w", encoding="utf-8") as f:
+            json.dump(extraction_fields(cfg), f, indent=1, sort_keys=True, default=str)
+        splits = {"train": data.train, "val": data.val, "test": data.test}
+        extract_splits(splits, encoder, folder, cfg.dtype, cfg.batch_size, attrs, dev, progress)
+    return folder
+
+
+def extracted_data_config(cfg: DataConfig, progress: bool = True, run_torchscript: bool = True) -> DataConfig:
+    """``cfg`` (``dataset: features`` with ``extract``) pointed at its extracted folder, extracting on first use."""
+    folder = extract(parse_extract(cfg.extract), cfg.cache_dir, progress=progress, run_torchscript=run_torchscript)
+    return dataclasses.replace(cfg, root=str(folder), manifest=str(folder / MANIFEST), extract=None)
+
+
+def preview(cfg: DataConfig) -> Any:
+    """``--dry-run``: whether ``cfg``'s extraction exists (then its files' headers are read), and if not what its
+    source data will cost; a config without ``extract`` goes to :func:`ips_search.data.preview_datasets`."""
+    from ips_search.data import preview_datasets
+    from ips_search.data.preview import DataPreview
+
+    if cfg.dataset != "features" or cfg.extract is None:
+        return preview_datasets(cfg)
+    settings = parse_extract(cfg.extract)
+    folder = feature_folder(settings, cfg.cache_dir)
+    if (folder / MANIFEST).is_file():
+        return preview_datasets(
+            dataclasses.replace(cfg, root=str(folder), manifest=str(folder / MANIFEST), extract=None)
+        )
+    source = preview_datasets(settings.source).line()
+    return DataPreview(
+        f"{settings.encoder} features of P={settings.source.patch_size} patches",
+        cached=False,
+        detail=f"extracted on the first run from {source}",
+    )
+
+
+def resolve_data(cfg: DataConfig, progress: bool = True, run_torchscript: bool = True) -> DataConfig:
+    """The data config ``build_datasets`` can build: a features config with ``extract`` settings is pointed at its
+    extracted files (extracted on first use, once per machine); any other config is returned as it is.
+
+    Extraction needs an encoder, so it happens here, above ``ips_search.data``; the search's driver, its trials,
+    the estimator and the report call this before ``build_datasets``. The report passes ``run_torchscript=False``:
+    a TorchScript encoder named only by a trial's files is never loaded (see the module docstring)."""
+    if cfg.dataset == "features" and cfg.extract is not None:
+        return extracted_data_config(cfg, progress, run_torchscript)
+    return cfg
+
+
+# -- command line ---------------------------------------------------------------------------------------------------
