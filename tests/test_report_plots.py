@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 from ips_search.experiment import Status, coerce, pareto_front
 from ips_search.report.axes import AXES, axis_spec, describe, param_label
@@ -169,3 +170,43 @@ def test_axis_specs_replace_per_name_cases():
     assert not other.log and other.format(0.25) == "0.25" and other.format(2.0) == "2" and other.label == "dropout"
     assert param_label("iteration_size_quantile") == "I (as quantile)" and param_label("dropout") == "dropout"
     assert describe(pd.Series({"memory_size": 4, "lr": 1e-3, "patch_size": np.nan})) == "M=4 lr=1.0e-03"
+
+
+def crowded_front() -> pd.DataFrame:
+    """Eight completed trials, each on the front, at nearly the same memory: labels at the default offset collide."""
+    rows = [
+        (f"t{i}", "completed", True, 2 + i, 2, 32, 1e-3 * (1 + i / 10), 13.0 + 0.02 * i, 0.90 + 0.004 * i)
+        for i in range(8)
+    ]
+    rows.append(("big", "completed", True, 8, 4, 64, 1e-3, 20.0, 0.80))  # dominated: not on the front
+    return coerce(pd.DataFrame(rows, columns=[*COLUMNS, "peak_memory_mb", "val_accuracy"]))
+
+
+def test_front_labels_of_a_crowded_front_do_not_overlap():
+    data = accuracy_vs_memory_data(crowded_front())
+    assert len(data.front_ids) == 8 and not data.log_x and "log scale" not in data.x_label
+    fig = draw_accuracy_vs_memory(data)
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    labels = [a for a in ax.texts if a.get_text() in data.front_notes]
+    assert [a.get_text() for a in labels] == list(data.front_notes)
+    fig.draw_without_rendering()  # as savefig draws it
+    for a in labels:
+        a.update_positions(renderer)
+    boxes = [Text.get_window_extent(a, renderer) for a in labels]  # the text alone, not its leader line
+    frame = ax.get_window_extent(renderer)
+    legend = ax.get_legend().get_window_extent(renderer)
+    for i, box in enumerate(boxes):
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, box
+        assert not box.overlaps(legend), (data.front_notes[i], box, legend)
+        for j in range(i):
+            assert not box.overlaps(boxes[j]), (data.front_notes[i], data.front_notes[j])
+
+
+def test_the_memory_axis_says_what_it_measures_and_when_it_is_logarithmic():
+    df = trials().assign(memory_kind="predicted-cuda")
+    data = accuracy_vs_memory_data(df)
+    assert data.log_x and data.x_label == "peak memory (MB, predicted CUDA peak of a training step), log scale"
+    ax = draw_accuracy_vs_memory(data).axes[0]
+    assert ax.get_xlabel() == data.x_label
+    assert "up and left is better" in ax.get_title()

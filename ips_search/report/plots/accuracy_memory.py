@@ -1,4 +1,9 @@
-"""Accuracy against peak memory: every trial by status, the Pareto front of full-budget trials, the budget line."""
+"""Accuracy against peak memory: every trial by status, the Pareto front of full-budget trials, the budget line.
+
+The front's points are labelled with their config. Front points often sit close together (configs that differ only
+in M or the learning rate cost the same memory), so each label is placed where it overlaps no other label and no
+front marker, trying a ring of offsets around its point; a label set away from its point gets a leader line.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Annotation, Text
+from matplotlib.transforms import Bbox
 
 from ips_search.experiment import MEMORY_METRIC, METRIC, Status, as_bool, pareto_front
 from ips_search.report.axes import describe
@@ -24,8 +32,15 @@ from ips_search.report.plots.style import (
 )
 
 TITLE = "Validation accuracy vs peak memory"
+FRONT_MEANING = "Pareto front: no other trial is as accurate with less memory (up and left is better)"
 ANNOTATED = 8  # front points labelled with their M, I, P, lr
 FRONT_COLOR = "tab:purple"
+# where a front label may go, in points from its point, nearest first: right-up, right-down, left-up, left-down, then
+# further out; (dx, dy, horizontal alignment)
+LABEL_OFFSETS = tuple(
+    (dx, dy, "left" if dx > 0 else "right") for dy in (6, -14, 18, -26, 30, -38, 42, -50, 54, -62) for dx in (6, -6)
+)
+LEADER_FROM = 20  # points: a label further than this from its point gets a line to it
 
 
 @dataclass(frozen=True)
@@ -52,7 +67,7 @@ class AccuracyMemoryPlot:
     """What :func:`plot_accuracy_vs_memory` draws; ``message`` (when set) says why it draws nothing."""
 
     title: str
-    x_label: str = ""
+    x_label: str = ""  # says "log scale" when log_x
     y_label: str = ""
     points: tuple[StatusPoints, ...] = ()
     front_ids: tuple[str, ...] = ()  # the Pareto front, by increasing memory
@@ -97,9 +112,10 @@ def accuracy_vs_memory_data(
     front = pareto_front(df, y=y)
     memory = np.append(numeric(shown[MEMORY_METRIC]), max_memory_mb or np.nan)
     front_memory = tuple(numeric(front[MEMORY_METRIC]))
+    log_x = wide(memory)
     return AccuracyMemoryPlot(
         title=title,
-        x_label=memory_label(shown),
+        x_label=memory_label(shown) + (", log scale" if log_x else ""),
         y_label="validation accuracy (last epoch)" if y == METRIC else y.replace("_", " "),
         points=tuple(points),
         front_ids=tuple(front["trial_id"].astype(str)) if "trial_id" in front else (),
@@ -108,7 +124,7 @@ def accuracy_vs_memory_data(
         front_notes=tuple(describe(row) for _, row in front.head(ANNOTATED).iterrows()),
         front_until=max(float(np.nanmax(memory[:-1])) * 1.05, front_memory[-1]) if front_memory else None,
         budget_mb=float(max_memory_mb) if max_memory_mb else None,
-        log_x=wide(memory),
+        log_x=log_x,
         x_values=tuple(float(v) for v in memory if np.isfinite(v)),
         shown=len(shown),
         trials=len(df),
@@ -161,9 +177,6 @@ def draw_accuracy_vs_memory(data: AccuracyMemoryPlot, annotate: bool = True) -> 
             linewidths=1.6,
             zorder=4,
         )
-        if annotate:
-            for note, px, py in zip(data.front_notes, data.front_memory_mb, data.front_accuracy, strict=False):
-                ax.annotate(note, (px, py), xytext=(6, 6), textcoords="offset points", fontsize=7.5, color=FRONT_COLOR)
     if data.budget_mb:
         ax.axvline(
             data.budget_mb,
@@ -177,10 +190,81 @@ def draw_accuracy_vs_memory(data: AccuracyMemoryPlot, annotate: bool = True) -> 
         plain_log_ticks(ax, values=data.x_values)
     ax.set_xlabel(data.x_label)
     ax.set_ylabel(data.y_label)
-    ax.set_title(f"{data.title} ({data.shown} of {data.trials} trials)")
+    title = f"{data.title} ({data.shown} of {data.trials} trials)"
+    ax.set_title(f"{title}\n{FRONT_MEANING}" if data.front_memory_mb else title, fontsize=10)
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="best")
+    if annotate and data.front_notes:
+        n = len(data.front_notes)
+        label_front(ax, data.front_notes, data.front_memory_mb[:n], data.front_accuracy[:n])
     return fig
+
+
+def label_front(ax, notes: tuple[str, ...], xs: tuple[float, ...], ys: tuple[float, ...]) -> list[Annotation]:
+    """Label each front point with its note where the label overlaps no other label, no front marker and no legend
+    and stays in the axes (the first free offset of :data:`LABEL_OFFSETS`; when none is free, the one overlapping
+    least)."""
+    fig = ax.figure
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)  # a renderer to measure text with; savefig works as before
+    fig.draw_without_rendering()  # settles the constrained layout, so display positions hold from here on
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    ring = 9 * fig.dpi / 72  # the front markers' circles (s=110 points^2), in pixels
+    taken = [
+        Bbox.from_extents(x - ring, y - ring, x + ring, y + ring)
+        for x, y in ax.transData.transform(np.column_stack([xs, ys]))
+    ]
+    legend = ax.get_legend()
+    if legend is not None:  # pinned where "best" put it, so the labels placed around it cannot move it
+        box = legend.get_window_extent(renderer)
+        legend.set_loc(tuple(ax.transAxes.inverted().transform((box.x0, box.y0))))
+        taken.append(box)
+    placed = []
+    for note, px, py in zip(notes, xs, ys, strict=True):
+        best, best_cost = None, np.inf
+        for dx, dy, ha in LABEL_OFFSETS:
+            label = _front_label(ax, note, (px, py), dx, dy, ha)
+            label.update_positions(renderer)
+            box = Text.get_window_extent(label, renderer)  # the text alone, not its leader line
+            outside = box.width * box.height - _overlap(box, frame)
+            cost = outside + sum(_overlap(box, other) for other in taken)
+            if cost < best_cost:
+                if best is not None:
+                    best[0].remove()
+                best, best_cost = (label, box), cost
+            else:
+                label.remove()
+            if cost == 0:
+                break
+        taken.append(best[1])
+        placed.append(best[0])
+    return placed
+
+
+def _front_label(ax, note: str, xy: tuple[float, float], dx: float, dy: float, ha: str) -> Annotation:
+    leader = None
+    if np.hypot(dx, dy) > LEADER_FROM:
+        leader = {"arrowstyle": "-", "color": FRONT_COLOR, "lw": 0.6, "alpha": 0.6, "shrinkA": 1, "shrinkB": 6}
+    label = ax.annotate(
+        note,
+        xy,
+        xytext=(dx, dy),
+        textcoords="offset points",
+        ha=ha,
+        fontsize=7.5,
+        color=FRONT_COLOR,
+        arrowprops=leader,
+    )
+    label.set_in_layout(False)  # placed after the layout settled: it must not move the axes
+    return label
+
+
+def _overlap(a: Bbox, b: Bbox) -> float:
+    """The area two display boxes share (0 when they are apart)."""
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
 
 
 def plot_accuracy_vs_memory(

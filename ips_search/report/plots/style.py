@@ -35,7 +35,11 @@ STATUS_STYLE: dict[Status, MarkerStyle] = {
 }
 # completed trials found over the budget after the probe step (feasible is False)
 OVER_BUDGET_STYLE = MarkerStyle("o", "tab:red", "completed, over the budget", hollow=True)
-MEMORY_KINDS = {MemoryKind.CUDA: "GPU, CUDA peak allocated", MemoryKind.CPU_RSS: "CPU, process RSS"}
+MEMORY_KINDS = {
+    MemoryKind.CUDA: "GPU, CUDA peak allocated",
+    MemoryKind.PREDICTED_CUDA: "predicted CUDA peak of a training step",
+    MemoryKind.CPU_RSS: "CPU, process RSS",
+}
 LOG_RATIO = 5.0  # a memory axis whose values span this factor is drawn log-scaled
 
 
