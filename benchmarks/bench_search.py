@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ips_search.experiment import renamed
+
 STRATEGIES = {
     "random+fifo": ["--sampler", "random", "--scheduler", "fifo"],
     "tpe+asha": ["--sampler", "tpe", "--scheduler", "asha"],  # Ray's ASHA defaults: rungs at 1, 4 of 10 epochs
@@ -101,14 +103,15 @@ def run_one(space: str, trials: int, seed: int, name: str, results: Path, extra:
     """Run one search (or read it back when ``results/name`` already finished: ``--stamp`` reuses runs)."""
     folder = results / name
     if (folder / "wall.json").is_file():
-        return pd.read_csv(folder / "trials.csv"), json.loads((folder / "wall.json").read_text())["wall_seconds"]
+        wall = json.loads((folder / "wall.json").read_text())["wall_seconds"]
+        return renamed(pd.read_csv(folder / "trials.csv")), wall
     cmd = [sys.executable, "-m", "ips_search.run", "--space", space, "--trials", str(trials), "--seed", str(seed)]
     cmd += ["--name", name, "--results-dir", str(results), "--no-dashboard", *extra]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     (folder / "wall.json").write_text(json.dumps({"wall_seconds": wall}))
-    return pd.read_csv(folder / "trials.csv"), wall
+    return renamed(pd.read_csv(folder / "trials.csv")), wall
 
 
 def extend(results: Path, name: str, df: pd.DataFrame, budget: float) -> pd.DataFrame:
@@ -120,7 +123,7 @@ def extend(results: Path, name: str, df: pd.DataFrame, budget: float) -> pd.Data
         return df
     cmd = [sys.executable, "-m", "ips_search.run", "--resume", name, "--trials", str(len(df) + more)]
     subprocess.run([*cmd, "--results-dir", str(results), "--no-dashboard"], check=True, stdout=subprocess.DEVNULL)
-    return pd.read_csv(results / name / "trials.csv")
+    return renamed(pd.read_csv(results / name / "trials.csv"))
 
 
 def main() -> None:
@@ -159,11 +162,11 @@ def main() -> None:
                     runs[strategy] = (extend(results, name, df, args.extend_to_fraction * random_budget), wall)
         # "final": what the search chooses by (a completed trial's last validation accuracy); "any": any epoch
         target_final = float(baseline.loc[baseline["status"] == "completed", "val_accuracy"].max())
-        target_any = float(baseline["best_val_accuracy"].max())
+        target_any = float(baseline["val_accuracy_best"].max())
         baseline_ranks = winner_ranks(results / experiment_name(args.space, "random+fifo", seed, stamp), baseline)
         for strategy, (df, wall) in runs.items():
             final = seconds_to_reach(df, target_final, "val_accuracy", completed_only=True)
-            any_epoch = seconds_to_reach(df, target_any, "best_val_accuracy", completed_only=False)
+            any_epoch = seconds_to_reach(df, target_any, "val_accuracy_best", completed_only=False)
             pick = chosen(df)
             rows.append(
                 {

@@ -41,12 +41,12 @@ import yaml
 
 from ips_search.config import EXTRACT_ENCODERS, DataConfig, ExperimentConfig, IPSConfig, TrainConfig, build_config
 from ips_search.errors import ConfigError
+from ips_search.experiment.record import QUANTILE_SUFFIX
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 SECTIONS = {"data": DataConfig, "model": IPSConfig, "train": TrainConfig}
 FILE_DATASETS = ("slides", "features")  # N comes from the files
 DERIVED = ("memory_size", "iteration_size")  # sampled as quantiles of a range that depends on N
-QUANTILE_SUFFIX = "_quantile"
 PATH_FIELDS = ("root", "manifest", "cache_dir", "slides_root")  # data fields that name files: resolved at load
 # where a searched parameter lands; patch_size/patch_stride set both data and model
 PARAM_SECTIONS = {"patch_size": ("data", "model"), "patch_stride": ("data", "model")}

@@ -264,8 +264,8 @@ def test_epoch_report_round_trips_into_the_trial_record():
         {**metrics, "training_iteration": 3},
         trial_id="t1",
         ray_status="TERMINATED",
-        params={"lr": 1e-3},
-        best_val_accuracy=0.6,
+        config={"lr": 1e-3},
+        val_accuracy_best=0.6,
         path="/x",
     )
     assert set(COLUMN_NAMES) - set(CONFIRM_COLUMNS) <= set(row)  # the confirm stage fills the rest

@@ -151,7 +151,7 @@ def test_library_api_returns_frames_and_figures(smoke_experiment):
         "patch_size",
         "lr",
         "val_accuracy",
-        "best_val_accuracy",
+        "val_accuracy_best",
         "test_accuracy",
         "peak_memory_mb",
         "memory_kind",

@@ -106,7 +106,7 @@ def test_trial_folder_reads_params_and_epochs_and_skips_a_torn_line(tmp_path):
     trial = read_trial_folder(path)
     assert trial.trial_id == "abc12" and trial.readable and trial.has_params
     assert trial.row["epochs"] == 2 and trial.row["lr"] == 1e-3 and trial.row["memory_size"] == 4
-    assert trial.row["best_val_accuracy"] == pytest.approx(0.2) and "status" not in trial.row
+    assert trial.row["val_accuracy_best"] == pytest.approx(0.2) and "status" not in trial.row
     assert "memory_size_quantile" not in trial.row and "fixed" not in trial.row
     assert list(trial.curve["epoch"]) == [1, 2] and list(trial.curve["status"]) == ["running", "completed"]
     (tmp_path / "report").mkdir()

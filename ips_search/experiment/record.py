@@ -1,8 +1,10 @@
 """The trial record: what a trial reports each epoch, and the one row per trial that ``trials.csv`` and the report hold.
 
-:class:`EpochReport` is what the trainable hands to ``tune.report``; :func:`trial_record` turns a trial's last report
-into its row, for the driver's ``trials.csv`` (from Ray's trial objects) and the report's loader (from the trial's
-``result.json``) alike; :data:`COLUMNS` names each column of that row with its type, and :func:`coerce` applies them.
+:class:`EpochReport` is what the trainable hands to ``tune.report``; :func:`trial_record` turns a trial's config and
+last report into its row, for the driver's ``trials.csv`` (from Ray's trial objects) and the report's loader (from the
+trial's ``params.json`` and ``result.json``) alike; :func:`sampled` is the one rule for which config values are its
+parameters; :data:`COLUMNS` names each column of that row with its type, and :func:`coerce` applies them (reading
+a column an older version named otherwise, :data:`RENAMED`, under today's name).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ METRIC = "val_accuracy"  # the objective every search maximises, and the schedul
 RUNG_METRICS = {"val_accuracy": "max", "val_accuracy_best": "max", "val_loss": "min"}
 MEMORY_METRIC = "peak_memory_mb"  # the second objective, and what the memory budget limits
 SEARCHED_IN_RESULT = ("memory_size", "iteration_size", "patch_size")  # M and I are derived from N: read from the result
+QUANTILE_SUFFIX = "_quantile"  # M and I are sampled as quantiles (memory_size_quantile): the value used is the column
+NOT_SAMPLED = ("fixed", "max_memory_mb")  # in every trial's config beside the sampled values: the space, the budget
 
 
 class MemoryKind(str, enum.Enum):
@@ -92,7 +96,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("ray_status", "str"),
     # the searched parameters come here (memory_size, iteration_size, patch_size, lr, ...): see PARAM_KINDS
     Column("val_accuracy", "float"),
-    Column("best_val_accuracy", "float"),
+    Column("val_accuracy_best", "float"),  # the best epoch's, as the trainable reports it for ASHA's rungs
     Column("test_accuracy", "float"),
     Column("peak_memory_mb", "float"),
     Column("memory_kind", "str"),
@@ -117,10 +121,23 @@ CONFIRM_COLUMNS = ("confirm_runs", "confirm_val_mean", "confirm_val_std", "confi
 COLUMN_NAMES = tuple(c.name for c in COLUMNS)
 IDENTITY = ("trial_id", "status", "ray_status")  # the columns before the parameters
 PARAM_KINDS = {"memory_size": "int", "iteration_size": "int", "patch_size": "int"}
+# Columns an older version wrote under another name (trials.csv before the record took the reported metric's name):
+# read under today's name, so an experiment written before still loads
+RENAMED = {"best_val_accuracy": "val_accuracy_best"}
 # Filled from the last report, the rest from the trial's bookkeeping
 _FROM_REPORT = tuple(
-    c for c in COLUMN_NAMES if c not in (*IDENTITY, *CONFIRM_COLUMNS, "best_val_accuracy", "epochs", "path")
+    c for c in COLUMN_NAMES if c not in (*IDENTITY, *CONFIRM_COLUMNS, "val_accuracy_best", "epochs", "path")
 )
+
+
+def sampled(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampled parameters of a trial's config (Ray's, or its ``params.json``): the fixed part, the budget, the
+    quantiles and anything nested left out."""
+    return {
+        k: v
+        for k, v in config.items()
+        if k not in NOT_SAMPLED and not k.endswith(QUANTILE_SUFFIX) and not isinstance(v, (dict, list))
+    }
 
 
 def trial_record(
@@ -128,20 +145,34 @@ def trial_record(
     *,
     trial_id: str,
     ray_status: str | None,
-    params: Mapping[str, Any],
-    best_val_accuracy: float | None,
+    config: Mapping[str, Any],
+    val_accuracy_best: float | None,
     path: str | None,
 ) -> dict[str, Any]:
-    """The row of one trial: its identity, status, searched parameters (as sampled, M/I/P as used) and last report."""
+    """The row of one trial: its identity, status, searched parameters (as sampled, M/I/P as used) and last report.
+
+    ``val_accuracy_best`` is the trial's best validation accuracy over its reports, which the caller has at hand
+    (Ray's metric analysis, or every line of ``result.json``): reports before the trainable reported it lack it.
+    """
     row: dict[str, Any] = {"trial_id": str(trial_id), "status": trial_status(ray_status, last).value}
     row["ray_status"] = ray_status
-    row.update(params)
+    row.update(sampled(config))
     row.update({k: last[k] for k in SEARCHED_IN_RESULT if k in last})
     row.update({k: last.get(k) for k in _FROM_REPORT})
-    row["best_val_accuracy"] = best_val_accuracy
+    row["val_accuracy_best"] = val_accuracy_best
     row["epochs"] = last.get("training_iteration", last.get("epoch"))
     row["path"] = path
     return row
+
+
+def renamed(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with the columns of an older version (:data:`RENAMED`) under today's names, in their place; where both
+    are there (rows of both versions), today's value is kept and the old one fills its gaps."""
+    both = [old for old, new in RENAMED.items() if old in df and new in df]
+    df = df.rename(columns={old: new for old, new in RENAMED.items() if old in df and new not in df})
+    if both:
+        df = df.assign(**{RENAMED[old]: df[RENAMED[old]].combine_first(df[old]) for old in both}).drop(columns=both)
+    return df
 
 
 def best_of(values: list[Any]) -> float | None:
@@ -151,8 +182,9 @@ def best_of(values: list[Any]) -> float | None:
 
 
 def coerce(df: pd.DataFrame) -> pd.DataFrame:
-    """Give each known column its type (numbers, nullable ints and booleans), adding missing ones as empty."""
-    df = df.copy()
+    """Give each known column its type (numbers, nullable ints and booleans), adding missing ones as empty; a column
+    an older version named otherwise is read under today's name (:func:`renamed`)."""
+    df = renamed(df)  # a new frame: the caller's is left as it is
     kinds = {c.name: c.kind for c in COLUMNS} | PARAM_KINDS
     for name in COLUMN_NAMES:
         if name not in df:

@@ -116,7 +116,7 @@ def load_results(path: str | Path) -> pd.DataFrame:
 
     Columns: ``trial_id, status, ray_status``, the searched parameters (``memory_size,
     iteration_size, patch_size, lr``, ...), ``val_accuracy`` (last epoch),
-    ``best_val_accuracy``, ``test_accuracy`` (after the last epoch), ``peak_memory_mb``,
+    ``val_accuracy_best`` (its best epoch), ``test_accuracy`` (after the last epoch), ``peak_memory_mb``,
     ``memory_kind``, ``feasible``, ``epochs``, ``time_total_s``, ``train_seconds``,
     ``images_per_s``, ``n_patches``, ``path`` (the trial's folder). ``status`` is one of
     completed, early-stopped, infeasible, nan-loss, out-of-memory, failed, running, pending.

@@ -20,7 +20,7 @@ SHOWN = [
     "patch_size",
     "lr",
     "val_accuracy",
-    "best_val_accuracy",
+    "val_accuracy_best",
     "test_accuracy",
     "peak_memory_mb",
     "memory_kind",

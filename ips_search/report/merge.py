@@ -18,12 +18,21 @@ from typing import Any
 
 import pandas as pd
 
-from ips_search.experiment import COLUMN_NAMES, METRIC, ORDER, TRIALS_CSV, Status, coerce, trial_status
+from ips_search.experiment import (
+    COLUMN_NAMES,
+    IDENTITY,
+    METRIC,
+    ORDER,
+    TRIALS_CSV,
+    Status,
+    coerce,
+    sampled,
+    trial_status,
+)
 from ips_search.report.axes import param_columns
-from ips_search.report.sources import CURVE_COLUMNS, RayTrialState, TrialFolder, sampled
+from ips_search.report.sources import CURVE_COLUMNS, RayTrialState, TrialFolder
 from ips_search.report.sources.ray_state import NOT_STARTED
 
-IDENTITY = ("trial_id", "status", "ray_status")
 TRAILING = ("node_id", "path")  # long, rarely read: last
 METRIC_COLUMNS = [c for c in COLUMN_NAMES if c not in (*IDENTITY, *TRAILING)]
 CURVE_NUMBERS = ("epoch", *(c for c in CURVE_COLUMNS if c != "status"))

@@ -153,7 +153,7 @@ CELLS = [
     ),
     (
         "md",
-        "## All trials\n\nOne row per trial. `val_accuracy` is the last epoch's, `best_val_accuracy` the best "
+        "## All trials\n\nOne row per trial. `val_accuracy` is the last epoch's, `val_accuracy_best` the best "
         "epoch's; `test_accuracy` is measured after the last epoch of completed trials; `peak_memory_mb` is of the "
         "kind in `memory_kind` (`cuda`: peak allocated GPU memory, `cpu-rss`: process resident memory).",
     ),

@@ -11,26 +11,21 @@ from typing import Any
 import pandas as pd
 from ray.tune import Callback
 
-from ips_search.experiment import COLUMN_NAMES, METRIC, TRIALS_CSV, trial_record
+from ips_search.experiment import COLUMN_NAMES, IDENTITY, METRIC, TRIALS_CSV, trial_record
 from ips_search.experiment.confirmation import RUN
-from ips_search.space import QUANTILE_SUFFIX
 
 __all__ = ["TRIALS_CSV", "TrialsCsvCallback", "trial_row", "write_trials_csv"]
 
 
 def trial_row(trial: Any) -> dict[str, Any]:
     """The record of a ``ray.tune.experiment.Trial`` (see :func:`ips_search.experiment.trial_record`)."""
-    config = trial.config.get(RUN, trial.config)  # a confirm run wraps a search trial's config
-    params = {
-        k: v for k, v in config.items() if k not in ("fixed", "max_memory_mb") and not k.endswith(QUANTILE_SUFFIX)
-    }
     analysis = trial.metric_analysis.get(METRIC, {}) if trial.metric_analysis else {}
     return trial_record(
         trial.last_result or {},
         trial_id=trial.trial_id,
         ray_status=trial.status,
-        params=params,
-        best_val_accuracy=analysis.get("max"),
+        config=trial.config.get(RUN, trial.config),  # a confirm run wraps a search trial's config
+        val_accuracy_best=analysis.get("max"),
         path=trial.path,
     )
 
@@ -80,4 +75,4 @@ def _ordered(rows: list[dict[str, Any]]) -> list[str]:
     """Identity columns, then the searched parameters, then the record's columns in their declared order."""
     names = list(dict.fromkeys(k for row in rows for k in row))
     params = [k for k in names if k not in COLUMN_NAMES]
-    return [*COLUMN_NAMES[:3], *params, *COLUMN_NAMES[3:]]
+    return [*IDENTITY, *params, *(c for c in COLUMN_NAMES if c not in IDENTITY)]

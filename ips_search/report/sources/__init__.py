@@ -8,6 +8,7 @@
 :mod:`ips_search.report.merge` puts them together. Nothing here unpickles anything or imports Ray.
 """
 
+from ips_search.experiment import sampled
 from ips_search.report.sources.json_files import read_json, read_json_lines
 from ips_search.report.sources.optuna_journal import load_study, read_study
 from ips_search.report.sources.ray_state import RayTrialState, read_ray_states
@@ -15,7 +16,6 @@ from ips_search.report.sources.trial_folders import (
     CURVE_COLUMNS,
     TrialFolder,
     read_trial_folder,
-    sampled,
     trial_folders,
 )
 from ips_search.report.sources.trials_csv import read_trials_csv

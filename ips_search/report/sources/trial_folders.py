@@ -15,7 +15,6 @@ import pandas as pd
 
 from ips_search.experiment import METRIC, PARAMS_FILE, REPORT_DIR, RESULT_FILE, TRAINABLE_NAME, best_of, trial_record
 from ips_search.report.sources.json_files import read_json, read_json_lines
-from ips_search.space import QUANTILE_SUFFIX
 
 CURVE_COLUMNS = [
     "val_accuracy",
@@ -60,28 +59,18 @@ def trial_folders(folder: str | Path) -> list[Path]:
     return out
 
 
-def sampled(params: dict[str, Any]) -> dict[str, Any]:
-    """The sampled parameters of a trial's config (the fixed part, the budget and the quantiles left out)."""
-    return {
-        k: v
-        for k, v in params.items()
-        if k not in ("fixed", "max_memory_mb") and not k.endswith(QUANTILE_SUFFIX) and not isinstance(v, (dict, list))
-    }
-
-
 def read_trial_folder(path: str | Path) -> TrialFolder:
     """A trial's row and its per-epoch curve, from ``params.json`` and ``result.json``."""
     path = Path(path)
     results = read_json_lines(path / RESULT_FILE)
-    params = read_json(path / PARAMS_FILE)
     trial_id = _trial_id(path, results)
     last = results[-1] if results else {}
     row = trial_record(
         last,
         trial_id=trial_id,
         ray_status=None,
-        params=sampled(params),
-        best_val_accuracy=best_of([r.get(METRIC) for r in results]),
+        config=read_json(path / PARAMS_FILE),
+        val_accuracy_best=best_of([r.get(METRIC) for r in results]),
         path=str(path),
     )
     del row["status"], row["ray_status"]  # the merge decides them, with Ray's status from trials.csv or its state

@@ -1,4 +1,8 @@
-"""``trials.csv``: the driver's table of trials, rewritten as the search goes (it may be stale, missing or torn)."""
+"""``trials.csv``: the driver's table of trials, rewritten as the search goes (it may be stale, missing or torn).
+
+An older version's column names are read under today's (:func:`ips_search.experiment.renamed`) before the rows meet
+the trial folders' in :mod:`ips_search.report.merge`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ips_search.experiment import TRIALS_CSV
+from ips_search.experiment import TRIALS_CSV, renamed
 
 
 def read_trials_csv(folder: str | Path) -> tuple[pd.DataFrame | None, str | None]:
@@ -20,4 +24,4 @@ def read_trials_csv(folder: str | Path) -> tuple[pd.DataFrame | None, str | None
         return None, f"{TRIALS_CSV} is unreadable ({type(exc).__name__}): trials were rebuilt from their folders"
     if "trial_id" not in df:
         return None, f"{TRIALS_CSV} has no trial_id column: trials were rebuilt from their folders"
-    return df, None
+    return renamed(df), None
