@@ -8,6 +8,7 @@ docs/reliability.md tables every case with the line it prints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from PIL import Image
 
 from ips_search import run
 from ips_search.errors import ConfigError
+from ips_search.experiment.settings import check_resume
 from ips_search.search import cli
 from ips_search.space import SPACES_DIR
 
@@ -391,10 +393,13 @@ def test_resume_accepts_the_saved_settings_and_refuses_others():
     settings = SearchSettings(name="x", results_dir="r", space="smoke", sampler="random", seed=3, confirm=1, epochs=4)
 
     def given(*flags: str) -> dict:
-        return cli.given_settings(["--resume", "x", *flags])
+        return cli.given_settings(cli.build_parser().parse_args(["--resume", "x", *flags]))
 
-    assert given() == {} and given("--trials", "80") == {}  # --trials extends the search: not a kept setting
-    cli.check_resume_flags(given("--sampler", "random", "--seed", "3", "--confirm", "1", "--epochs", "4"), settings)
+    assert given() == {}
+    extended = dataclasses.replace(settings)
+    check_resume(given("--trials", "80"), extended)  # --trials extends the search: not a kept setting
+    assert extended == dataclasses.replace(settings, trials=80)
+    check_resume(given("--sampler", "random", "--seed", "3", "--confirm", "1", "--epochs", "4"), settings)
     # "--sampler tpe" is the flag's default, and still not what this experiment runs with
     for flags in (
         ["--seed", "4"],
@@ -404,7 +409,7 @@ def test_resume_accepts_the_saved_settings_and_refuses_others():
         ["--sampler", "tpe"],
     ):
         with pytest.raises(ConfigError, match=f"^{flags[0]} {flags[1]} differs from experiment 'x'"):
-            cli.check_resume_flags(given(*flags), settings)
+            check_resume(given(*flags), settings)
 
 
 def test_cluster_too_small_for_a_trial_is_one_line_exit_2(tmp_path, cache_dir, capsys, monkeypatch):

@@ -6,170 +6,114 @@ Every input problem is reported as one line with exit code 2 before Ray starts.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import copy
 import datetime as dt
 import ipaddress
 import os
 import tempfile
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ips_search.cli import DefaultsHelpFormatter, OneLineParser, exit_code_of
 from ips_search.errors import ConfigError
-from ips_search.experiment import (
-    ASHA_FLAGS,
-    EXPERIMENT_FILE,
-    RUNG_METRICS,
-    SearchSettings,
-    check_positive,
-    check_settings,
-    read_experiment,
-    settings_from_saved,
-)
+from ips_search.experiment import EXPERIMENT_FILE, SearchSettings, check_settings, read_experiment, settings_from_saved
 from ips_search.experiment.files import check_trusted, experiment_lock, find_experiment
-from ips_search.experiment.settings import check_name
+from ips_search.experiment.settings import (
+    NON_NEGATIVE,
+    Flag,
+    check_applies,
+    check_name,
+    check_resume,
+    flags_of,
+    new_settings,
+    setting,
+    trial_fixed,
+    trials_at_once,
+)
+from ips_search.search import launch
 from ips_search.search.plan import dry_run_lines, plan_lines
 from ips_search.space import SearchSpace, load_space, saved_space
 
 RESUME_FIX = "start a new experiment with --name, or restore the file"
-# the settings a resumed experiment keeps as it saved them (--trials alone may change: it extends the search)
-RESUME_KEEPS = (
-    "objective",
-    "sampler",
-    "scheduler",
-    *ASHA_FLAGS,
-    "max_memory_mb",
-    "cpus_per_trial",
-    "gpus_per_trial",
-    "concurrency",
-    "seed",
-    "epochs",
-    "confirm",
-    "confirm_top",
-)
-DEFAULT_TRIALS = 50
 
 
-def build_parser() -> argparse.ArgumentParser:
+@dataclass
+class RunOptions:
+    """The flags of one run that are not saved settings: which experiment, how Ray starts, what is printed."""
+
+    space: str = setting("default", "search space: a name in search_spaces/ or a YAML path")
+    name: str | None = setting(None, "experiment name (default: <space>-<timestamp>)")
+    results_dir: str = setting("results", "folder that holds experiments")
+    address: str | None = setting(
+        None, "an existing Ray cluster, e.g. 'auto' or 'HOST:6379' (default: start a local one)"
+    )
+    num_gpus: float | None = setting(
+        None, "GPUs the local Ray instance advertises (default: detected)", rules=NON_NEGATIVE
+    )
+    no_dashboard: bool = setting(False, "don't start the Ray dashboard")
+    dashboard_host: str = setting(
+        "127.0.0.1", "interface the dashboard binds; anything but localhost exposes it (a warning is printed)"
+    )
+    resume: str | None = setting(
+        None,
+        "continue experiment NAME in --results-dir, or the experiment folder at path NAME (a copied or moved one: the "
+        "search writes only there); finished trials are kept",
+        metavar="NAME",
+    )
+    verbose: bool = setting(
+        False, "show Ray's own output (progress tables, logs) here instead of only in the experiment's search.log"
+    )
+    dry_run: bool = setting(
+        False,
+        "validate the space, the flags and the data (headers, one sample), print the plan and what the first run will "
+        "build (time, disk); builds and trains nothing",
+    )
+
+
+class SettingsHelpFormatter(DefaultsHelpFormatter):
+    """Shows each flag's default, also a saved setting's (whose argparse default is SUPPRESS, so that the one parse
+    tells which settings the command line names), except where the help already says it ("(default ...")."""
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        if hasattr(action, "shown_default"):
+            action = copy.copy(action)
+            action.default = action.shown_default
+        return super()._expand_help(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser(schema: type = SearchSettings) -> argparse.ArgumentParser:
+    """The command line: ``schema``'s settings (saved; left out, absent from the parsed namespace), then the run
+    options."""
     p = OneLineParser(
         prog="python -m ips_search.run",
         description="Find the IPS memory size M, iteration size I, patch size P and learning rate that give the best "
         "validation accuracy for a dataset and a memory budget. Results land in RESULTS_DIR/NAME/.",
-        formatter_class=DefaultsHelpFormatter,
+        formatter_class=SettingsHelpFormatter,
     )
-    p.add_argument(
-        "--trials",
-        type=int,
-        default=None,
-        help=f"number of trials (configs) to run (default {DEFAULT_TRIALS}); with --resume, a higher number extends "
-        "the finished search with more trials of the same Optuna study",
-    )
-    p.add_argument("--space", default="default", help="search space: a name in search_spaces/ or a YAML path")
-    p.add_argument("--name", default=None, help="experiment name (default: <space>-<timestamp>)")
-    p.add_argument("--results-dir", default="results", help="folder that holds experiments")
-    p.add_argument(
-        "--objective",
-        choices=["accuracy", "accuracy-memory"],
-        default="accuracy",
-        help="maximise validation accuracy, or find the Pareto front of accuracy vs peak memory",
-    )
-    p.add_argument(
-        "--max-memory-mb",
-        type=float,
-        default=None,
-        help="memory budget: a trial whose first training step exceeds it is marked infeasible and stops",
-    )
-    p.add_argument("--sampler", choices=["tpe", "gp", "nsga2", "random"], default="tpe", help="Optuna sampler")
-    p.add_argument(
-        "--scheduler",
-        choices=["asha", "fifo"],
-        default=None,
-        help="trial scheduler: fifo runs every trial to its last epoch (the default); asha stops trials early "
-        "(faster, but its early rungs stop configs that would have won: docs/benchmarks.md)",
-    )
-    p.add_argument(
-        "--grace-period",
-        type=int,
-        default=None,
-        help="ASHA: epochs every trial runs before it can be stopped (default 1, Ray's ASHAScheduler default)",
-    )
-    p.add_argument(
-        "--reduction-factor",
-        type=int,
-        default=None,
-        help="ASHA: each rung keeps the best 1/reduction-factor of trials; rungs at grace-period * "
-        "reduction-factor^k epochs (default 4, Ray's ASHAScheduler default)",
-    )
-    p.add_argument(
-        "--rung-metric",
-        choices=list(RUNG_METRICS),
-        default=None,
-        help="ASHA: what trials are compared on at a rung: this epoch's validation accuracy, the trial's best so far, "
-        "or validation loss (default: this epoch's validation accuracy)",
-    )
-    p.add_argument(
-        "--brackets",
-        type=int,
-        default=None,
-        help="ASHA: brackets of different grace periods (default 1; above 1: asynchronous Hyperband)",
-    )
-    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (also torch's thread count)")
-    p.add_argument(
-        "--gpus-per-trial",
-        type=float,
-        default=None,
-        help="GPUs per trial, fractional allowed (0.25 packs four trials per GPU); 0 keeps every trial on the CPU. "
-        "Default: auto, 1 per trial when the cluster has GPUs, else 0 (the resolved value is saved and kept by "
-        "--resume). A value above 0 falls back to CPU with a warning when the cluster has no GPU",
-    )
-    p.add_argument(
-        "--concurrency", type=int, default=None, help="trials at once (default: as many as the cluster's CPUs/GPUs fit)"
-    )
-    p.add_argument(
-        "--address",
-        default=None,
-        help="an existing Ray cluster, e.g. 'auto' or 'HOST:6379' (default: start a local one)",
-    )
-    p.add_argument(
-        "--num-gpus", type=float, default=None, help="GPUs the local Ray instance advertises (default: detected)"
-    )
-    p.add_argument("--no-dashboard", action="store_true", help="don't start the Ray dashboard")
-    p.add_argument(
-        "--dashboard-host",
-        default="127.0.0.1",
-        help="interface the dashboard binds; anything but localhost exposes it (a warning is printed)",
-    )
-    p.add_argument(
-        "--resume",
-        metavar="NAME",
-        default=None,
-        help="continue experiment NAME in --results-dir, or the experiment folder at path NAME (a copied or moved "
-        "one: the search writes only there); finished trials are kept",
-    )
-    p.add_argument(
-        "--confirm",
-        type=int,
-        default=0,
-        metavar="K",
-        help="after the search, train the best --confirm-top configs again with K more seeds and pick the winner by "
-        "mean validation accuracy (0: off)",
-    )
-    p.add_argument("--confirm-top", type=int, default=3, help="how many of the best configs --confirm retrains")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per trial (overrides the space's train.epochs)")
-    p.add_argument(
-        "--verbose",
-        action="store_true",
-        help="show Ray's own output (progress tables, logs) here instead of only in the experiment's search.log",
-    )
-    p.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="validate the space, the flags and the data (headers, one sample), print the plan and what the first "
-        "run will build (time, disk); builds and trains nothing",
-    )
+    for flag in flags_of(schema):
+        add_flag(p, flag, default=argparse.SUPPRESS).shown_default = flag.default
+    for flag in flags_of(RunOptions):
+        add_flag(p, flag, default=flag.default)
     return p
+
+
+def add_flag(parser: argparse.ArgumentParser, flag: Flag, default: Any) -> argparse.Action:
+    s = flag.setting
+    if flag.kind is bool:
+        return parser.add_argument(flag.flag, action="store_true", default=default, help=s.help)
+    kind = {"choices": list(s.choices)} if s.choices else {"type": flag.kind}
+    return parser.add_argument(flag.flag, default=default, metavar=s.metavar, help=s.help, **kind)
+
+
+def given_settings(args: argparse.Namespace, schema: type = SearchSettings) -> dict[str, Any]:
+    """The saved settings the command line names, with their values (a flag given with its default value counts)."""
+    return {f.name: getattr(args, f.name) for f in flags_of(schema) if hasattr(args, f.name)}
 
 
 def check_results_dir(path: str) -> Path:
@@ -198,55 +142,14 @@ def check_results_dir(path: str) -> Path:
     return results
 
 
-def resolve_asha_flags(args: argparse.Namespace) -> None:
-    """ASHA's own flags take ASHA's defaults when left out; given to a search without ASHA they would be silently
-    ignored, so they are a bad input."""
-    given = [flag for key, flag in ASHA_FLAGS.items() if getattr(args, key) is not None]
-    scheduler = args.scheduler or SearchSettings.scheduler
-    if given and not args.resume and scheduler != "asha":
-        raise ConfigError(
-            f"{given[0]} only applies to --scheduler asha, and this search uses {scheduler}; add --scheduler asha "
-            f"or leave {given[0]} out"
-        )
-    defaults = {field.name: field.default for field in dataclasses.fields(SearchSettings)}
-    for key in ASHA_FLAGS:
-        if getattr(args, key) is None:
-            setattr(args, key, defaults[key])
-
-
-def given_settings(argv: list[str] | None) -> dict[str, Any]:
-    """The kept settings (``RESUME_KEEPS``) the command line names, with their values: parsed again with None as
-    their default (a value no flag gives), so a flag given with its default value counts too."""
-    parser = build_parser()
-    parser.set_defaults(**dict.fromkeys(RESUME_KEEPS))
-    parsed = vars(parser.parse_args(argv))
-    return {key: parsed[key] for key in RESUME_KEEPS if parsed[key] is not None}
-
-
-def check_resume_flags(given: dict[str, Any], settings: SearchSettings) -> None:
-    """A resumed search keeps the settings it started with; a flag asking for another one would be silently ignored,
-    so it is a bad input (the same value is harmless)."""
-
-    def shown(value: Any) -> str:
-        return f"{value:g}" if isinstance(value, float) else "none" if value is None else str(value)
-
-    for key, value in given.items():
-        if value != getattr(settings, key):
-            flag = "--" + key.replace("_", "-")
-            raise ConfigError(
-                f"{flag} {shown(value)} differs from experiment {settings.name!r}, which runs with "
-                f"{shown(getattr(settings, key))}; a resumed search keeps the settings it started with: leave {flag} "
-                "out, or start a new experiment with --name"
-            )
-
-
-def validate_args(args: argparse.Namespace) -> None:
-    """Every flag's own rule, before anything starts."""
-    resolve_asha_flags(args)
+def validate_args(args: argparse.Namespace, given: dict[str, Any]) -> None:
+    """Every flag's own rule, before anything starts (``given``: the saved settings the command line names)."""
+    if not args.resume:  # a resume compares them with what it saved instead
+        check_applies(given)
     if args.name is not None:
         check_name(args.name)
-    check_settings(args)
-    check_positive(args.num_gpus, "--num-gpus", allow_zero=True)
+    check_settings(given)
+    check_settings(vars(args), RunOptions)
     check_dashboard_host(args.dashboard_host)
 
 
@@ -296,87 +199,52 @@ def check_local_cpus(settings: SearchSettings, args: argparse.Namespace) -> None
     cpus = os.cpu_count()
     if args.address or ray.is_initialized() or not cpus:
         return
-    if settings.cpus_per_trial > cpus:
+    if trials_at_once(settings, cpus) < 1:
         raise ConfigError(
             f"a trial needs {settings.cpus_per_trial:g} CPU but this machine has {cpus}; "
             f"lower --cpus-per-trial to at most {cpus}"
         )
 
 
-def extend(settings: SearchSettings, trials: int) -> None:
-    """``--resume NAME --trials N``: raise the experiment's trial count to N (saved, so the restored search runs the
-    extra trials); fewer than it already has is a bad input."""
-    if trials < settings.trials:
-        raise ConfigError(
-            f"--trials {trials} is below the {settings.trials} trials experiment {settings.name!r} already has; "
-            f"pass --trials {settings.trials} or more to extend it, or leave --trials out to continue it"
-        )
-    settings.trials = trials
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return exit_code_of(partial(_main, given=given_settings(argv)), args)
+    return exit_code_of(_main, build_parser().parse_args(argv))
 
 
-def _main(args: argparse.Namespace, given: dict[str, Any]) -> int:
+def _main(args: argparse.Namespace) -> int:
     if not args.address:
         # Ray reads this when it is first imported, so it is set before anything imports ray
         os.environ.setdefault("RAY_AUTH_MODE", "token")
-    validate_args(args)
+    given = given_settings(args)
+    validate_args(args, given)
     if args.resume:
         # a path to an experiment folder resumes it where it is, without creating or writing --results-dir
         folder = find_experiment(Path(args.results_dir), args.resume)
         results_dir = check_results_dir(str(folder.parent) if folder else args.results_dir)
         settings, space = load_experiment(results_dir, folder.name if folder else args.resume)
-        check_resume_flags(given, settings)
-        if args.trials is not None:
-            extend(settings, args.trials)
+        check_resume(given, settings)
     else:
         results_dir = check_results_dir(args.results_dir)
-        args.trials = args.trials or DEFAULT_TRIALS
         space = load_space(args.space)
-        if args.epochs:
-            space.fixed.setdefault("train", {})["epochs"] = args.epochs
-        base = space.base_config()
         name = args.name or f"{space.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
         if (results_dir / name).exists():
             raise ConfigError(
                 f"experiment {name!r} already exists in {results_dir}; pick another --name or "
                 f"continue it with --resume {name}"
             )
-        settings = SearchSettings(
-            name=name,
-            results_dir=str(results_dir),
-            space=space.name,
-            trials=args.trials,
-            objective=args.objective,
-            sampler=args.sampler,
-            scheduler=args.scheduler or SearchSettings.scheduler,
-            max_memory_mb=args.max_memory_mb,
-            cpus_per_trial=args.cpus_per_trial,
-            gpus_per_trial=args.gpus_per_trial,
-            seed=args.seed,
-            epochs=base.train.epochs,
-            grace_period=args.grace_period,
-            reduction_factor=args.reduction_factor,
-            rung_metric=args.rung_metric,
-            brackets=args.brackets,
-            confirm=args.confirm,
-            confirm_top=args.confirm_top,
-            concurrency=args.concurrency or max(1, min(args.trials, int((os.cpu_count() or 1) // args.cpus_per_trial))),
+        settings = new_settings(
+            given, name=name, results_dir=str(results_dir), space=space.name, epochs=space.base_config().train.epochs
         )
-        space.fixed.setdefault("train", {})["seed"] = args.seed
+        space.fixed = trial_fixed(space.fixed, settings)
     check_local_cpus(settings, args)
     if args.dry_run:
         checks = dry_run_lines(space)  # raises on bad data before anything is printed
+        if settings.concurrency is None:  # what this machine fits: a real run fits the cluster it gets
+            settings.concurrency = max(1, trials_at_once(settings, os.cpu_count() or 1))
         print("\n".join(["dry run: the space, the flags and the data are valid; this search would run:"]))
         print("\n".join(plan_lines(space, settings) + ["the first run builds (nothing was built now):", *checks]))
         return 0
-    from ips_search.search.launch import run_search
-
     if not args.resume:
-        return run_search(space, settings, args, resume=False)
+        return launch.run_search(space, settings, args, resume=False)
     check_trusted(settings.experiment_dir)  # Ray unpickles the folder's state files: they must be this user's alone
     with experiment_lock(settings.experiment_dir, settings.name):
-        return run_search(space, settings, args, resume=True)
+        return launch.run_search(space, settings, args, resume=True)

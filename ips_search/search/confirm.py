@@ -34,6 +34,7 @@ from ips_search.experiment import (
     summarize,
 )
 from ips_search.experiment.confirmation import RUN, SEED, SOURCE
+from ips_search.experiment.settings import trial_fixed
 from ips_search.search.results import TrialsCsvCallback
 from ips_search.search.trainable import train_ips
 from ips_search.search.tuner import trial_dirname
@@ -49,12 +50,17 @@ def confirm_runs(settings: SearchSettings, trials: pd.DataFrame) -> list[dict[st
     runs = []
     for row in rank(trials).head(settings.confirm_top).to_dict("records"):
         config = json.loads((Path(str(row["path"])) / PARAMS_FILE).read_text())
-        for k in range(1, settings.confirm + 1):
-            run = copy.deepcopy(config)
-            run["fixed"].setdefault("train", {})["seed"] = settings.seed + k
-            run[SOURCE], run[SEED] = str(row["trial_id"]), settings.seed + k
+        for seed in confirm_seeds(settings):
+            run = copy.deepcopy(config)  # each run its own config: Tune may change one in place
+            run["fixed"] = trial_fixed(config["fixed"], settings, seed=seed)
+            run[SOURCE], run[SEED] = str(row["trial_id"]), seed
             runs.append(run)
     return runs
+
+
+def confirm_seeds(settings: SearchSettings) -> list[int]:
+    """The seeds of each config's confirm runs: the ``confirm`` seeds after the search's."""
+    return [settings.seed + k for k in range(1, settings.confirm + 1)]
 
 
 def confirm_cpus(settings: SearchSettings, n_runs: int, cluster_cpus: float) -> float:
@@ -131,5 +137,5 @@ def record(settings: SearchSettings, trials: pd.DataFrame) -> pd.DataFrame:
         for row in summary.to_dict("records")
     }
     study.set_user_attr("confirm", figures)  # by the search's Ray trial id
-    study.set_user_attr("confirm_seeds", [settings.seed + k for k in range(1, settings.confirm + 1)])
+    study.set_user_attr("confirm_seeds", confirm_seeds(settings))
     return summary

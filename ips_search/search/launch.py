@@ -24,6 +24,7 @@ from ips_search.experiment import (
     write_experiment,
 )
 from ips_search.experiment.files import experiment_lock
+from ips_search.experiment.settings import trials_at_once
 from ips_search.search.console import TrialProgress, terminal_only_ours
 from ips_search.search.plan import plan_lines, prepare_data
 
@@ -104,17 +105,15 @@ def fit_resources(settings: SearchSettings, cluster: dict[str, Any], explicit_co
     if settings.gpus_per_trial > 0 and cluster.get("GPU", 0) <= 0:
         print("warning: the Ray cluster has no GPU; trials run on CPU (--gpus-per-trial ignored)", file=sys.stderr)
         settings.gpus_per_trial = 0.0
-    fits = [int(cluster.get("CPU", 1) // settings.cpus_per_trial)]
-    if settings.gpus_per_trial > 0:
-        fits.append(int(round(cluster.get("GPU", 0) / settings.gpus_per_trial, 6)))
-    if min(fits) < 1:  # a bad input like any other: one line and exit 2 (run.main prints it)
+    at_once = trials_at_once(settings, cluster.get("CPU", 1), cluster.get("GPU", 0))
+    if at_once < 1:  # a bad input like any other: one line and exit 2 (run.main prints it)
         raise ConfigError(
             f"a trial needs {settings.cpus_per_trial:g} CPU and {settings.gpus_per_trial:g} GPU "
             f"but the cluster has {cluster.get('CPU', 0):g} CPU and {cluster.get('GPU', 0):g} GPU; "
             "lower --cpus-per-trial / --gpus-per-trial"
         )
     if not explicit_concurrency:
-        settings.concurrency = max(1, min(*fits, settings.trials))
+        settings.concurrency = at_once
 
 
 def save_experiment(space, settings: SearchSettings, argv: list[str]) -> None:
@@ -130,7 +129,7 @@ def run_search(space, settings: SearchSettings, args: argparse.Namespace, resume
     joined = ray.is_initialized()  # a session someone else started (notebook, tests) stays theirs to shut down
     cluster = start_ray(args)
     try:
-        fit_resources(settings, cluster, explicit_concurrency=args.concurrency is not None or resume)
+        fit_resources(settings, cluster, explicit_concurrency=settings.concurrency is not None)
     except ConfigError:
         if not joined:  # the cluster we just started (or joined with --address) runs nothing: leave it now
             ray.shutdown()
