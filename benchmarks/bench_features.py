@@ -104,7 +104,7 @@ def bench_extract(folder: Path) -> dict:
 
     cfg = parse_extract(load_space("default-features").fixed["data"]["extract"])
     data = build_datasets(cfg.source)
-    encoder = build_frozen_encoder(cfg, data.n_chan, progress=False)
+    encoder = build_frozen_encoder(cfg, data.geometry, progress=False)
     splits = {"train": data.train, "val": data.val, "test": data.test}
     start, cpu_start = time.perf_counter(), time.process_time()
     extract_splits(splits, encoder, folder, cfg.dtype, cfg.batch_size, progress=False)

@@ -16,18 +16,62 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from ips_search.errors import ConfigError
 
-ENCODERS = ("resnet18", "resnet50", "resnet18-2", "resnet18-3", "resnet50-2", "resnet50-3", "small-cnn", "projector")
 LOADING_MODES = ("eager", "eager-sequential", "lazy")
 SHUFFLES = ("none", "batch", "instance")
-DATASETS = ("megapixel", "mnist-resized", "folder", "slides", "features")
 MEGAPIXEL_TASKS = ("majority", "max", "top", "multilabel")
-# data.extract.encoder names (ips_search.extract); any other value is a TorchScript file's path
-EXTRACT_ENCODERS = ("warm-start", "random-init", "resnet18-imagenet", "resnet50-imagenet")
 SEED_LIMIT = 2**32  # numpy's: seeds are 0 .. 2**32 - 1
+
+
+# -- registries -----------------------------------------------------------------------------------------------------
+# Datasets (ips_search.data), encoders (ips_search.model.encoders) and extraction encoders (ips_search.extraction)
+# register a name and an entry in their own module; the code asks the registry, never a list of names. The
+# registries live above this module, so config checks only their fields' types and the registry's owner checks the
+# name (space loading, building the data or the model), with the message a choice field gives.
+class Named(Protocol):
+    name: str
+
+
+E = TypeVar("E", bound=Named)
+
+
+class Registry(Generic[E]):
+    """Entries by name, in registration order, like timm's model registry: ``REGISTRY[name]`` or a one-line
+    "unknown ``noun`` 'x' in ``where``; choose one of ...". ``where`` names the config field that holds the name."""
+
+    def __init__(self, noun: str, where: str) -> None:
+        self.noun, self.where = noun, where
+        self._entries: dict[str, E] = {}
+
+    def register(self, entry: E) -> E:
+        if entry.name in self._entries:
+            raise ValueError(f"{self.noun} {entry.name!r} is registered twice")
+        self._entries[entry.name] = entry
+        return entry
+
+    def unregister(self, name: str) -> None:
+        del self._entries[name]
+
+    def get(self, name: Any, where: str | None = None) -> E:
+        """The entry ``name`` registers, else a ConfigError naming the field ``where`` (default: the registry's)."""
+        if not isinstance(name, str) or name not in self._entries:
+            raise ConfigError(f"unknown {self.noun} {name!r} in {where or self.where}; choose one of {', '.join(self)}")
+        return self._entries[name]
+
+    def __getitem__(self, name: str) -> E:
+        return self.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def entries(self) -> list[E]:
+        return list(self._entries.values())
 
 
 # -- field validation -----------------------------------------------------------------------------------------------
@@ -216,7 +260,6 @@ RULES: dict[str, dict[str, Rule]] = {
         **{k: positive_int() for k in ("n_class", "n_chan", "memory_size", "iteration_size", "patch_size")},
         **{k: positive_int() for k in ("patch_stride", "dim", "heads", "d_k", "d_v", "d_inner", "encode_chunk")},
         "max_patches": positive_int("set it to at least the largest patch count N"),
-        "encoder": choice(ENCODERS, "encoder"),
         "dropout": number(0, 1, open_high=True, fix=_DROPOUT_FIX),
         "attn_dropout": number(0, 1, open_high=True, fix=_DROPOUT_FIX),
         "loading": choice(LOADING_MODES, "loading mode"),
@@ -225,7 +268,6 @@ RULES: dict[str, dict[str, Rule]] = {
         "ips_impl": choice(("streaming", "reference"), "ips_impl"),
     },
     "DataConfig": {
-        "dataset": choice(DATASETS, "dataset"),
         **{k: positive_int() for k in ("patch_size", "patch_stride", "canvas_size", "digit_size", "n_digits")},
         **{k: positive_int() for k in ("n_train", "n_test", "image_size", "n_chan", "slide_size")},
         "n_noise": count(),
@@ -401,11 +443,6 @@ class DataConfig:
         self.tasks = tuple(self.tasks)
         if self.patch_stride is None:
             self.patch_stride = self.patch_size
-        if self.augment_shift and self.dataset in ("slides", "features"):
-            raise ConfigError(
-                f"augment_shift applies to whole images (megapixel, mnist-resized, folder), not to {self.dataset}; "
-                "remove it from data:"
-            )
         if self.mpp is not None and self.level is not None:
             raise ConfigError("set either level or mpp for dataset: slides, not both")
 
@@ -444,29 +481,11 @@ class ExperimentConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
-        """The config of a space's sections; ``dataset: features`` defaults ``model.encoder`` to the projector."""
-        data = DataConfig(**d.get("data", {}))
-        model = dict(d.get("model", {}))
-        if data.dataset == "features":
-            model.setdefault("encoder", "projector")
-        check_encoder_fits(data.dataset, model.get("encoder", IPSConfig.encoder))
-        return cls(data=data, model=IPSConfig(**model), train=TrainConfig(**d.get("train", {})))
-
-
-def check_encoder_fits(dataset: str, encoder: Any) -> None:
-    """The projector reads patch embeddings (``dataset: features``) and only it does; the other encoders read
-    images. A mismatch is one ConfigError (the model would fail on its first batch, in every trial)."""
-    if not isinstance(encoder, str) or encoder not in ENCODERS:
-        return  # IPSConfig names it
-    if dataset == "features" and encoder != "projector":
-        raise ConfigError(
-            f"model.encoder {encoder} reads images, but dataset: features holds patch embeddings; "
-            "set model.encoder: projector (or leave it out: features default to it)"
-        )
-    if dataset != "features" and encoder == "projector":
-        raise ConfigError(
-            f"model.encoder projector reads patch embeddings (dataset: features), not {dataset} images; "
-            "choose an image encoder such as small-cnn or resnet18"
+        """The config of a space's sections (names are checked by :func:`ips_search.space.experiment_config`)."""
+        return cls(
+            data=DataConfig(**d.get("data", {})),
+            model=IPSConfig(**d.get("model", {})),
+            train=TrainConfig(**d.get("train", {})),
         )
 
 

@@ -45,14 +45,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ips_search.config import EXTRACT_ENCODERS, DataConfig, IPSConfig, Rule, build_config, check_fields, positive_int
+from ips_search.config import DataConfig, IPSConfig, Registry, Rule, build_config, check_fields, positive_int
+from ips_search.data import DATASETS, DataGeometry, build_datasets, data_geometry, dataset_kind, preview_datasets
 from ips_search.data.cache import cache_key, cache_root
+from ips_search.data.preview import DataPreview
 from ips_search.errors import ConfigError
+from ips_search.model.encoders import ENCODERS, build_encoder
+from ips_search.warmstart import DEFAULT_STEPS, apply_warm_start, pretrained_encoder_state, supports_warm_start
 
 FORMAT_VERSION = 1
 IMAGENET = {"resnet18-imagenet": "resnet18", "resnet50-imagenet": "resnet50"}
 RANDOM_INIT = "random-init"
-NAMED_ENCODERS = EXTRACT_ENCODERS  # ("warm-start", RANDOM_INIT, *IMAGENET): config.py names them for space.py
 MANIFEST = "labels.csv"
 SPLIT_ORDER = ("train", "val", "test")
 SETTINGS = "extraction.json"
@@ -76,30 +79,30 @@ class ExtractConfig:
 
     def validate(self, where: str) -> None:
         check_fields(self, where, EXTRACT_RULES)  # types and ranges, as for data, model and train
-        if self.source.dataset == "features":
+        if dataset_kind(self.source, f"{where}.from.dataset").features:
             raise ConfigError(f"{where}.from is a features dataset; extract from an image dataset (e.g. megapixel)")
-        if self.encoder not in NAMED_ENCODERS and not Path(self.encoder).expanduser().is_file():
+        if self.encoder not in FROZEN_ENCODERS and not Path(self.encoder).expanduser().is_file():
             raise ConfigError(
-                f"{where}.encoder {self.encoder!r} is neither one of {', '.join(NAMED_ENCODERS)} "
+                f"{where}.encoder {self.encoder!r} is neither one of {', '.join(FROZEN_ENCODERS)} "
                 "nor an existing TorchScript file; name one or give the file's path"
             )
-        if self.encoder == "warm-start":
-            from ips_search.warmstart import supports_warm_start
-
-            if not supports_warm_start(self.source):
-                raise ConfigError(
-                    f"{where}.encoder warm-start needs dataset: megapixel in {where}.from, "
-                    f"not {self.source.dataset!r}; use resnet18-imagenet or a TorchScript file"
-                )
-        if self.encoder in ("warm-start", RANDOM_INIT):  # both are built from extract.model
-            build_config(IPSConfig, dict(self.model), f"{where}.model", prefix=f"{where}.model")
+        frozen = frozen_encoder(self)
+        if frozen.warm_start and not supports_warm_start(self.source):
+            warm = ", ".join(k.name for k in DATASETS.entries() if k.warm_start)
+            raise ConfigError(
+                f"{where}.encoder {frozen.name} needs dataset: {warm} in {where}.from, "
+                f"not {self.source.dataset!r}; use resnet18-imagenet or a TorchScript file"
+            )
+        if frozen.uses_model:  # built from extract.model
+            model = build_config(IPSConfig, dict(self.model), f"{where}.model", prefix=f"{where}.model")
+            ENCODERS.get(model.encoder, f"{where}.model.encoder")
 
 
 EXTRACT_RULES = {
     "encoder": Rule(
         lambda v: isinstance(v, str) and v.strip() != "",
         "an encoder name or a TorchScript file's path",
-        f"name one of {', '.join(NAMED_ENCODERS)} or give the file's path",
+        "name an extraction encoder (warm-start, random-init, resnet18-imagenet, ...) or give the file's path",
     ),
     "dtype": Rule(lambda v: v in ("float16", "float32"), "float16 or float32", "choose float16 or float32"),
     "batch_size": positive_int(),
@@ -110,7 +113,7 @@ EXTRACT_RULES = {
 
 def is_torchscript(cfg: ExtractConfig) -> bool:
     """The encoder is a TorchScript file (code), not one of the named encoders."""
-    return cfg.encoder not in NAMED_ENCODERS
+    return cfg.encoder not in FROZEN_ENCODERS
 
 
 def parse_extract(raw: Any, where: str = "data.extract") -> ExtractConfig:
@@ -138,20 +141,103 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _encoder_model_cfg(cfg: ExtractConfig, n_chan: int) -> IPSConfig:
-    model = {k: v for k, v in cfg.model.items() if k not in ("n_chan", "patch_size", "patch_stride")}
-    return IPSConfig(**model, n_chan=n_chan, patch_size=cfg.source.patch_size, patch_stride=cfg.source.patch_stride)
+def _encoder_model_cfg(cfg: ExtractConfig, geometry: DataGeometry) -> IPSConfig:
+    """``extract.model`` cut to the source data's patches (its geometry is the data's, as for training)."""
+    model = {k: v for k, v in cfg.model.items() if k not in ("n_chan", "patch_size", "patch_stride", "tasks")}
+    return geometry.model_config(IPSConfig(**model))
+
+
+@dataclass(frozen=True)
+class FrozenEncoder:
+    """One extraction encoder (``data.extract.encoder``): ``build(cfg, geometry, progress)`` gives the frozen
+    ``(n, C, P, P) -> (n, D)`` module for the source data's geometry, ``identity(cfg)`` what identifies its weights
+    (the cache key)."""
+
+    name: str
+    build: Callable[[ExtractConfig, DataGeometry, bool], nn.Module]
+    identity: Callable[[ExtractConfig], dict[str, Any]]
+    uses_model: bool = False  # built from extract.model (encoder, dim)
+    warm_start: bool = False  # pretrained on digit patches: the source must support the warm start
+
+
+# Named extraction encoders; any other ``data.extract.encoder`` is a TorchScript file's path
+FROZEN_ENCODERS: Registry[FrozenEncoder] = Registry("extraction encoder", "data.extract.encoder")
+
+
+def _warm_start(cfg: ExtractConfig, geometry: DataGeometry, progress: bool) -> nn.Module:
+    model_cfg = _encoder_model_cfg(cfg, geometry)
+    encoder = build_encoder(model_cfg)
+    steps = cfg.warm_start_steps or DEFAULT_STEPS
+    apply_warm_start(encoder, pretrained_encoder_state(model_cfg, cfg.source, steps=steps, progress=progress))
+    return encoder
+
+
+def _random_init(cfg: ExtractConfig, geometry: DataGeometry, progress: bool) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):  # the same weights on every machine, whatever ran before
+        torch.manual_seed(cfg.source.seed)
+        return build_encoder(_encoder_model_cfg(cfg, geometry))
+
+
+def _imagenet(arch: str) -> Callable[[ExtractConfig, DataGeometry, bool], nn.Module]:
+    def build(cfg: ExtractConfig, geometry: DataGeometry, progress: bool) -> nn.Module:
+        width = 512 if arch == "resnet18" else 2048  # native: no projection appended
+        try:
+            return build_encoder(IPSConfig(encoder=arch, pretrained=True, n_chan=geometry.n_chan, dim=width))
+        except ConfigError:
+            raise ConfigError(
+                f"could not download ImageNet weights for {arch}; connect to the internet once, "
+                "or extract with encoder warm-start or a TorchScript file"
+            ) from None
+
+    return build
+
+
+def _torchscript(cfg: ExtractConfig, geometry: DataGeometry, progress: bool) -> nn.Module:
+    path = Path(cfg.encoder).expanduser()
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        raise ConfigError(f"cannot load {path} as TorchScript ({first}); save it with torch.jit.save") from None
+
+
+FROZEN_ENCODERS.register(
+    FrozenEncoder(
+        "warm-start",
+        _warm_start,
+        lambda cfg: {"kind": "warm-start", "model": cfg.model, "steps": cfg.warm_start_steps},
+        uses_model=True,
+        warm_start=True,
+    )
+)
+FROZEN_ENCODERS.register(
+    FrozenEncoder(
+        RANDOM_INIT,
+        _random_init,
+        lambda cfg: {"kind": RANDOM_INIT, "model": cfg.model, "seed": cfg.source.seed},
+        uses_model=True,
+    )
+)
+for _name, _arch in IMAGENET.items():
+    FROZEN_ENCODERS.register(
+        FrozenEncoder(_name, _imagenet(_arch), lambda cfg, a=_arch: {"kind": "imagenet", "arch": a})
+    )
+TORCHSCRIPT = FrozenEncoder(
+    "torchscript",
+    _torchscript,
+    lambda cfg: {"kind": "torchscript", "sha256": _file_digest(Path(cfg.encoder).expanduser())},
+)
+NAMED_ENCODERS = tuple(FROZEN_ENCODERS)
+
+
+def frozen_encoder(cfg: ExtractConfig) -> FrozenEncoder:
+    """The registered encoder ``cfg.encoder`` names, else the TorchScript file's loader."""
+    return FROZEN_ENCODERS[cfg.encoder] if cfg.encoder in FROZEN_ENCODERS else TORCHSCRIPT
 
 
 def encoder_identity(cfg: ExtractConfig) -> dict[str, Any]:
     """What identifies the encoder's weights, for the cache key."""
-    if cfg.encoder == "warm-start":
-        return {"kind": "warm-start", "model": cfg.model, "steps": cfg.warm_start_steps}
-    if cfg.encoder == RANDOM_INIT:
-        return {"kind": RANDOM_INIT, "model": cfg.model, "seed": cfg.source.seed}
-    if cfg.encoder in IMAGENET:
-        return {"kind": "imagenet", "arch": IMAGENET[cfg.encoder]}
-    return {"kind": "torchscript", "sha256": _file_digest(Path(cfg.encoder).expanduser())}
+    return frozen_encoder(cfg).identity(cfg)
 
 
 def extraction_fields(cfg: ExtractConfig) -> dict[str, Any]:
@@ -165,38 +251,11 @@ def feature_folder(cfg: ExtractConfig, cache_dir: str | None = None) -> Path:
     return cache_root(cache_dir or cfg.source.cache_dir) / f"features-{cache_key(extraction_fields(cfg))}"
 
 
-def build_frozen_encoder(cfg: ExtractConfig, n_chan: int, progress: bool = True) -> nn.Module:
-    """The frozen encoder ``(n, C, P, P) -> (n, D)`` in eval mode."""
-    from ips_search.model.encoders import build_encoder
-
-    if cfg.encoder == "warm-start":
-        from ips_search.warmstart import DEFAULT_STEPS, apply_warm_start, pretrained_encoder_state
-
-        model_cfg = _encoder_model_cfg(cfg, n_chan)
-        encoder = build_encoder(model_cfg)
-        steps = cfg.warm_start_steps or DEFAULT_STEPS
-        apply_warm_start(encoder, pretrained_encoder_state(model_cfg, cfg.source, steps=steps, progress=progress))
-    elif cfg.encoder == RANDOM_INIT:
-        with torch.random.fork_rng(devices=[]):  # the same weights on every machine, whatever ran before
-            torch.manual_seed(cfg.source.seed)
-            encoder = build_encoder(_encoder_model_cfg(cfg, n_chan))
-    elif cfg.encoder in IMAGENET:
-        arch = IMAGENET[cfg.encoder]
-        width = 512 if arch == "resnet18" else 2048  # native: no projection appended
-        try:
-            encoder = build_encoder(IPSConfig(encoder=arch, pretrained=True, n_chan=n_chan, dim=width))
-        except ConfigError:
-            raise ConfigError(
-                f"could not download ImageNet weights for {arch}; connect to the internet once, "
-                "or extract with encoder warm-start or a TorchScript file"
-            ) from None
-    else:
-        path = Path(cfg.encoder).expanduser()
-        try:
-            encoder = torch.jit.load(str(path), map_location="cpu")
-        except (RuntimeError, ValueError) as exc:
-            first = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
-            raise ConfigError(f"cannot load {path} as TorchScript ({first}); save it with torch.jit.save") from None
+def build_frozen_encoder(cfg: ExtractConfig, geometry: DataGeometry | None = None, progress: bool = True) -> nn.Module:
+    """The frozen encoder ``(n, C, P, P) -> (n, D)`` for the source data's ``geometry`` (None: read from the source's
+    config, or its files where N varies), in eval mode."""
+    geometry = geometry or data_geometry(cfg.source) or build_datasets(cfg.source).geometry
+    encoder = frozen_encoder(cfg).build(cfg, geometry, progress)
     for param in encoder.parameters():  # ScriptModules have no requires_grad_()
         param.requires_grad_(False)
     return encoder.eval()
@@ -408,8 +467,6 @@ def extract(
     ``run_torchscript=False`` (the report): a TorchScript encoder's finished folder is used, but one still to be
     extracted is a ConfigError instead of loading the file, which would run its code.
     """
-    from ips_search.data import build_datasets
-
     if cache_dir and cfg.source.cache_dir is None:  # the source data (and warm start) share the features' cache
         cfg = dataclasses.replace(cfg, source=dataclasses.replace(cfg.source, cache_dir=cache_dir))
     folder = feature_folder(cfg, cache_dir)
@@ -425,7 +482,7 @@ def extract(
         if (folder / MANIFEST).is_file():  # another process finished it while this one waited
             return folder
         data = build_datasets(cfg.source)
-        encoder = build_frozen_encoder(cfg, data.n_chan, progress).to(dev)
+        encoder = build_frozen_encoder(cfg, data.geometry, progress).to(dev)
         P = cfg.source.patch_size
         attrs = {"patch_size": P, "patch_size_level0": P, "patch_level": 0, "downsample": [1.0, 1.0]}
         with open(folder / SETTINGS, "w", encoding="utf-8") as f:
@@ -444,10 +501,7 @@ def extracted_data_config(cfg: DataConfig, progress: bool = True, run_torchscrip
 def preview(cfg: DataConfig) -> Any:
     """``--dry-run``: whether ``cfg``'s extraction exists (then its files' headers are read), and if not what its
     source data will cost; a config without ``extract`` goes to :func:`ips_search.data.preview_datasets`."""
-    from ips_search.data import preview_datasets
-    from ips_search.data.preview import DataPreview
-
-    if cfg.dataset != "features" or cfg.extract is None:
+    if cfg.extract is None or not DATASETS[cfg.dataset].features:
         return preview_datasets(cfg)
     settings = parse_extract(cfg.extract)
     folder = feature_folder(settings, cfg.cache_dir)
@@ -470,7 +524,7 @@ def resolve_data(cfg: DataConfig, progress: bool = True, run_torchscript: bool =
     Extraction needs an encoder, so it happens here, above ``ips_search.data``; the search's driver, its trials,
     the estimator and the report call this before ``build_datasets``. The report passes ``run_torchscript=False``:
     a TorchScript encoder named only by a trial's files is never loaded (see the module docstring)."""
-    if cfg.dataset == "features" and cfg.extract is not None:
+    if cfg.extract is not None and DATASETS[cfg.dataset].features:
         return extracted_data_config(cfg, progress, run_torchscript)
     return cfg
 

@@ -22,7 +22,6 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,9 +30,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ips_search.config import DataConfig, ExperimentConfig, IPSConfig, Task, TrainConfig
+from ips_search.data import DataGeometry, build_datasets, data_geometry
 from ips_search.errors import ConfigError
+from ips_search.extraction import resolve_data
 from ips_search.meter import MB, StorageMeter, cuda_block_bytes, optimizer_tensors, tensor_bytes
 from ips_search.model import IPSNet
+from ips_search.model.encoders import ENCODERS
 from ips_search.space import SearchSpace, memory_iteration_ranges, trial_config
 from ips_search.train import make_optimizer, train_step
 
@@ -165,7 +167,7 @@ class _FakeTrainer:
                 model_cfg.n_chan,
                 model_cfg.patch_size,
                 model_cfg.tasks,
-                model_cfg.encoder == "projector",
+                ENCODERS[model_cfg.encoder].reads_features,
             )
             self.meter.reset_peak()
             state = self.meter.current_bytes
@@ -215,7 +217,24 @@ def _estimate(key: str, model_cfg: IPSConfig, train_cfg: TrainConfig, device: st
 def estimate_step_memory(
     exp: ExperimentConfig, n_patches: int, n_chan: int, tasks: tuple[Task, ...], device: str = "cuda"
 ) -> MemoryEstimate:
-    """Predicted peak memory of one steady-state training step of ``exp`` on images of ``n_patches`` patches.
+    """Predicted peak memory of one steady-state training step of ``exp`` on images of ``n_patches`` patches of
+    ``n_chan`` channels (``tasks``: empty keeps the model's); :func:`estimate_memory` of that geometry."""
+    for name, value in (("n_patches", n_patches), ("n_chan", n_chan)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    geometry = given_geometry(exp.data, n_patches, n_chan, tuple(tasks) or exp.model.tasks)
+    return estimate_memory(exp, geometry, device)
+
+
+def given_geometry(data: DataConfig, n_patches: int, n_chan: int, tasks: tuple[Task, ...]) -> DataGeometry:
+    """The geometry of ``data``'s patches with a given N, channels and tasks (no data read)."""
+    stride = data.patch_stride or data.patch_size
+    return DataGeometry(data.patch_size, stride, n_chan, tuple(tasks), n_patches, (1, n_patches))
+
+
+def estimate_memory(exp: ExperimentConfig, geometry: DataGeometry, device: str = "cuda") -> MemoryEstimate:
+    """Predicted peak memory of one steady-state training step of ``exp`` on data of this ``geometry`` (N =
+    ``geometry.n_patches``, the smallest item's where items differ).
 
     ``device="cuda"``: as ``torch.cuda.max_memory_allocated`` books it (512-byte blocks, bfloat16 autocast when
     ``exp.train.amp``); ``device="cpu"``: the exact bytes of the live tensors (a CPU step, no autocast). Cached per
@@ -224,51 +243,22 @@ def estimate_step_memory(
     kind = device.split(":")[0] if isinstance(device, str) else device
     if kind not in ("cuda", "cpu"):
         raise ConfigError(f"device must be cuda or cpu, got {device!r}")
-    for name, value in (("n_patches", n_patches), ("n_chan", n_chan)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    model_cfg = dataclasses.replace(
-        exp.model,
-        tasks=tuple(tasks) or exp.model.tasks,
-        n_chan=n_chan,
-        patch_size=exp.data.patch_size,
-        patch_stride=exp.data.patch_stride,
-        pretrained=False,  # the values don't matter, and ImageNet weights would be downloaded
-    )
-    train = exp.train  # only what changes the step's tensors: lr, epochs, seed... share an estimate
+    # the values don't matter, and ImageNet weights would be downloaded
+    model_cfg = dataclasses.replace(geometry.model_config(exp.model), pretrained=False)
+    n_patches, train = geometry.n_patches, exp.train  # only what changes the step's tensors: lr, seed... share one
     key = json.dumps(
         [dataclasses.asdict(model_cfg), train.batch_size, train.amp, train.grad_clip, kind, n_patches], default=str
     )
     return _estimate(key, model_cfg, exp.train, kind, n_patches)
 
 
-def data_shape(data: DataConfig) -> tuple[int, tuple[Task, ...]]:
-    """(channels, tasks) a dataset config gives the model, read from the config alone (no data is built)."""
-    if data.dataset == "megapixel":
-        from ips_search.data.megapixel import TASKS
-
-        return 1, tuple(TASKS[t] for t in data.tasks)
-    if data.dataset == "mnist-resized":
-        return 1, (Task("label", 10),)
-    root = Path(data.root) if data.root else None
-    split = root / "train" if root is not None and (root / "train").is_dir() else root
-    classes = [p for p in split.iterdir() if p.is_dir()] if split is not None and split.is_dir() else []
-    return data.n_chan, (Task("label", max(2, len(classes))),)  # the head's size barely matters
-
-
 def estimate_config(space: SearchSpace, params: dict[str, Any], device: str = "cuda") -> MemoryEstimate:
-    """:func:`estimate_step_memory` of one config of ``space``: ``params`` holds the sampled values (patch_size,
+    """:func:`estimate_memory` of one config of ``space``: ``params`` holds the sampled values (patch_size,
     memory_size, iteration_size, lr, ...; quantile parameters are ignored), as a trial receives them."""
     exp = trial_config(space.fixed, params)
-    n = space.n_patches(exp.data.patch_size, exp.data.patch_stride)
-    if n is None:  # slides, features: N (and the channels) come from the files
-        from ips_search.data import build_datasets
-        from ips_search.extraction import resolve_data
-
-        splits = build_datasets(resolve_data(exp.data))
-        return estimate_step_memory(exp, splits.n_patches, splits.n_chan, splits.tasks, device)
-    n_chan, tasks = data_shape(exp.data)
-    return estimate_step_memory(exp, n, n_chan, tasks, device)
+    # whole images: the geometry from the config alone; slides, features: N (and the channels) from the files
+    geometry = data_geometry(exp.data) or build_datasets(resolve_data(exp.data)).geometry
+    return estimate_memory(exp, geometry, device)
 
 
 def measure_step_memory(
@@ -283,9 +273,7 @@ def measure_step_memory(
     dev = torch.device(device)
     if dev.type != "cuda" or not torch.cuda.is_available():
         raise ConfigError(f"measuring needs an available CUDA device, got {device!r}; run it on a GPU machine")
-    model_cfg = dataclasses.replace(
-        exp.model, tasks=tuple(tasks), n_chan=n_chan, patch_size=exp.data.patch_size, patch_stride=exp.data.patch_stride
-    )
+    model_cfg = given_geometry(exp.data, n_patches, n_chan, tuple(tasks)).model_config(exp.model)
     torch.manual_seed(exp.train.seed)
     model = IPSNet(model_cfg).to(dev)
     optimizer = make_optimizer(model, exp.train)

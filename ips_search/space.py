@@ -24,8 +24,10 @@ is loaded: a relative path is taken relative to the current working directory of
 file), ``~`` is expanded, and the absolute path is what the trials use and what ``experiment.json`` saves (Ray
 runs each trial in another working directory, so a relative path there would point elsewhere).
 
-``dataset: features`` holds patch embeddings, which only the ``projector`` encoder reads: such a space defaults
-``model.encoder`` to it, and names any other encoder as an error.
+``data.dataset`` and ``model.encoder`` name registered kinds (:data:`ips_search.data.DATASETS`,
+:data:`ips_search.model.encoders.ENCODERS`), checked here when the space loads. A dataset kind may name a default
+encoder (``dataset: features`` holds patch embeddings, which only the ``projector`` reads): a space that names no
+encoder gets it, saved explicitly; an encoder that does not read what the dataset holds is an error.
 """
 
 from __future__ import annotations
@@ -39,17 +41,19 @@ from typing import Any
 
 import yaml
 
-from ips_search.config import EXTRACT_ENCODERS, DataConfig, ExperimentConfig, IPSConfig, TrainConfig, build_config
+from ips_search.config import DataConfig, ExperimentConfig, IPSConfig, TrainConfig, build_config
+from ips_search.data import DATASETS, DatasetKind, dataset_kind
 from ips_search.errors import ConfigError
 from ips_search.experiment.record import QUANTILE_SUFFIX
+from ips_search.model.encoders import check_encoder_fits
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 SECTIONS = {"data": DataConfig, "model": IPSConfig, "train": TrainConfig}
-FILE_DATASETS = ("slides", "features")  # N comes from the files
 DERIVED = ("memory_size", "iteration_size")  # sampled as quantiles of a range that depends on N
 PATH_FIELDS = ("root", "manifest", "cache_dir", "slides_root")  # data fields that name files: resolved at load
-# where a searched parameter lands; patch_size/patch_stride set both data and model
-PARAM_SECTIONS = {"patch_size": ("data", "model"), "patch_stride": ("data", "model")}
+# where a searched parameter lands: the first section with that field, so the data's geometry (patch_size,
+# patch_stride, n_chan, tasks) lands in data, which gives it to the model (DataGeometry.model_config)
+PARAM_SECTIONS: dict[str, tuple[str, ...]] = {}
 for _section, _cls in SECTIONS.items():
     for _f in dataclasses.fields(_cls):
         PARAM_SECTIONS.setdefault(_f.name, (_section,))
@@ -89,20 +93,25 @@ class SearchSpace:
     patch_counts: dict[int, int] = field(default_factory=dict)
 
     def base_config(self) -> ExperimentConfig:
-        return ExperimentConfig.from_dict(self.fixed)
+        return experiment_config(self.fixed)
+
+    @property
+    def dataset(self) -> DatasetKind:
+        return DATASETS[self.base_config().data.dataset]
 
     @property
     def counts_from_files(self) -> bool:
         """N depends on the files (slide sizes and tissue, feature rows), not on the config alone."""
-        return self.base_config().data.dataset in FILE_DATASETS
+        return self.dataset.variable_n
 
     def n_patches(self, patch_size: int, patch_stride: int | None = None) -> int | None:
-        """N for a patch size: from the image size of the fixed data settings; for slides and features the smallest
-        N of the built data, or ``None`` before it is built."""
-        if self.counts_from_files:
-            return self.patch_counts.get(int(patch_size))
+        """N for a patch size: from the image size of the fixed data settings; where each item has its own N
+        (slides, features) the smallest N of the built data, or ``None`` before it is built."""
         data = self.base_config().data
-        side = data.canvas_size if data.dataset == "megapixel" else data.image_size
+        kind = DATASETS[data.dataset]
+        if kind.image_side is None:
+            return self.patch_counts.get(int(patch_size))
+        side = kind.image_side(data)
         stride = patch_stride or self.fixed.get("data", {}).get("patch_stride") or patch_size
         if patch_size > side:
             return 0
@@ -233,10 +242,12 @@ def _space_from_mapping(raw: dict[str, Any], where: str, name: str, path: str | 
             raise ConfigError(f"section {section!r} in {where} must be a mapping of names to values")
     fixed = {s: dict(raw.get(s) or {}) for s in SECTIONS}
     fixed["data"] = resolve_data_paths(fixed["data"])
-    if fixed["data"].get("dataset") == "features":  # explicit, so the saved space says which encoder ran
-        fixed["model"].setdefault("encoder", "projector")
     for section, cls in SECTIONS.items():
         build_config(cls, fixed[section], f"{section} of {where}")  # unknown keys, types, ranges
+    kind = dataset_kind(DataConfig(**fixed["data"]))  # a registered dataset, and the config fits it
+    if kind.default_encoder:  # explicit, so the saved space says which encoder ran
+        fixed["model"].setdefault("encoder", kind.default_encoder)
+    experiment_config(fixed)  # the encoder is registered and reads what the dataset holds
     params = {k: _parse_param(k, v, where) for k, v in (raw.get("search") or {}).items()}
     for p in params.values():
         if p.name in PATH_FIELDS and p.choices is not None:
@@ -271,8 +282,8 @@ def resolve_data_paths(data: dict[str, Any]) -> dict[str, Any]:
         if isinstance(extract.get("from"), dict):
             extract["from"] = resolve_data_paths(extract["from"])
         encoder = extract.get("encoder")
-        if isinstance(encoder, str) and encoder not in EXTRACT_ENCODERS:
-            extract["encoder"] = resolve_path(encoder)  # a TorchScript file
+        if isinstance(encoder, str) and Path(encoder).expanduser().is_file():
+            extract["encoder"] = resolve_path(encoder)  # a TorchScript file (a named encoder is not a file)
         data["extract"] = extract
     return data
 
@@ -428,4 +439,17 @@ def trial_config(fixed: dict[str, dict[str, Any]], sampled: dict[str, Any]) -> E
             continue
         for section in PARAM_SECTIONS.get(name, ()):
             sections[section][name] = value
-    return ExperimentConfig.from_dict(sections)
+    return experiment_config(sections)
+
+
+def experiment_config(sections: dict[str, dict[str, Any]]) -> ExperimentConfig:
+    """The config of a space's sections, its names checked against the registries: ``data.dataset`` a registered
+    kind that accepts the data settings, ``model.encoder`` (default: the kind's) a registered encoder that reads what
+    the dataset holds. Every problem is one ConfigError line."""
+    data = DataConfig(**sections.get("data", {}))
+    kind = dataset_kind(data)
+    model = dict(sections.get("model", {}))
+    if kind.default_encoder:
+        model.setdefault("encoder", kind.default_encoder)
+    check_encoder_fits(kind, model.get("encoder", IPSConfig.encoder))
+    return ExperimentConfig.from_dict({**sections, "model": model})

@@ -10,7 +10,6 @@ epoch returns a flat dict with ``loss``, ``accuracy`` (mean over tasks), per-tas
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -28,6 +27,7 @@ from ips_search.data import DataSplits
 from ips_search.data.source import collate_sources, is_patch_source
 from ips_search.memory import PeakMemory
 from ips_search.model import IPSNet
+from ips_search.warmstart import apply_warm_start, pretrained_encoder_state, supports_warm_start
 
 ORIENT_IMAGES = 16  # training images whose patches orient the attention heads before training
 
@@ -64,21 +64,13 @@ def make_loader(dataset: Dataset, cfg: TrainConfig, shuffle: bool, device: torch
 def build_model(
     exp: ExperimentConfig, splits: DataSplits, device: torch.device, warm_start: bool = True, progress: bool = False
 ) -> IPSNet:
-    """IPSNet for this dataset (tasks, channels and patch size come from the data), warm-started if asked.
+    """IPSNet for this dataset (tasks, channels and patch size come from the data's geometry), warm-started if asked.
 
     ``progress`` shows a bar while the warm-start encoder is pretrained (the driver's one-off build; trials only
     load the cached result, so they stay quiet)."""
-    model_cfg = dataclasses.replace(
-        exp.model,
-        tasks=splits.tasks,
-        n_chan=splits.n_chan,
-        patch_size=exp.data.patch_size,
-        patch_stride=exp.data.patch_stride,
-    )
+    model_cfg = splits.geometry.model_config(exp.model)
     torch.manual_seed(exp.train.seed)
     model = IPSNet(model_cfg)
-    from ips_search.warmstart import apply_warm_start, pretrained_encoder_state, supports_warm_start
-
     if warm_start and exp.train.warm_start and supports_warm_start(exp.data):
         apply_warm_start(model.encoder, pretrained_encoder_state(model_cfg, exp.data, progress=progress))
     model.to(device)

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ips_search.config import DataConfig, IPSConfig
+from ips_search.data import DATASETS
 from ips_search.data.cache import cache_file, cached
 from ips_search.data.digits import DigitPool, digit_pools, split_validation
 from ips_search.data.strokes import stroke_bank, with_dihedral
@@ -41,8 +42,13 @@ EDGE_MARGIN = 0.2  # a digit may stick out of the patch by up to this share of i
 
 
 def supports_warm_start(data_cfg: DataConfig) -> bool:
-    """Whether :func:`pretrained_encoder_state` applies to this dataset (the digit canvases)."""
-    return data_cfg.dataset == "megapixel"
+    """Whether :func:`pretrained_encoder_state` applies to this dataset (its kind's patches look like the digit
+    canvases')."""
+    return DATASETS[data_cfg.dataset].warm_start
+
+
+def _warm_start_datasets() -> str:
+    return ", ".join(k.name for k in DATASETS.entries() if k.warm_start)
 
 
 class DigitPatchSampler:
@@ -173,7 +179,8 @@ def pretrained_encoder_state(
     """
     if not supports_warm_start(data_cfg):
         raise ConfigError(
-            f"warm start needs the digit dataset (dataset: megapixel), not {data_cfg.dataset!r}; set warm_start: false"
+            f"warm start needs the digit dataset (dataset: {_warm_start_datasets()}), not {data_cfg.dataset!r}; "
+            "set warm_start: false"
         )
     if not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"warm-start steps must be a positive integer, got {steps!r}")

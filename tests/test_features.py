@@ -311,7 +311,7 @@ def test_imagenet_encoder_offline_is_one_line(monkeypatch):
     monkeypatch.setattr(encoders, "_load_imagenet_weights", offline)
     cfg = parse_extract({"from": {"dataset": "megapixel"}, "encoder": "resnet18-imagenet"})
     with pytest.raises(ConfigError, match="ImageNet weights for resnet18; .* warm-start or a TorchScript file"):
-        build_frozen_encoder(cfg, n_chan=1, progress=False)
+        build_frozen_encoder(cfg, progress=False)
 
 
 def test_training_step_on_features_trains_projector_transformer_and_heads(extracted):
@@ -413,11 +413,11 @@ def test_random_init_encoder_is_seeded_and_named_in_the_cache_key():
     from ips_search.extraction import build_frozen_encoder, encoder_identity
 
     raw = {"from": {"dataset": "megapixel", "seed": 3}, "encoder": "random-init", "model": {"encoder": "small-cnn"}}
-    a = build_frozen_encoder(parse_extract(raw), n_chan=1, progress=False)
+    a = build_frozen_encoder(parse_extract(raw), progress=False)
     torch.manual_seed(123)  # whatever ran before: the same weights
-    b = build_frozen_encoder(parse_extract(raw), n_chan=1, progress=False)
+    b = build_frozen_encoder(parse_extract(raw), progress=False)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
-    other = build_frozen_encoder(parse_extract({**raw, "from": {"dataset": "megapixel", "seed": 4}}), 1, False)
+    other = build_frozen_encoder(parse_extract({**raw, "from": {"dataset": "megapixel", "seed": 4}}), progress=False)
     assert not torch.equal(next(iter(other.parameters())), next(iter(a.parameters())))
     assert encoder_identity(parse_extract(raw)) == {"kind": "random-init", "model": {"encoder": "small-cnn"}, "seed": 3}

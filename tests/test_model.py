@@ -201,7 +201,7 @@ def test_bfloat16_ips_runs_and_mostly_agrees():
 )
 def test_bad_model_config_is_one_clear_error(kwargs, message):
     with pytest.raises(ConfigError, match=message) as info:
-        IPSConfig(**kwargs)
+        IPSNet(IPSConfig(**kwargs))  # the encoder's name is checked against the registry when the model is built
     assert "\n" not in str(info.value)
 
 

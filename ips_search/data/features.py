@@ -40,6 +40,8 @@ from torch.utils.data import Dataset
 from ips_search.config import DataConfig, Task
 from ips_search.data.checks import check_classes, check_disjoint, check_finite, inside
 from ips_search.data.dataset import n_validation
+from ips_search.data.preview import DataPreview
+from ips_search.data.registry import DATASETS, DatasetKind, DataSplits, item_geometry
 from ips_search.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
@@ -285,8 +287,9 @@ def resolve(root: str | None, manifest: str | None) -> tuple[Path, Path]:
     return folder, path
 
 
-def build(cfg: DataConfig) -> tuple[FeatureDataset, FeatureDataset, FeatureDataset, tuple[Task, ...]]:
-    """Train/val/test feature datasets of ``cfg.root`` + ``cfg.manifest`` and the one softmax task ``label``."""
+def read_splits(cfg: DataConfig) -> tuple[FeatureDataset, FeatureDataset, FeatureDataset, tuple[Task, ...]]:
+    """Train/val/test feature datasets of ``cfg.root`` + ``cfg.manifest`` (headers read, no features) and the one
+    softmax task ``label``."""
     folder, manifest = resolve(cfg.root, cfg.manifest)
     if cfg.slides_root and not Path(cfg.slides_root).expanduser().is_dir():
         raise ConfigError(
@@ -340,3 +343,26 @@ def build(cfg: DataConfig) -> tuple[FeatureDataset, FeatureDataset, FeatureDatas
         for split in SPLITS
     ]
     return parts[0], parts[1], parts[2], (Task("label", len(classes)),)
+
+
+def build(cfg: DataConfig) -> DataSplits:
+    """The feature datasets; C is the embedding width D_in, each slide its own N."""
+    if cfg.extract is not None:  # extraction needs an encoder: it runs above this package
+        raise ConfigError(
+            "features with extract settings must be extracted first; call ips_search.extraction.resolve_data(cfg) "
+            "or run python -m ips_search.extract"
+        )
+    train, val, test, tasks = read_splits(cfg)
+    counts = [f.n for split in (train, val, test) for f in split.files]
+    return DataSplits(train, val, test, item_geometry(cfg, train.n_chan, tasks, counts))
+
+
+def preview(cfg: DataConfig) -> DataPreview:
+    """Feature files: their headers read (shapes, widths, the manifest). Extraction settings are previewed by
+    :func:`ips_search.extraction.preview` (it needs the extractor)."""
+    train, val, test, _ = read_splits(cfg)  # headers only: shapes, widths and the manifest's rows
+    files = [f for split in (train, val, test) for f in split.files]
+    return DataPreview(f"{len(files)} feature files ({files[0].dim}-d)", cached=True, detail="headers read")
+
+
+DATASETS.register(DatasetKind("features", build=build, preview=preview, features=True, default_encoder="projector"))

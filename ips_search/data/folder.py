@@ -42,6 +42,8 @@ from ips_search.data.cache import cache_key, cache_root, cached_memmap
 from ips_search.data.checks import check_classes, check_disjoint
 from ips_search.data.dataset import PatchDataset, n_validation, seeded_test_split
 from ips_search.data.images import open_image, pil_high_depth_to_uint8, pixel_limit
+from ips_search.data.preview import DataPreview, human_bytes
+from ips_search.data.registry import DATASETS, DatasetKind, DataSplits, image_splits
 from ips_search.errors import ConfigError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -157,8 +159,8 @@ class FolderPlan:
     splits: dict[str, np.ndarray]  # train / val / test: indices into paths, sorted
 
 
-def plan(cfg: DataConfig) -> FolderPlan:
-    """Scan ``cfg.root``, split it (seeded), and check the cohort (:mod:`ips_search.data.checks`); no decoding."""
+def _root(cfg: DataConfig) -> Path:
+    """``cfg.root``, checked to be a folder, and ``n_chan`` one a folder can hold."""
     if not cfg.root:
         raise ConfigError("dataset: folder needs root; set root to a folder with one sub-folder per class")
     root = Path(cfg.root).expanduser()
@@ -166,6 +168,20 @@ def plan(cfg: DataConfig) -> FolderPlan:
         raise ConfigError(f"data root {root} does not exist or is not a folder; set root to a folder of class folders")
     if cfg.n_chan not in (1, 3):
         raise ConfigError(f"n_chan must be 1 (grayscale) or 3 (RGB) for dataset: folder, got {cfg.n_chan!r}")
+    return root
+
+
+def layout(cfg: DataConfig) -> tuple[int, tuple[Task, ...]]:
+    """``n_chan`` channels; the task ``label`` over the class folders (``root/train``'s where it is split): their
+    names only, nothing scanned deeper or decoded. :func:`plan` finds the same classes."""
+    root = _root(cfg)
+    split = root / "train" if (root / "train").is_dir() and (root / "test").is_dir() else root
+    return cfg.n_chan, (Task("label", max(1, len(_visible_dirs(split)))),)
+
+
+def plan(cfg: DataConfig) -> FolderPlan:
+    """Scan ``cfg.root``, split it (seeded), and check the cohort (:mod:`ips_search.data.checks`); no decoding."""
+    root = _root(cfg)
     pixel_limit(cfg.max_pixels)
     rng = np.random.default_rng([cfg.seed, 8])
     has_train, has_test = (root / "train").is_dir(), (root / "test").is_dir()
@@ -195,8 +211,8 @@ def plan(cfg: DataConfig) -> FolderPlan:
     return FolderPlan(root, classes, paths, labels, splits)
 
 
-def build(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchDataset, tuple[Task, ...]]:
-    """Train/val/test datasets of ``n_chan`` x ``image_size`` x ``image_size`` images; task ``label``."""
+def build_splits(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchDataset]:
+    """Train/val/test datasets of ``n_chan`` x ``image_size`` x ``image_size`` images; target ``label``."""
     p = plan(cfg)
     images = _as_tensor(decode_cached(p.paths, cfg.image_size, cfg.n_chan, cfg.cache_dir, cfg.max_pixels))
     targets = {"label": torch.tensor(p.labels, dtype=torch.long)}
@@ -206,4 +222,25 @@ def build(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchDataset, tu
     )
     for ds in (train, val, test):
         ds.classes, ds.paths = p.classes, [p.paths[j] for j in ds.indices.tolist()]
-    return train, val, test, (Task("label", len(p.classes)),)
+    return train, val, test
+
+
+def build(cfg: DataConfig) -> DataSplits:
+    return image_splits(cfg, build_splits)
+
+
+def preview(cfg: DataConfig) -> DataPreview:
+    """The class folders scanned, split and checked, and every file's header read (its size within
+    ``max_pixels``); nothing decoded."""
+    p = plan(cfg)  # the cohort's checks: classes per split, no file in two splits
+    for path in p.paths:
+        with open_image(path, cfg.max_pixels):  # the header read as load_image will: unreadable or too big is refused
+            pass
+    what = f"folder {p.root} ({len(p.paths)} images at {cfg.image_size} px)"
+    size = len(p.paths) * cfg.n_chan * cfg.image_size**2
+    return DataPreview(what, cached=False, detail=f"headers read; decoded on the first run ({human_bytes(size)})")
+
+
+DATASETS.register(
+    DatasetKind("folder", build=build, preview=preview, image_side=lambda cfg: cfg.image_size, layout=layout)
+)

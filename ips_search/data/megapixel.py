@@ -36,6 +36,7 @@ from ips_search.data.cache import cache_file, cached
 from ips_search.data.dataset import PatchDataset, n_validation
 from ips_search.data.digits import DigitPool, digit_pools, split_validation
 from ips_search.data.preview import DataPreview
+from ips_search.data.registry import DATASETS, DatasetKind, DataSplits, image_splits
 from ips_search.data.strokes import stroke_bank, with_dihedral
 from ips_search.errors import ConfigError
 
@@ -230,8 +231,13 @@ def targets_from_meta(classes: torch.Tensor, boxes: torch.Tensor) -> dict[str, t
     }
 
 
-def build(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchDataset, tuple[Task, ...]]:
-    """Train/val/test datasets (1 channel, ``canvas_size`` square) and the tasks of ``cfg.tasks``."""
+def layout(cfg: DataConfig) -> tuple[int, tuple[Task, ...]]:
+    """One channel; the tasks ``cfg.tasks`` names."""
+    return 1, tuple(TASKS[t] for t in cfg.tasks)
+
+
+def build_splits(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchDataset]:
+    """Train/val/test datasets (1 channel, ``canvas_size`` square) with the targets of ``cfg.tasks``."""
     data = load_canvases(cfg)
     splits = {}
     for name, part in data.items():
@@ -244,4 +250,20 @@ def build(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchDataset, tu
         PatchDataset(images, targets, cfg.patch_size, cfg.patch_stride, meta=meta)
         for images, targets, meta in (splits[name] for name in ("train", "val", "test"))
     )
-    return train, val, test, tuple(TASKS[t] for t in cfg.tasks)
+    return train, val, test
+
+
+def build(cfg: DataConfig) -> DataSplits:
+    return image_splits(cfg, build_splits)
+
+
+DATASETS.register(
+    DatasetKind(
+        "megapixel",
+        build=build,
+        preview=preview,
+        image_side=lambda cfg: cfg.canvas_size,
+        layout=layout,
+        warm_start=True,
+    )
+)

@@ -14,15 +14,23 @@ import numpy as np
 import torch
 
 from ips_search.config import DataConfig, Task
+from ips_search.data.cache import cache_root
 from ips_search.data.dataset import PatchDataset, n_validation
 from ips_search.data.digits import load_mnist
+from ips_search.data.preview import DataPreview
+from ips_search.data.registry import DATASETS, DatasetKind, DataSplits, image_splits
 from ips_search.errors import ConfigError
 
 HINT = "use dataset: megapixel (works offline)"
 
 
-def build(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchDataset, tuple[Task, ...]]:
-    """Train/val/test datasets of 1-channel ``image_size`` images and the task ``label`` (10 classes)."""
+def layout(cfg: DataConfig) -> tuple[int, tuple[Task, ...]]:
+    """One channel; the task ``label``, 10 classes."""
+    return 1, (Task("label", 10),)
+
+
+def build_splits(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchDataset]:
+    """Train/val/test datasets of 1-channel ``image_size`` images, target ``label``."""
     if cfg.n_train < 2:
         raise ConfigError(f"n_train must be at least 2 (train and validation images), got {cfg.n_train}")
     splits = []
@@ -39,4 +47,26 @@ def build(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchDataset, tu
     train = PatchDataset(*splits[0], indices=torch.arange(n_val, cfg.n_train), **args)
     val = PatchDataset(*splits[0], indices=torch.arange(n_val), **args)
     test = PatchDataset(*splits[1], **args)
-    return train, val, test, (Task("label", 10),)
+    return train, val, test
+
+
+def build(cfg: DataConfig) -> DataSplits:
+    return image_splits(cfg, build_splits)
+
+
+def preview(cfg: DataConfig) -> DataPreview:
+    """MNIST on disk, or ``download: true``."""
+    what = f"MNIST digits resized to {cfg.image_size} px"
+    if (cache_root(cfg.cache_dir) / "mnist" / "MNIST" / "raw").is_dir():
+        return DataPreview(what, cached=True)
+    if not cfg.download:
+        raise ConfigError(
+            f"MNIST is not on disk under {cache_root(cfg.cache_dir) / 'mnist'}; set download: true to fetch it "
+            f"(needs internet) or {HINT}"
+        )
+    return DataPreview(what, cached=False, disk_bytes=55_000_000, detail="download: true fetches MNIST once")
+
+
+DATASETS.register(
+    DatasetKind("mnist-resized", build=build, preview=preview, image_side=lambda cfg: cfg.image_size, layout=layout)
+)

@@ -39,35 +39,3 @@ def human_duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
-
-
-def preview_folder(cfg) -> DataPreview:
-    """``dataset: folder``: the class folders scanned, split and checked, and every file's header read (its size
-    within ``max_pixels``); nothing decoded."""
-    from ips_search.data import folder
-    from ips_search.data.images import open_image
-
-    plan = folder.plan(cfg)  # the cohort's checks: classes per split, no file in two splits
-    for path in plan.paths:
-        with open_image(path, cfg.max_pixels):  # the header read as load_image will: unreadable or too big is refused
-            pass
-    what = f"folder {plan.root} ({len(plan.paths)} images at {cfg.image_size} px)"
-    size = len(plan.paths) * cfg.n_chan * cfg.image_size**2
-    return DataPreview(what, cached=False, detail=f"headers read; decoded on the first run ({human_bytes(size)})")
-
-
-def preview_mnist(cfg) -> DataPreview:
-    """``dataset: mnist-resized``: MNIST on disk, or ``download: true``."""
-    from ips_search.data.cache import cache_root
-    from ips_search.data.mnist import HINT
-    from ips_search.errors import ConfigError
-
-    what = f"MNIST digits resized to {cfg.image_size} px"
-    if (cache_root(cfg.cache_dir) / "mnist" / "MNIST" / "raw").is_dir():
-        return DataPreview(what, cached=True)
-    if not cfg.download:
-        raise ConfigError(
-            f"MNIST is not on disk under {cache_root(cfg.cache_dir) / 'mnist'}; set download: true to fetch it "
-            f"(needs internet) or {HINT}"
-        )
-    return DataPreview(what, cached=False, disk_bytes=55_000_000, detail="download: true fetches MNIST once")

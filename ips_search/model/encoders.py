@@ -9,15 +9,21 @@
 * ``projector``: for pre-extracted patch embeddings (``dataset: features``),
   ``(n, D_in) -> (n, D)``; ``n_chan`` holds D_in (the files' feature width).
 
-When the encoder's native width differs from D a linear projection is appended.
+When the encoder's native width differs from D a linear projection is appended. Each encoder registers a name and
+a builder in :data:`ENCODERS` (:func:`build_encoder` asks it; ``model.encoder`` names an entry).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
-from ips_search.config import IPSConfig
+from ips_search.config import IPSConfig, Registry
+from ips_search.data import DATASETS, DatasetKind
 from ips_search.errors import ConfigError
 
 _RESNET_WIDTHS = {"resnet18": (64, 128, 256, 512), "resnet50": (256, 512, 1024, 2048)}
@@ -106,18 +112,67 @@ def _resnet(arch: str, stages: int, n_chan: int, pretrained: bool) -> tuple[nn.M
     return net, _RESNET_WIDTHS[arch][stages - 1]
 
 
+@dataclass(frozen=True)
+class EncoderKind:
+    """One patch encoder: ``build(cfg)`` gives ``(n, C, P, P) -> (n, cfg.dim)`` (``(n, D_in) -> (n, D)`` when it
+    ``reads_features``)."""
+
+    name: str
+    build: Callable[[IPSConfig], nn.Module]
+    reads_features: bool = False  # pre-extracted patch embeddings (a features dataset), not pixels
+
+
+ENCODERS: Registry[EncoderKind] = Registry("encoder", "model.encoder")
+
+
 def build_encoder(cfg: IPSConfig) -> nn.Module:
     """The patch encoder named by ``cfg.encoder``, projecting to ``cfg.dim`` when needed."""
-    if cfg.encoder == "projector":
-        if cfg.pretrained:
-            raise ConfigError("the projector has no ImageNet weights; set pretrained: false")
-        return Projector(cfg.n_chan, cfg.dim)
-    if cfg.encoder == "small-cnn":
-        if cfg.pretrained:
-            raise ConfigError("small-cnn has no ImageNet weights; set pretrained: false or use a resnet encoder")
-        return SmallCNN(cfg.n_chan, cfg.dim, width=max(8, cfg.dim // 4))
-    arch, _, stages = cfg.encoder.partition("-")
-    net, width = _resnet(arch, int(stages or 4), cfg.n_chan, cfg.pretrained)
-    if width == cfg.dim:
-        return net
-    return nn.Sequential(net, nn.Linear(width, cfg.dim))
+    return ENCODERS[cfg.encoder].build(cfg)
+
+
+def _projector(cfg: IPSConfig) -> nn.Module:
+    if cfg.pretrained:
+        raise ConfigError("the projector has no ImageNet weights; set pretrained: false")
+    return Projector(cfg.n_chan, cfg.dim)
+
+
+def _small_cnn(cfg: IPSConfig) -> nn.Module:
+    if cfg.pretrained:
+        raise ConfigError("small-cnn has no ImageNet weights; set pretrained: false or use a resnet encoder")
+    return SmallCNN(cfg.n_chan, cfg.dim, width=max(8, cfg.dim // 4))
+
+
+def _resnet_encoder(arch: str, stages: int) -> Callable[[IPSConfig], nn.Module]:
+    def build(cfg: IPSConfig) -> nn.Module:
+        net, width = _resnet(arch, stages, cfg.n_chan, cfg.pretrained)
+        return net if width == cfg.dim else nn.Sequential(net, nn.Linear(width, cfg.dim))
+
+    return build
+
+
+for _arch in _RESNET_WIDTHS:
+    ENCODERS.register(EncoderKind(_arch, _resnet_encoder(_arch, 4)))
+for _arch in _RESNET_WIDTHS:
+    for _stages in (2, 3):
+        ENCODERS.register(EncoderKind(f"{_arch}-{_stages}", _resnet_encoder(_arch, _stages)))
+ENCODERS.register(EncoderKind("small-cnn", _small_cnn))
+ENCODERS.register(EncoderKind("projector", _projector, reads_features=True))
+
+
+def check_encoder_fits(kind: DatasetKind, encoder: Any) -> None:
+    """An encoder that reads patch embeddings fits a features dataset and only it does; the others read images. A
+    mismatch is one ConfigError (the model would fail on its first batch, in every trial)."""
+    if not isinstance(encoder, str):
+        return  # IPSConfig names it
+    reads_features = ENCODERS[encoder].reads_features
+    if kind.features and not reads_features:
+        raise ConfigError(
+            f"model.encoder {encoder} reads images, but dataset: {kind.name} holds patch embeddings; "
+            f"set model.encoder: {kind.default_encoder} (or leave it out: {kind.name} default to it)"
+        )
+    if reads_features and not kind.features:
+        holders = ", ".join(k.name for k in DATASETS.entries() if k.features)
+        raise ConfigError(
+            f"model.encoder {encoder} reads patch embeddings (dataset: {holders}), not {kind.name} images; "
+            "choose an image encoder such as small-cnn or resnet18"
+        )

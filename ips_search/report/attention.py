@@ -131,7 +131,8 @@ def _label(value: torch.Tensor, classes: list[str] | None) -> str:
 @torch.no_grad()
 def compute_attention(trial: TrialModel, n_images: int = 4, split: str = "test") -> list[AttentionMap]:
     """Attention maps of the first ``n_images`` images of a split."""
-    from ips_search.data import patch_map
+    from ips_search.data import DATASETS, patch_map
+    from ips_search.report.feature_views import FeatureViews
 
     model, dataset = trial.model, getattr(trial.splits, split)
     model.eval()
@@ -139,9 +140,7 @@ def compute_attention(trial: TrialModel, n_images: int = 4, split: str = "test")
     tasks = model.cfg.tasks
     classes = getattr(dataset, "classes", None)
     views = None
-    if trial.config.data.dataset == "features":  # embeddings: the pixels are the image's or slide's they came from
-        from ips_search.report.feature_views import FeatureViews
-
+    if DATASETS[trial.config.data.dataset].features:  # embeddings: the pixels are the image's or slide's they came from
         views = FeatureViews(trial.config)
     maps = []
     for i in range(min(n_images, len(dataset))):

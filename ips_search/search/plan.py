@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from ips_search.config import DataConfig
+from ips_search.data import data_geometry
 from ips_search.data.preview import human_duration
 from ips_search.experiment import SearchSettings, asha_rungs
 from ips_search.space import SearchSpace, memory_iteration_ranges, validate_space
@@ -95,16 +96,16 @@ def dry_run_lines(space: SearchSpace) -> list[str]:
     from ips_search.warmstart import pretrain_seconds, warm_start_cached
 
     base = space.base_config()
-    lines, seen = [], set()
+    lines: list[str] = []
     timed: tuple[int, float] | None = None  # (P, seconds) of the one timed pretraining
     for patch_size in sorted(space.patch_sizes()):
         data = data_at(base.data, patch_size)
-        if data.dataset != "megapixel" or "megapixel" not in seen:  # the canvases don't depend on P
-            seen.add(data.dataset)
-            lines.append(f"data         {preview_datasets(data).line()}")
+        line = f"data         {preview_datasets(data).line()}"
+        if line not in lines:  # once for data that does not depend on P (the canvases)
+            lines.append(line)
         if base.train.warm_start and supports_warm_start(data):
-            # the warm start's encoder sees one-channel digit patches of this P
-            model = dataclasses.replace(base.model, n_chan=1, patch_size=patch_size, patch_stride=None)
+            # the warm start's encoder sees this data's patches, as the trials' model does
+            model = data_geometry(data).model_config(base.model)
             what = f"warm start   {model.encoder} encoder for P={patch_size}"
             if warm_start_cached(model, data):
                 lines.append(f"{what}: cached")

@@ -30,7 +30,7 @@ from ips_search.config import ExperimentConfig
 from ips_search.data import DataSplits, build_datasets
 from ips_search.experiment import CHECKPOINT_FILE, EpochReport, MemoryKind, Status
 from ips_search.extraction import resolve_data
-from ips_search.prediction import estimate_step_memory
+from ips_search.prediction import estimate_memory
 from ips_search.space import trial_config
 from ips_search.train import NonFiniteLossError, Training, evaluate, resolve_device, setup, train_one_epoch
 
@@ -196,7 +196,7 @@ def predict_peak_mb(exp: ExperimentConfig, splits: DataSplits) -> float | None:
     """The estimator's CUDA peak of one training step of ``exp`` (:mod:`ips_search.prediction`), or ``None`` if it
     can't estimate this config (the trial then reports measured memory, as before the estimator)."""
     try:
-        return estimate_step_memory(exp, splits.n_patches, splits.n_chan, splits.tasks, "cuda").peak_mb
+        return estimate_memory(exp, splits.geometry, "cuda").peak_mb
     except Exception as exc:  # noqa: BLE001 - an estimator gap must not cost the trial
         warnings.warn(f"no memory estimate for this config ({type(exc).__name__}: {exc}); measuring", stacklevel=2)
         return None

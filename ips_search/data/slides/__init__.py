@@ -37,6 +37,7 @@ from ips_search.data.checks import check_classes, check_disjoint, inside
 from ips_search.data.dataset import n_validation, seeded_test_split
 from ips_search.data.images import pixel_limit
 from ips_search.data.preview import DataPreview
+from ips_search.data.registry import DATASETS, DatasetKind, DataSplits, item_geometry
 from ips_search.data.slides import tissue
 from ips_search.data.slides.readers import READABLE_EXTS, SlideReader, detect, open_slide
 from ips_search.data.slides.source import SlidePatchSource
@@ -241,8 +242,8 @@ def split_cohort(entries: SlideEntries, cfg: DataConfig) -> dict[str, np.ndarray
     return splits
 
 
-def build(cfg: DataConfig) -> tuple[SlideDataset, SlideDataset, SlideDataset, tuple[Task, ...]]:
-    """Train/val/test :class:`SlideDataset`\\ s and the one task ``label``."""
+def build(cfg: DataConfig) -> DataSplits:
+    """Train/val/test :class:`SlideDataset`\\ s, the one task ``label``; N is each slide's tissue patches."""
     if cfg.n_chan not in (1, 3):
         raise ConfigError(f"n_chan must be 1 (grayscale) or 3 (RGB) for dataset: slides, got {cfg.n_chan!r}")
     pixel_limit(cfg.max_pixels)
@@ -255,7 +256,9 @@ def build(cfg: DataConfig) -> tuple[SlideDataset, SlideDataset, SlideDataset, tu
         return SlideDataset([sources[i] for i in idx], {"label": labels[idx]}, entries.classes, cfg.n_chan)
 
     train, val, test = subset(splits["train"]), subset(splits["val"]), subset(splits["test"])
-    return train, val, test, (Task("label", len(entries.classes)),)
+    counts = [n for ds in (train, val, test) for n in ds.n_patches]
+    geometry = item_geometry(cfg, cfg.n_chan, (Task("label", len(entries.classes)),), counts)
+    return DataSplits(train, val, test, geometry)
 
 
 def preview(cfg: DataConfig) -> DataPreview:
@@ -285,3 +288,6 @@ def preview(cfg: DataConfig) -> DataPreview:
     if plain:
         detail += f"; {plain} plain image(s) decoded once into the cache"
     return DataPreview(what, cached=False, detail=detail)
+
+
+DATASETS.register(DatasetKind("slides", build=build, preview=preview))
