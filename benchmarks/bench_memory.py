@@ -31,6 +31,7 @@ import torch
 
 from ips_search import prediction
 from ips_search.config import ExperimentConfig, Task
+from ips_search.data import data_geometry
 from ips_search.space import load_space, trial_config
 
 TARGET_ONE_S, TARGET_GRID_S = 2.0, 30.0
@@ -69,8 +70,8 @@ def config(name: str) -> tuple[ExperimentConfig, int, int, tuple[Task, ...]]:
     space = load_space(space_name)
     fixed = {**space.fixed, "model": {**space.fixed.get("model", {}), **model}}
     exp = trial_config(fixed, params)
-    n_chan, tasks = prediction.data_shape(exp.data)
-    return exp, space.n_patches(exp.data.patch_size), n_chan, tasks
+    geometry = data_geometry(exp.data)
+    return exp, space.n_patches(exp.data.patch_size), geometry.n_chan, geometry.tasks
 
 
 def machine_info() -> dict[str, Any]:

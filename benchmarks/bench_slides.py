@@ -197,11 +197,7 @@ def learnability_check(args: argparse.Namespace) -> dict:
         train=_PaddedSlides(splits.train, n_max),
         val=_PaddedSlides(splits.val, n_max),
         test=_PaddedSlides(splits.test, n_max),
-        tasks=splits.tasks,
-        n_chan=splits.n_chan,
-        image_hw=splits.image_hw,
-        grid=(1, n_max),
-        n_patches=n_max,
+        geometry=dataclasses.replace(splits.geometry, grid=(1, n_max), n_patches=n_max),
     )
     model = dataclasses.replace(
         base.model, memory_size=args.learn_memory_size, iteration_size=args.learn_iteration_size
