@@ -11,6 +11,8 @@ from typing import Any
 import yaml
 
 from ips_search.cli import OneLineParser, exit_code_of
+from ips_search.config import DataConfig
+from ips_search.data import DATASETS
 from ips_search.errors import ConfigError
 from ips_search.extraction import NAMED_ENCODERS, ExtractConfig, extract, extract_device, parse_extract
 from ips_search.space import load_space, resolve_data_paths
@@ -18,7 +20,7 @@ from ips_search.space import load_space, resolve_data_paths
 
 def _config_from_sections(data: dict[str, Any], model: dict[str, Any], args: argparse.Namespace) -> ExtractConfig:
     """A features data section's own ``extract``, or extraction settings around an image data section."""
-    if data.get("dataset") == "features":
+    if DATASETS.get(data.get("dataset", DataConfig.dataset)).features:
         raw = dict(data.get("extract") or {})
         if not raw:
             raise ConfigError("the data section is already a features dataset with no extract settings; nothing to do")
