@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
@@ -210,3 +211,33 @@ def test_the_memory_axis_says_what_it_measures_and_when_it_is_logarithmic():
     ax = draw_accuracy_vs_memory(data).axes[0]
     assert ax.get_xlabel() == data.x_label
     assert "up and left is better" in ax.get_title()
+
+
+def test_a_slide_maps_title_fits_its_figure(tmp_path):
+    from ips_search.data.slides.generate import make_layout, write_slide
+    from ips_search.report.slide_maps import fit_title, plot_slide_attention
+
+    name = "TCGA-A2-A0CM-01Z-00-DX1.AC4901DE-4B6D-4185-BB9F-156033839828.tif"  # a real cohort's kind of name
+    path = write_slide(tmp_path / name, make_layout(512, seed=1, tumour=True))
+    coords = np.array([[x, y] for y in range(0, 512, 64) for x in range(0, 512, 64)])
+    fig = plot_slide_attention(path, coords, [3, 9], 64, scores=[0.2, 0.8], thumbnail_size=256)
+    fig.draw_without_rendering()
+    title = fig.get_suptitle()
+    assert title == f"{name}\n2 of 64 patches kept"
+    box = fig._suptitle.get_window_extent(FigureCanvasAgg(fig).get_renderer())
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width  # not cut at either edge
+    assert fit_title("a " + "x" * 200, 3.0).count("…") == 1  # a name longer than a line keeps its two ends
+    assert fit_title("name.svs\n3 of 9 patches kept", 7.0) == "name.svs\n3 of 9 patches kept"
+
+
+def test_features_extracted_here_take_the_class_names_of_their_source_data():
+    from types import SimpleNamespace
+
+    from ips_search.report.feature_views import FeatureViews
+
+    views = FeatureViews(SimpleNamespace(data=SimpleNamespace(extract={"from": {"dataset": "slides"}})))
+    views._source_splits = SimpleNamespace(train=SimpleNamespace(classes=["normal", "tumor"]))  # the slide manifest's
+    assert views.class_names(["0", "1"]) == ["normal", "tumor"]  # the features manifest holds indices
+    assert views.class_names(["0", "1", "2"]) == ["0", "1", "2"]  # another number of classes: not these names
+    trident = FeatureViews(SimpleNamespace(data=SimpleNamespace(extract=None)))
+    assert trident.class_names(["normal", "tumor"]) == ["normal", "tumor"]  # names from its own manifest

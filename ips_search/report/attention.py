@@ -142,6 +142,7 @@ def compute_attention(trial: TrialModel, n_images: int = 4, split: str = "test")
     views = None
     if DATASETS[trial.config.data.dataset].features:  # embeddings: the pixels are the image's or slide's they came from
         views = FeatureViews(trial.config)
+        classes = views.class_names(classes)
     maps = []
     for i in range(min(n_images, len(dataset))):
         patches, targets = dataset[i]

@@ -72,13 +72,25 @@ class FeatureViews:
             str(slide) if slide else None, coords, _side_level0(attrs, slide, self.data.cache_dir), self.data.cache_dir
         )
 
-    def _extracted_view(self, split: str, index: int, coords: np.ndarray | None) -> SlideView | ImageView | None:
+    def class_names(self, classes: list[str] | None) -> list[str] | None:
+        """The names of ``classes`` (the features dataset's): extraction writes class indices into its manifest, so
+        features this tool extracted take the names from the data they came from (a slide manifest's
+        ``normal``/``tumor``), when it has as many classes."""
+        if self.data.extract is None:
+            return classes
+        names = getattr(self._source().train, "classes", None)
+        return list(names) if names and classes and len(names) == len(classes) else classes
+
+    def _source(self) -> Any:
         if self._source_splits is None:
             from ips_search.data import build_datasets
             from ips_search.extraction import parse_extract
 
             self._source_splits = build_datasets(parse_extract(self.data.extract).source)
-        dataset = getattr(self._source_splits, split)
+        return self._source_splits
+
+    def _extracted_view(self, split: str, index: int, coords: np.ndarray | None) -> SlideView | ImageView | None:
+        dataset = getattr(self._source(), split)
         if index >= len(dataset):
             return None
         if hasattr(dataset, "image"):  # megapixel, folder: the whole picture, cut on a grid

@@ -8,6 +8,7 @@ rectangle at its level-0 position, coloured by its attention score when scores a
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Sequence
 
 import matplotlib
@@ -19,6 +20,9 @@ from matplotlib.patches import Rectangle
 
 from ips_search.data.slides.readers import open_slide
 from ips_search.data.slides.tissue import thumbnail
+
+TITLE_SIZE = 10  # points
+CHAR_WIDTH = 0.62  # a title character's mean width, in units of the font size (DejaVu Sans, mixed text)
 
 
 def plot_slide_attention(
@@ -59,8 +63,22 @@ def plot_slide_attention(
     )
     if mappable is not None:
         fig.colorbar(mappable, ax=ax, shrink=0.7, label="attention score")
-    ax.set_title(title or f"{os.path.basename(os.fspath(source_path))}: {len(kept)} of {len(coords)} patches kept")
+    name = os.path.basename(os.fspath(source_path))
+    text = title or f"{name}\n{len(kept)} of {len(coords)} patches kept"
+    fig.suptitle(fit_title(text, 0.9 * fig.get_figwidth()), fontsize=TITLE_SIZE)  # centred on the figure, not the axes
     return fig
+
+
+def fit_title(text: str, width_inches: float, fontsize: float = TITLE_SIZE) -> str:
+    """``text``'s lines wrapped to fit ``width_inches``; a word longer than a line (a slide's file name, often 60
+    characters and more) keeps its start and end around an ellipsis."""
+    chars = max(12, int(width_inches * 72 / (fontsize * CHAR_WIDTH)))
+    head, tail = chars // 2 - 1, chars - chars // 2
+    lines = []
+    for line in text.splitlines():
+        words = [w if len(w) <= chars else f"{w[:head]}…{w[-tail:]}" for w in line.split()]
+        lines += textwrap.wrap(" ".join(words), chars, break_long_words=False)
+    return "\n".join(lines)
 
 
 def draw_slide_attention(
