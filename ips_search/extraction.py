@@ -182,7 +182,7 @@ def _imagenet(arch: str) -> Callable[[ExtractConfig, DataGeometry, bool], nn.Mod
     def build(cfg: ExtractConfig, geometry: DataGeometry, progress: bool) -> nn.Module:
         width = 512 if arch == "resnet18" else 2048  # native: no projection appended
         try:
-            return build_encoder(IPSConfig(encoder=arch, pretrained=True, n_chan=geometry.n_chan, dim=width))
+            return build_encoder(geometry.model_config(IPSConfig(encoder=arch, pretrained=True, dim=width)))
         except ConfigError:
             raise ConfigError(
                 f"could not download ImageNet weights for {arch}; connect to the internet once, "
