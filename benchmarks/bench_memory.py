@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ips_search import prediction
+from ips_search import estimate, prediction
 from ips_search.config import ExperimentConfig, Task
 from ips_search.data import data_geometry
 from ips_search.space import load_space, trial_config
@@ -105,15 +105,15 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     best = {"patch_size": 32, "memory_size": 8, "iteration_size": 8}
     prediction.clear_cache()
     smoke = {"patch_size": 32, "memory_size": 4, "iteration_size": 4}  # another model: torch's one-off setup
-    _, first_s = _timed(lambda: prediction.estimate_config(load_space("smoke"), smoke))
-    cold, cold_s = _timed(lambda: prediction.estimate_config(space, best))
-    _, warm_s = _timed(lambda: prediction.estimate_config(space, {**best, "memory_size": 9}))
+    _, first_s = _timed(lambda: estimate.estimate_config(load_space("smoke"), smoke))
+    cold, cold_s = _timed(lambda: estimate.estimate_config(space, best))
+    _, warm_s = _timed(lambda: estimate.estimate_config(space, {**best, "memory_size": 9}))
     exp, n, n_chan, tasks = config(PAPER)
     paper, paper_s = _timed(lambda: prediction.estimate_step_memory(exp, n, n_chan, tasks))
-    grid = prediction.space_grid(space)
-    sample = prediction.even_sample(grid, 60)
+    grid = estimate.space_grid(space)
+    sample = estimate.even_sample(grid, 60)
     prediction.clear_cache()
-    _, sample_s = _timed(lambda: [prediction.estimate_config(space, p) for p in sample])
+    _, sample_s = _timed(lambda: [estimate.estimate_config(space, p) for p in sample])
     res: dict[str, Any] = {
         "first_in_process_s": first_s,
         "one_config": {"config": best, "peak_mb": cold.peak_mb, "cold_s": cold_s, "warm_s": warm_s},
@@ -122,7 +122,7 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.full_grid:
         prediction.clear_cache()
-        _, full_s = _timed(lambda: [prediction.estimate_config(space, p) for p in grid])
+        _, full_s = _timed(lambda: [estimate.estimate_config(space, p) for p in grid])
         res["grid"]["full_s"] = full_s
     res["targets"] = {
         "first config in a process <= 2 s": {"seconds": first_s, "met": first_s <= TARGET_ONE_S},

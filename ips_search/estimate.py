@@ -1,5 +1,6 @@
 """``python -m ips_search.estimate`` (``ips-search-estimate``): the predicted peak GPU memory of a search space's
-patch size x M x I grid, without a GPU. The prediction itself is :mod:`ips_search.prediction`."""
+patch size x M x I grid, without a GPU. The prediction of one step is :mod:`ips_search.prediction`; here a space's
+configs are turned into steps (for slides and features, N comes from the files)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,48 @@ import argparse
 import math
 import sys
 import time
+from typing import Any
 
 from tabulate import tabulate
 
 from ips_search.cli import OneLineParser, exit_code_of
+from ips_search.data import build_datasets, data_geometry
 from ips_search.errors import ConfigError
-from ips_search.prediction import LEAVES_OUT, estimate_config, even_sample, space_grid
+from ips_search.extraction import resolve_data
+from ips_search.prediction import LEAVES_OUT, MemoryEstimate, estimate_memory
 from ips_search.search.plan import count_patches
-from ips_search.space import load_space
+from ips_search.space import SearchSpace, load_space, memory_iteration_ranges, trial_config
+
+
+def estimate_config(space: SearchSpace, params: dict[str, Any], device: str = "cuda") -> MemoryEstimate:
+    """:func:`estimate_memory` of one config of ``space``: ``params`` holds the sampled values (patch_size,
+    memory_size, iteration_size, lr, ...; quantile parameters are ignored), as a trial receives them."""
+    exp = trial_config(space.fixed, params)
+    # whole images: the geometry from the config alone; slides, features: N (and the channels) from the files
+    geometry = data_geometry(exp.data) or build_datasets(resolve_data(exp.data)).geometry
+    return estimate_memory(exp, geometry, device)
+
+
+def space_grid(space: SearchSpace) -> list[dict[str, int]]:
+    """Every feasible (patch_size, memory_size, iteration_size) of a space, in order."""
+    grid = []
+    for patch_size in space.patch_sizes():
+        n = space.n_patches(patch_size)
+        (m_low, m_high), _ = memory_iteration_ranges(space, n)
+        for memory_size in range(math.ceil(m_low), int(m_high) + 1):
+            _, (i_low, i_high) = memory_iteration_ranges(space, n, memory_size)
+            for iteration_size in range(math.ceil(i_low), int(i_high) + 1):
+                grid.append({"patch_size": patch_size, "memory_size": memory_size, "iteration_size": iteration_size})
+    return grid
+
+
+def even_sample(items: list[Any], k: int) -> list[Any]:
+    """At most ``k`` items spread evenly over ``items`` (first and last included)."""
+    if len(items) <= k:
+        return list(items)
+    if k == 1:
+        return [items[0]]
+    return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)]
 
 
 def build_parser() -> argparse.ArgumentParser:

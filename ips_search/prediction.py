@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -30,14 +29,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ips_search.config import DataConfig, ExperimentConfig, IPSConfig, Task, TrainConfig
-from ips_search.data import DataGeometry, build_datasets, data_geometry
+from ips_search.data import DataGeometry
 from ips_search.errors import ConfigError
-from ips_search.extraction import resolve_data
 from ips_search.meter import MB, StorageMeter, cuda_block_bytes, optimizer_tensors, tensor_bytes
 from ips_search.model import IPSNet
 from ips_search.model.encoders import ENCODERS
-from ips_search.space import SearchSpace, memory_iteration_ranges, trial_config
-from ips_search.train import make_optimizer, train_step
+from ips_search.step import make_optimizer, train_step
 
 STAND_IN = "cpu"  # the fake device the model lives on
 HOST = "meta"  # the fake device of the batch before the step (the DataLoader's host memory: not counted)
@@ -252,15 +249,6 @@ def estimate_memory(exp: ExperimentConfig, geometry: DataGeometry, device: str =
     return _estimate(key, model_cfg, exp.train, kind, n_patches)
 
 
-def estimate_config(space: SearchSpace, params: dict[str, Any], device: str = "cuda") -> MemoryEstimate:
-    """:func:`estimate_memory` of one config of ``space``: ``params`` holds the sampled values (patch_size,
-    memory_size, iteration_size, lr, ...; quantile parameters are ignored), as a trial receives them."""
-    exp = trial_config(space.fixed, params)
-    # whole images: the geometry from the config alone; slides, features: N (and the channels) from the files
-    geometry = data_geometry(exp.data) or build_datasets(resolve_data(exp.data)).geometry
-    return estimate_memory(exp, geometry, device)
-
-
 def measure_step_memory(
     exp: ExperimentConfig, n_patches: int, n_chan: int, tasks: tuple[Task, ...], device: str = "cuda"
 ) -> dict[str, float]:
@@ -303,23 +291,3 @@ def measure_step_memory(
 
 
 # -- command line ----------------------------------------------------------------------------------------------------
-def space_grid(space: SearchSpace) -> list[dict[str, int]]:
-    """Every feasible (patch_size, memory_size, iteration_size) of a space, in order."""
-    grid = []
-    for patch_size in space.patch_sizes():
-        n = space.n_patches(patch_size)
-        (m_low, m_high), _ = memory_iteration_ranges(space, n)
-        for memory_size in range(math.ceil(m_low), int(m_high) + 1):
-            _, (i_low, i_high) = memory_iteration_ranges(space, n, memory_size)
-            for iteration_size in range(math.ceil(i_low), int(i_high) + 1):
-                grid.append({"patch_size": patch_size, "memory_size": memory_size, "iteration_size": iteration_size})
-    return grid
-
-
-def even_sample(items: list[Any], k: int) -> list[Any]:
-    """At most ``k`` items spread evenly over ``items`` (first and last included)."""
-    if len(items) <= k:
-        return list(items)
-    if k == 1:
-        return [items[0]]
-    return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)]

@@ -45,7 +45,7 @@ from ips_search.config import DataConfig, ExperimentConfig, IPSConfig, TrainConf
 from ips_search.data import DATASETS, DatasetKind, dataset_kind
 from ips_search.errors import ConfigError
 from ips_search.experiment.record import QUANTILE_SUFFIX
-from ips_search.model.encoders import check_encoder_fits
+from ips_search.model.encoders import ENCODERS
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 SECTIONS = {"data": DataConfig, "model": IPSConfig, "train": TrainConfig}
@@ -453,3 +453,22 @@ def experiment_config(sections: dict[str, dict[str, Any]]) -> ExperimentConfig:
         model.setdefault("encoder", kind.default_encoder)
     check_encoder_fits(kind, model.get("encoder", IPSConfig.encoder))
     return ExperimentConfig.from_dict({**sections, "model": model})
+
+
+def check_encoder_fits(kind: DatasetKind, encoder: Any) -> None:
+    """An encoder that reads patch embeddings fits a features dataset and only it does; the others read images. A
+    mismatch is one ConfigError (the model would fail on its first batch, in every trial)."""
+    if not isinstance(encoder, str):
+        return  # IPSConfig names it
+    reads_features = ENCODERS[encoder].reads_features
+    if kind.features and not reads_features:
+        raise ConfigError(
+            f"model.encoder {encoder} reads images, but dataset: {kind.name} holds patch embeddings; "
+            f"set model.encoder: {kind.default_encoder} (or leave it out: {kind.name} default to it)"
+        )
+    if reads_features and not kind.features:
+        holders = ", ".join(k.name for k in DATASETS.entries() if k.features)
+        raise ConfigError(
+            f"model.encoder {encoder} reads patch embeddings (dataset: {holders}), not {kind.name} images; "
+            "choose an image encoder such as small-cnn or resnet18"
+        )

@@ -9,7 +9,6 @@ epoch returns a flat dict with ``loss``, ``accuracy`` (mean over tasks), per-tas
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -18,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -27,13 +25,10 @@ from ips_search.data import DataSplits
 from ips_search.data.source import collate_sources, is_patch_source
 from ips_search.memory import PeakMemory
 from ips_search.model import IPSNet
+from ips_search.step import NonFiniteLossError, as_task_dict, autocast, make_optimizer, task_losses, train_step
 from ips_search.warmstart import apply_warm_start, pretrained_encoder_state, supports_warm_start
 
 ORIENT_IMAGES = 16  # training images whose patches orient the attention heads before training
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite (usually: learning rate too high)."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -80,16 +75,6 @@ def build_model(
     return model
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW, fused into one kernel where torch has it (CUDA; CPU since torch 2.4): on CPU the per-tensor
-    loop of the default implementation cost ResNet-18 ~5x the fused step (``benchmarks/bench_ips.py``)."""
-    params = list(model.parameters())
-    try:
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # an older torch, or a device without fused kernels
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     """Per-step LR: linear warm-up for ``warmup_epochs``, then cosine decay to ``min_lr_ratio * lr``."""
     total = max(1, cfg.epochs * steps_per_epoch)
@@ -102,19 +87,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def as_task_dict(logits: torch.Tensor | dict[str, torch.Tensor], tasks: tuple[Task, ...]) -> dict[str, torch.Tensor]:
-    return logits if isinstance(logits, dict) else {tasks[0].name: logits}
-
-
-def task_losses(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], tasks: tuple[Task, ...]):
-    """Per-task losses: CE for softmax tasks, BCE-with-logits for multi-label ones."""
-    out = {}
-    for task in tasks:
-        z, y = logits[task.name].float(), targets[task.name]
-        out[task.name] = F.binary_cross_entropy_with_logits(z, y.float()) if task.multi_label else F.cross_entropy(z, y)
-    return out
 
 
 class _Metrics:
@@ -166,43 +138,8 @@ def _auc(prob: np.ndarray, y: np.ndarray, task: Task) -> float | None:
     return None
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _to(targets: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in targets.items()}
-
-
-def train_step(
-    model: IPSNet,
-    patches: Any,
-    targets: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    cfg: TrainConfig,
-    device: torch.device,
-) -> tuple[dict[str, torch.Tensor], float]:
-    """One IPS training step: no-grad selection, gradient pass over the M kept patches, backward, optimiser step.
-
-    ``patches`` is whatever :meth:`IPSNet.ips` takes (``(B, N, C, P, P)``); ``targets`` are on ``device``.
-    Returns the per-task logits and the loss. The scheduler is the caller's (it steps per batch).
-    """
-    tasks = model.cfg.tasks
-    mem_patch, mem_idx = model.ips(patches)  # (B, M, C, P, P), (B, M); no grad
-    with _autocast(device, cfg.amp):
-        logits = as_task_dict(model(mem_patch, mem_idx), tasks)
-        loss = sum(task_losses(logits, targets, tasks).values())
-    value = loss.item()
-    if not math.isfinite(value):
-        raise NonFiniteLossError(f"loss is {value}; lower the learning rate")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.grad_clip:
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    optimizer.step()
-    return logits, value
 
 
 def train_one_epoch(
@@ -254,7 +191,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: bool
         for patches, targets in loader:
             targets = _to(targets, device)
             mem_patch, mem_idx = model.ips(patches)  # outside autocast: the same selection as in training
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 logits = as_task_dict(model(mem_patch, mem_idx), tasks)
                 loss = sum(task_losses(logits, targets, tasks).values())
             metrics.update(logits, targets, float(loss))

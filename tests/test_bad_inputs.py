@@ -466,7 +466,7 @@ def test_a_valid_space_file_outside_search_spaces_is_accepted(tmp_path, cache_di
     def tuner(*args, **kwargs):
         raise _Stop
 
-    monkeypatch.setattr("ips_search.search.tuner.make_tuner", tuner)
+    monkeypatch.setattr("ips_search.search.launch.make_tuner", tuner)
     space = tmp_path / "elsewhere" / "my-space.yaml"
     space.parent.mkdir()
     space.write_text(smoke())

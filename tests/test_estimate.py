@@ -8,15 +8,8 @@ import pytest
 import torch
 
 from ips_search.config import DataConfig, ExperimentConfig, IPSConfig, Task, TrainConfig
-from ips_search.estimate import main
-from ips_search.prediction import (
-    clear_cache,
-    estimate_config,
-    estimate_step_memory,
-    even_sample,
-    measure_step_memory,
-    space_grid,
-)
+from ips_search.estimate import estimate_config, even_sample, main, space_grid
+from ips_search.prediction import clear_cache, estimate_step_memory, measure_step_memory
 from ips_search.space import load_space
 
 LABEL = (Task("label", 10),)

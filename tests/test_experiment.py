@@ -31,7 +31,7 @@ LAYERS = [
     {"errors", "cli", "config", "experiment"},
     {"data", "memory", "meter"},
     {"model"},
-    {"warmstart", "space", "train"},
+    {"warmstart", "space", "step", "train"},
     {"prediction", "extraction"},
     {"search"},
     {"report"},
@@ -103,6 +103,46 @@ def test_imports_run_one_way_down_the_pipeline():
             if there is not None and there > here:
                 upward.append(f"{module} imports {dep}")
     assert not upward, upward
+
+
+def _group(module: str) -> str:
+    """A module's level in the drawing: the package for data, model, experiment and report; the module otherwise."""
+    parts = module.split(".")[1:]
+    return parts[0] if parts and parts[0] in {"data", "model", "experiment", "report"} else ".".join(parts)
+
+
+def test_the_search_command_is_at_most_9_levels_above_the_bottom():
+    """The longest chain of imports from the search's CLI down, a package counting as one level: the pipeline, not a
+    tower (data -> model -> step/train -> search -> CLI)."""
+    edges: dict[str, set[str]] = {}
+    for module, deps in _imports().items():
+        edges.setdefault(_group(module), set()).update(_group(d) for d in deps if _group(d) != _group(module))
+
+    def longest(node: str, trail: tuple[str, ...]) -> list[str]:
+        paths = [longest(dep, (*trail, node)) for dep in edges.get(node, ()) if dep not in trail]
+        return [node, *max(paths, key=len, default=[])]
+
+    chain = longest("search.cli", ())
+    assert len(chain) <= 9, " -> ".join(chain)
+
+
+def test_project_imports_sit_at_the_top_of_modules():
+    """No ips_search import hides inside a function (to dodge a cycle, the design would be wrong). The report is the
+    one exception, on purpose: its plotting, notebook and attention modules load on first use, so reading an
+    experiment's tables stays a light import (pandas only)."""
+    inside = []
+    for path in PACKAGE.rglob("*.py"):
+        if _module_name(path).startswith("ips_search.report"):
+            continue
+        for func in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(func):
+                module = node.module if isinstance(node, ast.ImportFrom) else None
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [module or ""]
+                if isinstance(node, (ast.Import, ast.ImportFrom)) and any(n.startswith("ips_search") for n in names):
+                    inside.append(f"{_module_name(path)}.{func.name}")
+    assert not inside, inside
 
 
 def test_model_data_training_and_contract_know_nothing_of_ray():

@@ -375,7 +375,7 @@ def test_full_results_disk_is_one_line_exit_2(tmp_path, capsys, monkeypatch, cac
     # Ray is faked: the failure being checked is in the driver's own writes, before any trial
     monkeypatch.setattr("ips_search.search.launch.start_ray", lambda *a: {"CPU": 2.0})
     monkeypatch.setattr(
-        "ips_search.search.tuner.make_tuner", lambda *a, **k: pytest.fail("search started on a full disk")
+        "ips_search.search.launch.make_tuner", lambda *a, **k: pytest.fail("search started on a full disk")
     )
     with tmpfs(tmp_path / "full", "256k") as disk:
         fill(disk)

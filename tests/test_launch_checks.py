@@ -100,7 +100,7 @@ def test_a_new_search_holds_the_lock_too(tmp_path, cache_dir, monkeypatch):
         held.append(True)
         raise _Stop
 
-    monkeypatch.setattr("ips_search.search.tuner.make_tuner", tuner)
+    monkeypatch.setattr("ips_search.search.launch.make_tuner", tuner)
     with pytest.raises(_Stop):
         run.main(["--space", "smoke", "--results-dir", str(tmp_path), "--name", "new", "--no-dashboard"])
     assert held == [True]
@@ -211,7 +211,7 @@ def _stop(*args, **kwargs):
 @pytest.mark.parametrize(("flags", "gpus"), [([], 1.0), (["--gpus-per-trial", "0"], 0.0)])
 def test_the_resolved_gpus_are_saved(tmp_path, cache_dir, monkeypatch, capsys, flags, gpus):
     monkeypatch.setattr(launch, "start_ray", lambda *a: {"CPU": 2.0, "GPU": 1.0})  # a fake one-GPU cluster
-    monkeypatch.setattr("ips_search.search.tuner.make_tuner", _stop)
+    monkeypatch.setattr("ips_search.search.launch.make_tuner", _stop)
     argv = ["--space", "smoke", "--results-dir", str(tmp_path), "--name", "g", "--no-dashboard", *flags]
     with pytest.raises(_Stop):
         run.main(argv)

@@ -24,8 +24,9 @@ import psutil
 import pytest
 import torch
 
+from ips_search.experiment import SearchSettings
 from ips_search.search.launch import fit_resources
-from ips_search.search.tuner import SearchSettings, make_trainable
+from ips_search.search.trainable import make_trainable
 
 RAY = str(Path(sys.executable).with_name("ray"))
 

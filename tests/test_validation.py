@@ -243,7 +243,7 @@ def test_experiment_json_saves_the_absolute_root(tmp_path, cache_dir, monkeypatc
         raise Stop
 
     monkeypatch.setattr("ips_search.search.launch.start_ray", lambda *a: {"CPU": 2.0})
-    monkeypatch.setattr("ips_search.search.tuner.make_tuner", tuner)
+    monkeypatch.setattr("ips_search.search.launch.make_tuner", tuner)
     with pytest.raises(Stop):
         run.main(["--space", space, "--results-dir", str(tmp_path / "results"), "--name", "x", "--no-dashboard"])
     saved = json.loads((tmp_path / "results" / "x" / "experiment.json").read_text())

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ips_search.data.cache import cache_root
-from ips_search.data.dataset import n_validation
+from ips_search.data.split import n_validation
 from ips_search.errors import ConfigError
 
 SKLEARN_TRAIN_FRACTION = 0.75

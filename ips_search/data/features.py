@@ -39,9 +39,9 @@ from torch.utils.data import Dataset
 
 from ips_search.config import DataConfig, Task
 from ips_search.data.checks import check_classes, check_disjoint, check_finite, inside
-from ips_search.data.dataset import n_validation
 from ips_search.data.preview import DataPreview
 from ips_search.data.registry import DATASETS, DatasetKind, DataSplits, item_geometry
+from ips_search.data.split import n_validation
 from ips_search.errors import ConfigError
 
 SPLITS = ("train", "val", "test")

@@ -40,10 +40,11 @@ from tqdm.auto import tqdm
 from ips_search.config import DataConfig, Task
 from ips_search.data.cache import cache_key, cache_root, cached_memmap
 from ips_search.data.checks import check_classes, check_disjoint
-from ips_search.data.dataset import PatchDataset, n_validation, seeded_test_split
+from ips_search.data.dataset import PatchDataset
 from ips_search.data.images import open_image, pil_high_depth_to_uint8, pixel_limit
 from ips_search.data.preview import DataPreview, human_bytes
 from ips_search.data.registry import DATASETS, DatasetKind, DataSplits, image_splits
+from ips_search.data.split import n_validation, seeded_test_split
 from ips_search.errors import ConfigError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")

@@ -33,10 +33,11 @@ from tqdm.auto import tqdm
 
 from ips_search.config import DataConfig, Task
 from ips_search.data.cache import cache_file, cached
-from ips_search.data.dataset import PatchDataset, n_validation
+from ips_search.data.dataset import PatchDataset
 from ips_search.data.digits import DigitPool, digit_pools, split_validation
 from ips_search.data.preview import DataPreview
 from ips_search.data.registry import DATASETS, DatasetKind, DataSplits, image_splits
+from ips_search.data.split import n_validation
 from ips_search.data.strokes import stroke_bank, with_dihedral
 from ips_search.errors import ConfigError
 

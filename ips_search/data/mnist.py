@@ -15,10 +15,11 @@ import torch
 
 from ips_search.config import DataConfig, Task
 from ips_search.data.cache import cache_root
-from ips_search.data.dataset import PatchDataset, n_validation
+from ips_search.data.dataset import PatchDataset
 from ips_search.data.digits import load_mnist
 from ips_search.data.preview import DataPreview
 from ips_search.data.registry import DATASETS, DatasetKind, DataSplits, image_splits
+from ips_search.data.split import n_validation
 from ips_search.errors import ConfigError
 
 HINT = "use dataset: megapixel (works offline)"

@@ -89,7 +89,8 @@ class SearchSettings:
     )
     max_memory_mb: float | None = setting(
         None,
-        "memory budget: a trial whose first training step exceeds it is marked infeasible and stops",
+        "memory budget in MB: a config whose predicted CUDA peak of a training step is over it is marked infeasible "
+        "and never trains; on a GPU, a trial whose first measured training step goes over it stops as infeasible too",
         rules=POSITIVE,
     )
     sampler: str = setting("tpe", "Optuna sampler", choices=SAMPLERS)

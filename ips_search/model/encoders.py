@@ -17,13 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from ips_search.config import IPSConfig, Registry
-from ips_search.data import DATASETS, DatasetKind
 from ips_search.errors import ConfigError
 
 _RESNET_WIDTHS = {"resnet18": (64, 128, 256, 512), "resnet50": (256, 512, 1024, 2048)}
@@ -157,22 +155,3 @@ for _arch in _RESNET_WIDTHS:
         ENCODERS.register(EncoderKind(f"{_arch}-{_stages}", _resnet_encoder(_arch, _stages)))
 ENCODERS.register(EncoderKind("small-cnn", _small_cnn))
 ENCODERS.register(EncoderKind("projector", _projector, reads_features=True))
-
-
-def check_encoder_fits(kind: DatasetKind, encoder: Any) -> None:
-    """An encoder that reads patch embeddings fits a features dataset and only it does; the others read images. A
-    mismatch is one ConfigError (the model would fail on its first batch, in every trial)."""
-    if not isinstance(encoder, str):
-        return  # IPSConfig names it
-    reads_features = ENCODERS[encoder].reads_features
-    if kind.features and not reads_features:
-        raise ConfigError(
-            f"model.encoder {encoder} reads images, but dataset: {kind.name} holds patch embeddings; "
-            f"set model.encoder: {kind.default_encoder} (or leave it out: {kind.name} default to it)"
-        )
-    if reads_features and not kind.features:
-        holders = ", ".join(k.name for k in DATASETS.entries() if k.features)
-        raise ConfigError(
-            f"model.encoder {encoder} reads patch embeddings (dataset: {holders}), not {kind.name} images; "
-            "choose an image encoder such as small-cnn or resnet18"
-        )

@@ -35,14 +35,7 @@ from ips_search.experiment import (
 )
 from ips_search.experiment.confirmation import RUN, SEED, SOURCE
 from ips_search.experiment.settings import trial_fixed
-from ips_search.search.results import TrialsCsvCallback
-from ips_search.search.trainable import train_ips
-from ips_search.search.tuner import trial_dirname
-
-
-def confirm_ips(config: dict[str, Any]) -> None:
-    """Tune trainable of a confirm run: the search's trainable on one stored config with another seed."""
-    train_ips(config[RUN])
+from ips_search.search.results import TrialsCsvCallback, trial_dirname
 
 
 def confirm_runs(settings: SearchSettings, trials: pd.DataFrame) -> list[dict[str, Any]]:
@@ -72,16 +65,16 @@ def confirm_cpus(settings: SearchSettings, n_runs: int, cluster_cpus: float) -> 
     return max(settings.cpus_per_trial, float(int(pool // at_once)))
 
 
-def _trainable(settings: SearchSettings, n_runs: int) -> Any:
+def _trainable(settings: SearchSettings, n_runs: int, trainable: Any) -> Any:
     cluster_cpus = float(ray.cluster_resources().get("CPU", settings.cpus_per_trial))
     resources = {"cpu": confirm_cpus(settings, n_runs, cluster_cpus), "gpu": settings.gpus_per_trial}
-    return tune.with_resources(confirm_ips, resources)
+    return tune.with_resources(trainable, resources)
 
 
-def make_confirm_tuner(settings: SearchSettings, runs: list[dict[str, Any]]) -> tune.Tuner:
+def make_confirm_tuner(settings: SearchSettings, runs: list[dict[str, Any]], trainable: Any) -> tune.Tuner:
     folder = settings.experiment_dir / CONFIRM_DIR
     return tune.Tuner(
-        _trainable(settings, len(runs)),
+        _trainable(settings, len(runs), trainable),
         param_space={RUN: tune.grid_search(runs)},
         tune_config=tune.TuneConfig(
             scheduler=FIFOScheduler(),
@@ -102,20 +95,24 @@ def make_confirm_tuner(settings: SearchSettings, runs: list[dict[str, Any]]) -> 
     )
 
 
-def run_confirm(settings: SearchSettings) -> pd.DataFrame:
-    """Run (or resume) the confirm stage and record its figures; returns ``confirm.csv``'s table."""
+def run_confirm(settings: SearchSettings, trainable: Any) -> pd.DataFrame:
+    """Run (or resume) the confirm stage with ``trainable`` (``search.trainable.confirm_ips``) and record its
+    figures; returns ``confirm.csv``'s table."""
     folder = settings.experiment_dir
     trials = coerce(pd.read_csv(folder / TRIALS_CSV, dtype={"trial_id": str}))
     stage = folder / CONFIRM_DIR
     runs = confirm_runs(settings, trials.drop(columns=["confirm_val_mean"], errors="ignore"))
     if tune.Tuner.can_restore(str(stage)):  # interrupted during the stage: finished runs are kept
         tuner = tune.Tuner.restore(
-            str(stage), trainable=_trainable(settings, len(runs)), resume_unfinished=True, resume_errored=True
+            str(stage),
+            trainable=_trainable(settings, len(runs), trainable),
+            resume_unfinished=True,
+            resume_errored=True,
         )
     else:
         if not runs:
             return pd.DataFrame()
-        tuner = make_confirm_tuner(settings, runs)
+        tuner = make_confirm_tuner(settings, runs, trainable)
     tuner.fit()
     return record(settings, trials)
 

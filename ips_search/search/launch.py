@@ -25,8 +25,11 @@ from ips_search.experiment import (
 )
 from ips_search.experiment.files import experiment_lock
 from ips_search.experiment.settings import trials_at_once
+from ips_search.search.confirm import run_confirm
 from ips_search.search.console import TrialProgress, terminal_only_ours
 from ips_search.search.plan import plan_lines, prepare_data
+from ips_search.search.trainable import confirm_ips, make_trainable
+from ips_search.search.tuner import make_tuner, restore_tuner
 
 # Tune warns when it snapshots experiment state often; with short epochs that is by design (nothing is lost)
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -153,8 +156,6 @@ def run_search(space, settings: SearchSettings, args: argparse.Namespace, resume
 
 def _run(space, settings: SearchSettings, args: argparse.Namespace, resume: bool, gpus_auto: bool) -> int:
     """The search itself, in a folder whose lock this process holds."""
-    from ips_search.search.tuner import make_tuner, restore_tuner
-
     verbose = getattr(args, "verbose", False)
     log_path = settings.experiment_dir / LOG_FILE
     try:
@@ -167,19 +168,18 @@ def _run(space, settings: SearchSettings, args: argparse.Namespace, resume: bool
             update_settings(settings.experiment_dir, settings.to_dict())  # --trials may have raised the count
             drop_empty_snapshots(settings.experiment_dir)
         with terminal_only_ours(log_path, verbose) as terminal:
-            tuner = restore_tuner(settings) if resume else make_tuner(space, settings)
+            trainable = make_trainable(settings)
+            tuner = restore_tuner(settings, trainable) if resume else make_tuner(space, settings, trainable)
             with TrialProgress(settings.experiment_dir / TRIALS_CSV, settings.trials, terminal):
                 tuner.fit()
             if settings.confirm and first_error(settings.experiment_dir) is None:  # every trial failed: none to confirm
-                from ips_search.search.confirm import run_confirm
-
                 runs = settings.confirm * settings.confirm_top
                 print(
                     f"confirm stage: the best {settings.confirm_top} configs, {settings.confirm} more seeds each",
                     file=terminal,
                 )
                 with TrialProgress(settings.experiment_dir / CONFIRM_DIR / TRIALS_CSV, runs, terminal, "confirm"):
-                    run_confirm(settings)
+                    run_confirm(settings, confirm_ips)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished trials are saved; continue with --resume {settings.name}", file=sys.stderr)
         return 130

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from ips_search.config import DataConfig
-from ips_search.data import data_geometry
+from ips_search.data import build_datasets, data_geometry
 from ips_search.data.preview import human_duration
 from ips_search.experiment import SearchSettings, asha_rungs
+from ips_search.extraction import preview as preview_datasets
+from ips_search.extraction import resolve_data
 from ips_search.space import SearchSpace, memory_iteration_ranges, validate_space
-from ips_search.warmstart import supports_warm_start
+from ips_search.train import build_model
+from ips_search.warmstart import pretrain_seconds, supports_warm_start, warm_start_cached
 
 
 def plan_lines(space: SearchSpace, settings: SearchSettings, gpus_auto: bool = False) -> list[str]:
@@ -69,12 +74,6 @@ def plan_lines(space: SearchSpace, settings: SearchSettings, gpus_auto: bool = F
 def prepare_data(space: SearchSpace) -> None:
     """Build the dataset cache (and the warm-start encoders) once in the driver, with progress bars,
     so trials only load them."""
-    import torch
-
-    from ips_search.data import build_datasets
-    from ips_search.extraction import resolve_data
-    from ips_search.train import build_model
-
     base = space.base_config()
     counts = {}
     for patch_size in space.patch_sizes():
@@ -92,9 +91,6 @@ def dry_run_lines(space: SearchSpace) -> list[str]:
 
     The warm start's cost is timed on two pretraining steps at the smallest patch size and scaled by patch area for
     the others, so a dry run of the paper-scale space stays in seconds."""
-    from ips_search.extraction import preview as preview_datasets
-    from ips_search.warmstart import pretrain_seconds, warm_start_cached
-
     base = space.base_config()
     lines: list[str] = []
     timed: tuple[int, float] | None = None  # (P, seconds) of the one timed pretraining
@@ -127,9 +123,6 @@ def count_patches(space: SearchSpace) -> None:
     ranges against them: a no-op for datasets whose N follows from the config."""
     if not space.counts_from_files:
         return
-    from ips_search.data import build_datasets
-    from ips_search.extraction import resolve_data
-
     base = space.base_config().data
     counts = {p: build_datasets(resolve_data(data_at(base, p))).n_patches for p in space.patch_sizes()}
     _record_counts(space, counts)

@@ -76,3 +76,8 @@ def _ordered(rows: list[dict[str, Any]]) -> list[str]:
     names = list(dict.fromkeys(k for row in rows for k in row))
     params = [k for k in names if k not in COLUMN_NAMES]
     return [*IDENTITY, *params, *(c for c in COLUMN_NAMES if c not in IDENTITY)]
+
+
+def trial_dirname(trial: Any) -> str:
+    """Short, config-free trial folder names (Ray's default embeds the whole config)."""
+    return f"{trial.trainable_name}_{trial.trial_id}"

@@ -6,8 +6,9 @@ optimiser, scheduler, epoch), so a paused, early-stopped-then-resumed or
 restored trial continues where it was. The last report adds test metrics.
 
 Statuses a trial can end with (the ``status`` metric): ``running`` (an epoch
-report), ``completed`` (all epochs), ``infeasible`` (the first training step went
-over ``max_memory_mb``), ``nan-loss`` and ``out-of-memory``. An infeasible or
+report), ``completed`` (all epochs), ``infeasible`` (the predicted CUDA peak of a training step is over
+``max_memory_mb``, so it never trains; or, on a GPU, its first measured step went over), ``nan-loss`` and
+``out-of-memory``. An infeasible or
 failed trial reports ``val_accuracy = 0`` so the searcher ranks it last; the
 ``status`` column says why.
 """
@@ -28,7 +29,8 @@ from ray import tune
 
 from ips_search.config import ExperimentConfig
 from ips_search.data import DataSplits, build_datasets
-from ips_search.experiment import CHECKPOINT_FILE, EpochReport, MemoryKind, Status
+from ips_search.experiment import CHECKPOINT_FILE, EpochReport, MemoryKind, SearchSettings, Status
+from ips_search.experiment.confirmation import RUN
 from ips_search.extraction import resolve_data
 from ips_search.prediction import estimate_memory
 from ips_search.space import trial_config
@@ -222,3 +224,14 @@ def _report_stopped(base: dict, status: Status, peak_mb: float, kind: str, epoch
 
 def _kind(device: torch.device) -> str:
     return (MemoryKind.CUDA if device.type == "cuda" else MemoryKind.CPU_RSS).value
+
+
+def make_trainable(settings: SearchSettings) -> Any:
+    """``train_ips`` with the resources a trial asks Ray for (one bundle of CPUs and GPUs)."""
+    resources = {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
+    return tune.with_resources(train_ips, resources)
+
+
+def confirm_ips(config: dict[str, Any]) -> None:
+    """Tune trainable of a confirm run: the search's trainable on one stored config with another seed."""
+    train_ips(config[RUN])

@@ -40,8 +40,7 @@ from ips_search.experiment import (
     asha_rungs,
     read_experiment,
 )
-from ips_search.search.results import TrialsCsvCallback
-from ips_search.search.trainable import train_ips
+from ips_search.search.results import TrialsCsvCallback, trial_dirname
 from ips_search.space import SearchSpace, first_points, searcher_space
 
 __all__ = ["SearchSettings", "asha_rungs", "make_searcher", "make_scheduler", "make_tuner", "restore_tuner"]
@@ -234,11 +233,6 @@ def make_scheduler(settings: SearchSettings):
     )
 
 
-def make_trainable(settings: SearchSettings):
-    resources = {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
-    return tune.with_resources(train_ips, resources)
-
-
 def make_run_config(settings: SearchSettings, verbose: int = 1) -> tune.RunConfig:
     return tune.RunConfig(
         name=settings.name,
@@ -250,12 +244,8 @@ def make_run_config(settings: SearchSettings, verbose: int = 1) -> tune.RunConfi
     )
 
 
-def trial_dirname(trial: Any) -> str:
-    """Short, config-free trial folder names (Ray's default embeds the whole config)."""
-    return f"{trial.trainable_name}_{trial.trial_id}"
-
-
-def make_tuner(space: SearchSpace, settings: SearchSettings, verbose: int = 1) -> tune.Tuner:
+def make_tuner(space: SearchSpace, settings: SearchSettings, trainable: Any, verbose: int = 1) -> tune.Tuner:
+    """A new search: ``trainable`` (``search.trainable.make_trainable``) run over configs the searcher proposes."""
     param_space = {"fixed": space.fixed, "max_memory_mb": settings.max_memory_mb}
     tune_config = tune.TuneConfig(
         search_alg=ExtendableSearch(
@@ -268,14 +258,14 @@ def make_tuner(space: SearchSpace, settings: SearchSettings, verbose: int = 1) -
         trial_dirname_creator=trial_dirname,
     )
     return tune.Tuner(
-        make_trainable(settings),
+        trainable,
         param_space=param_space,
         tune_config=tune_config,
         run_config=make_run_config(settings, verbose),
     )
 
 
-def restore_tuner(settings: SearchSettings) -> tune.Tuner:
+def restore_tuner(settings: SearchSettings, trainable: Any) -> tune.Tuner:
     """Continue an experiment: finished trials are kept, unfinished and errored ones resumed.
 
     Everything the search writes goes to ``settings.experiment_dir``, also when ``tuner.pkl`` names another folder
@@ -283,7 +273,7 @@ def restore_tuner(settings: SearchSettings) -> tune.Tuner:
     searcher's state there once Ray restores it: ``ExtendableSearch.follow_folder``) are pointed there here.
     """
     tuner = tune.Tuner.restore(
-        str(settings.experiment_dir), trainable=make_trainable(settings), resume_unfinished=True, resume_errored=True
+        str(settings.experiment_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
     )
     internal = tuner._local_tuner  # None only through a Ray client (ray://), which runs the tuner remotely
     if internal is not None:

@@ -34,13 +34,14 @@ from ips_search.config import DataConfig, Task
 from ips_search.data import folder
 from ips_search.data.cache import cache_key, cache_root, cached_npy, file_lock
 from ips_search.data.checks import check_classes, check_disjoint, inside
-from ips_search.data.dataset import n_validation, seeded_test_split
 from ips_search.data.images import pixel_limit
 from ips_search.data.preview import DataPreview
 from ips_search.data.registry import DATASETS, DatasetKind, DataSplits, item_geometry
 from ips_search.data.slides import tissue
+from ips_search.data.slides.generate import generate_cohort
 from ips_search.data.slides.readers import READABLE_EXTS, SlideReader, detect, open_slide
 from ips_search.data.slides.source import SlidePatchSource
+from ips_search.data.split import n_validation, seeded_test_split
 from ips_search.errors import ConfigError
 
 __all__ = ["SlideDataset", "SlidePatchSource", "build", "open_slide", "slide_entries", "make_source"]
@@ -120,8 +121,6 @@ def _read_manifest(manifest: Path) -> SlideEntries:
 
 
 def _generated_manifest(cfg: DataConfig) -> Path:
-    from ips_search.data.slides.generate import generate_cohort
-
     fields = {"v": COHORT_VERSION, "n": cfg.cohort_size, "size": cfg.slide_size, "seed": cfg.seed}
     target = cache_root(cfg.cache_dir) / "slides-cohort" / cache_key(fields)
     manifest = target / "manifest.csv"
