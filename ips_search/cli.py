@@ -4,8 +4,11 @@ bad input into exit 2 and Ctrl-C into exit 130, each with one line on stderr."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NoReturn, TypeVar
 
 from ips_search.errors import EXIT_BAD_INPUT, ConfigError
@@ -41,3 +44,25 @@ def exit_code_of(body: Callable[[T], int], args: T, interrupted: str = "interrup
     except KeyboardInterrupt:
         print(f"\n{interrupted}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+
+
+@contextlib.contextmanager
+def interrupt_exits(message: str = "interrupted") -> Iterator[None]:
+    """While a command imports what it runs on (torch, Ray, pandas: seconds), Ctrl-C ends it at once with one line
+    and exit 130. Nothing has been written yet, and a ``KeyboardInterrupt`` raised inside an extension module's
+    import can abort the interpreter instead of unwinding. The previous handler is back afterwards, so the command's
+    own work gets ``KeyboardInterrupt`` (and :func:`exit_code_of`) as usual."""
+
+    def stop(signum: int, frame: object) -> None:
+        os.write(sys.stderr.fileno(), f"\n{message}\n".encode())
+        os._exit(EXIT_INTERRUPTED)
+
+    try:
+        previous = signal.signal(signal.SIGINT, stop)
+    except ValueError:  # not the main thread (an embedding application): its own handling stays
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

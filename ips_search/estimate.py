@@ -12,13 +12,15 @@ from typing import Any
 
 from tabulate import tabulate
 
-from ips_search.cli import OneLineParser, exit_code_of
-from ips_search.data import build_datasets, data_geometry
+from ips_search.cli import OneLineParser, exit_code_of, interrupt_exits
 from ips_search.errors import ConfigError
-from ips_search.extraction import resolve_data
-from ips_search.prediction import LEAVES_OUT, MemoryEstimate, estimate_memory
-from ips_search.search.plan import count_patches
-from ips_search.space import SearchSpace, load_space, memory_iteration_ranges, trial_config
+
+with interrupt_exits():  # torch loads here: seconds in which Ctrl-C must still be one line
+    from ips_search.data import build_datasets, data_geometry
+    from ips_search.extraction import resolve_data
+    from ips_search.prediction import LEAVES_OUT, MemoryEstimate, estimate_memory
+    from ips_search.search.plan import count_patches
+    from ips_search.space import SearchSpace, load_space, memory_iteration_ranges, trial_config
 
 
 def estimate_config(space: SearchSpace, params: dict[str, Any], device: str = "cuda") -> MemoryEstimate:

@@ -10,12 +10,14 @@ from typing import Any
 
 import yaml
 
-from ips_search.cli import OneLineParser, exit_code_of
-from ips_search.config import DataConfig
-from ips_search.data import DATASETS
+from ips_search.cli import OneLineParser, exit_code_of, interrupt_exits
 from ips_search.errors import ConfigError
-from ips_search.extraction import NAMED_ENCODERS, ExtractConfig, extract, extract_device, parse_extract
-from ips_search.space import load_space, resolve_data_paths
+
+with interrupt_exits():  # torch loads here: seconds in which Ctrl-C must still be one line
+    from ips_search.config import DataConfig
+    from ips_search.data import DATASETS
+    from ips_search.extraction import NAMED_ENCODERS, ExtractConfig, extract, extract_device, parse_extract
+    from ips_search.space import load_space, resolve_data_paths
 
 
 def _config_from_sections(data: dict[str, Any], model: dict[str, Any], args: argparse.Namespace) -> ExtractConfig:

@@ -67,3 +67,16 @@ def test_ctrl_c_in_a_running_command_is_one_line_and_130(tmp_path, cache_dir):
     assert proc.returncode == EXIT_INTERRUPTED, (out, err)
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines == ["interrupted"], err
+
+
+def test_ctrl_c_while_the_command_loads_is_one_line_and_130(tmp_path, cache_dir):
+    """Ctrl-C a second after start, while the search command still imports torch and Ray (or, on a fast machine,
+    checks the space): the same one line and exit 130, never a traceback or an aborted interpreter."""
+    env = {**os.environ, "IPS_SEARCH_CACHE": cache_dir}
+    cmd = [sys.executable, "-m", "ips_search.run", "--space", "smoke", "--dry-run"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED, (out, err)
+    assert [line for line in err.splitlines() if line.strip()] == ["interrupted"], err
