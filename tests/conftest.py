@@ -58,6 +58,8 @@ def no_ray(monkeypatch):
 
     monkeypatch.setattr("ips_search.search.launch.start_ray", started)
     monkeypatch.setattr(ray, "init", started)
+    # as a fresh command sees it, whether or not another test left the session's cluster up
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
 
 
 @pytest.fixture

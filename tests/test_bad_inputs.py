@@ -419,6 +419,7 @@ def test_cluster_too_small_for_a_trial_is_one_line_exit_2(tmp_path, cache_dir, c
     monkeypatch.setattr("ips_search.search.launch.start_ray", lambda *a: {"CPU": 1.0})
     shutdowns = []
     monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(True))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # a fresh command, whatever other tests left running
     argv = ["--space", "smoke", "--cpus-per-trial", "2", "--address", "auto", "--results-dir", str(tmp_path)]
     assert run.main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -80,3 +80,11 @@ def test_ctrl_c_while_the_command_loads_is_one_line_and_130(tmp_path, cache_dir)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_INTERRUPTED, (out, err)
     assert [line for line in err.splitlines() if line.strip()] == ["interrupted"], err
+
+
+def test_the_search_command_imports_ray_only_after_reading_its_flags():
+    """Ray reads RAY_AUTH_MODE when first imported, and the search sets it from its flags (token auth for a cluster it
+    starts): importing the command must not import Ray, or the dashboard of a local search would start without it."""
+    code = "import sys, ips_search.run; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -126,10 +126,17 @@ def test_the_search_command_is_at_most_9_levels_above_the_bottom():
     assert len(chain) <= 9, " -> ".join(chain)
 
 
+# Imports inside a function on purpose, each for a reason other than a cycle
+IMPORTED_LATE = {
+    # Ray reads RAY_AUTH_MODE when first imported; the search command sets it from its flags, then imports Ray's side
+    "ips_search.search.cli._main",
+}
+
+
 def test_project_imports_sit_at_the_top_of_modules():
-    """No ips_search import hides inside a function (to dodge a cycle, the design would be wrong). The report is the
-    one exception, on purpose: its plotting, notebook and attention modules load on first use, so reading an
-    experiment's tables stays a light import (pandas only)."""
+    """No ips_search import hides inside a function (to dodge a cycle, the design would be wrong). The report is one
+    exception, on purpose: its plotting, notebook and attention modules load on first use, so reading an
+    experiment's tables stays a light import (pandas only); ``IMPORTED_LATE`` names the others, with why."""
     inside = []
     for path in PACKAGE.rglob("*.py"):
         if _module_name(path).startswith("ips_search.report"):
@@ -142,7 +149,7 @@ def test_project_imports_sit_at_the_top_of_modules():
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [module or ""]
                 if isinstance(node, (ast.Import, ast.ImportFrom)) and any(n.startswith("ips_search") for n in names):
                     inside.append(f"{_module_name(path)}.{func.name}")
-    assert not inside, inside
+    assert set(inside) <= IMPORTED_LATE, sorted(set(inside) - IMPORTED_LATE)
 
 
 def test_model_data_training_and_contract_know_nothing_of_ray():

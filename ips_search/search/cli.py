@@ -31,7 +31,6 @@ from ips_search.experiment.settings import (
     trial_fixed,
     trials_at_once,
 )
-from ips_search.search import launch
 from ips_search.search.plan import dry_run_lines, plan_lines
 from ips_search.space import SearchSpace, load_space, saved_space
 
@@ -212,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     if not args.address:
-        # Ray reads this when it is first imported, so it is set before anything imports ray
+        # Ray reads this when it is first imported, so it is set before anything imports ray (launch does, below)
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     given = given_settings(args)
     validate_args(args, given)
@@ -243,6 +242,9 @@ def _main(args: argparse.Namespace) -> int:
         print("\n".join(["dry run: the space, the flags and the data are valid; this search would run:"]))
         print("\n".join(plan_lines(space, settings) + ["the first run builds (nothing was built now):", *checks]))
         return 0
+    # Imported here, not at the top: Ray reads RAY_AUTH_MODE when first imported, and the flags decide it (above).
+    from ips_search.search import launch
+
     if not args.resume:
         return launch.run_search(space, settings, args, resume=False)
     check_trusted(settings.experiment_dir)  # Ray unpickles the folder's state files: they must be this user's alone
