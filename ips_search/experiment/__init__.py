@@ -45,7 +45,6 @@ from ips_search.experiment.record import (
     trial_record,
 )
 from ips_search.experiment.settings import (
-    ASHA_FLAGS,
     OBJECTIVES,
     SAMPLERS,
     SCHEDULERS,
@@ -58,7 +57,6 @@ from ips_search.experiment.settings import (
 from ips_search.experiment.status import ORDER, STOPPED, Status, trial_status
 
 __all__ = [
-    "ASHA_FLAGS",
     "CHECKPOINT_FILE",
     "CONFIRM_COLUMNS",
     "CONFIRM_CSV",

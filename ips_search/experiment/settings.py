@@ -202,10 +202,6 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-# the settings only ASHA reads, by the flag that sets each
-ASHA_FLAGS = {f.name: f.flag for f in flags_of() if f.setting.only_with == ("scheduler", "asha")}
-
-
 def shown(value: Any) -> str:
     """A setting's value as an error message writes it (``0.25``, ``4``, ``none``)."""
     return f"{value:g}" if isinstance(value, float) else "none" if value is None else str(value)
