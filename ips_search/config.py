@@ -23,6 +23,7 @@ from ips_search.errors import ConfigError
 LOADING_MODES = ("eager", "eager-sequential", "lazy")
 SHUFFLES = ("none", "batch", "instance")
 MEGAPIXEL_TASKS = ("majority", "max", "top", "multilabel")
+METRICS = ("auc", "balanced_accuracy", "accuracy")  # evaluation.metric: what a search ranks configs by
 SEED_LIMIT = 2**32  # numpy's: seeds are 0 .. 2**32 - 1
 
 
@@ -300,6 +301,10 @@ RULES: dict[str, dict[str, Rule]] = {
         ),
         "seed": seed(),
     },
+    "EvaluationConfig": {
+        "metric": choice(METRICS, "metric"),
+        "folds": positive_int("use 1 (one validation split) or the number of cross-validation folds, e.g. 5"),
+    },
 }
 
 
@@ -469,12 +474,30 @@ class TrainConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """How a config is scored: the metric, and K patient-level cross-validation folds of the non-test items.
+
+    ``splits`` names a splits file (``splits.csv``: ``slide,patient,label,split,fold``) or a folder of CLAM's
+    ``splits_{k}.csv``; the search writes its own into the experiment folder and points every trial at it.
+    ``refit`` trains on every non-test item with no validation (the confirm stage and the full-bag reference)."""
+
+    metric: str = "accuracy"  # auc | balanced_accuracy | accuracy (see ips_search.scores)
+    folds: int = 1  # 1: one validation split
+    splits: str | None = None
+    refit: bool = False
+
+    def __post_init__(self) -> None:
+        check_fields(self, "evaluation", RULES["EvaluationConfig"])
+
+
+@dataclass
 class ExperimentConfig:
     """Everything one trial needs."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: IPSConfig = field(default_factory=IPSConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -486,6 +509,7 @@ class ExperimentConfig:
             data=DataConfig(**d.get("data", {})),
             model=IPSConfig(**d.get("model", {})),
             train=TrainConfig(**d.get("train", {})),
+            evaluation=EvaluationConfig(**d.get("evaluation", {})),
         )
 
 

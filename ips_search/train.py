@@ -2,8 +2,8 @@
 
 AdamW with linear warm-up then cosine decay, stepped per batch; one loss per task
 (cross-entropy, or BCE for multi-label tasks), summed; metrics per task. Every
-epoch returns a flat dict with ``loss``, ``accuracy`` (mean over tasks), per-task
-``<task>/accuracy`` (and ``<task>/auc`` for binary or multi-label tasks),
+epoch returns a flat dict with ``loss``, ``accuracy``, ``balanced_accuracy`` and ``auc`` (means over tasks),
+``score`` (the one the evaluation ranks by), per-task ``<task>/<metric>`` (AUC where defined),
 ``peak_memory_mb`` with its ``memory_kind``, ``seconds`` and ``images_per_s``.
 """
 
@@ -20,11 +20,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ips_search.config import ExperimentConfig, Task, TrainConfig
+from ips_search.config import METRICS, ExperimentConfig, Task, TrainConfig
 from ips_search.data import DataSplits
 from ips_search.data.source import collate_sources, is_patch_source
 from ips_search.memory import PeakMemory
 from ips_search.model import IPSNet
+from ips_search.scores import mean_score, score
 from ips_search.step import NonFiniteLossError, as_task_dict, autocast, make_optimizer, task_losses, train_step
 from ips_search.warmstart import apply_warm_start, pretrained_encoder_state, supports_warm_start
 
@@ -90,10 +91,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
 
 
 class _Metrics:
-    """Accumulates predictions per task; accuracy and (binary / multi-label) AUC at the end."""
+    """Accumulates predictions per task; every metric of :mod:`ips_search.scores` per task at the end, their means
+    over tasks, and ``score``: the mean of ``metric``, what the search ranks by."""
 
-    def __init__(self, tasks: tuple[Task, ...]) -> None:
-        self.tasks = tasks
+    def __init__(self, tasks: tuple[Task, ...], metric: str = "accuracy") -> None:
+        self.tasks, self.metric = tasks, metric
         self.scores: dict[str, list[np.ndarray]] = {t.name: [] for t in tasks}
         self.labels: dict[str, list[np.ndarray]] = {t.name: [] for t in tasks}
         self.loss_sum, self.n = 0.0, 0
@@ -108,34 +110,30 @@ class _Metrics:
             self.scores[task.name].append(prob.cpu().numpy())
             self.labels[task.name].append(targets[task.name].cpu().numpy())
 
+    def predictions(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{task: (probabilities (n, C), labels (n,) or (n, K))}`` in the order the items came."""
+        return {
+            t.name: (np.concatenate(self.scores[t.name]), np.concatenate(self.labels[t.name]))
+            for t in self.tasks
+            if self.scores[t.name]
+        }
+
     def result(self) -> dict[str, float]:
         out = {"loss": self.loss_sum / max(1, self.n)}
-        accs = []
+        per_metric: dict[str, list[float | None]] = {name: [] for name in METRICS}
         for task in self.tasks:
             if not self.scores[task.name]:
                 continue
             prob, y = np.concatenate(self.scores[task.name]), np.concatenate(self.labels[task.name])
-            acc = float(((prob > 0.5) == (y > 0.5)).mean()) if task.multi_label else float((prob.argmax(1) == y).mean())
-            out[f"{task.name}/accuracy"] = acc
-            accs.append(acc)
-            auc = _auc(prob, y, task)
-            if auc is not None:
-                out[f"{task.name}/auc"] = auc
-        out["accuracy"] = float(np.mean(accs)) if accs else float("nan")
+            for name in METRICS:
+                value = score(name, prob, y, task.multi_label)
+                per_metric[name].append(value)
+                if value is not None:
+                    out[f"{task.name}/{name}"] = value
+        for name, values in per_metric.items():
+            out[name] = mean_score(values)
+        out["score"] = out[self.metric]
         return out
-
-
-def _auc(prob: np.ndarray, y: np.ndarray, task: Task) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    try:
-        if task.multi_label:
-            return float(roc_auc_score(y, prob, average="macro"))
-        if task.n_class == 2:
-            return float(roc_auc_score(y, prob[:, 1]))
-    except ValueError:  # a class absent from this split: AUC undefined
-        return None
-    return None
 
 
 def _to(targets: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -181,10 +179,18 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: bool = True) -> dict[str, Any]:
-    """Loss and metrics of ``model`` on ``loader`` (IPS then forward, eval mode)."""
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    amp: bool = True,
+    metric: str = "accuracy",
+    keep_predictions: bool = False,
+) -> dict[str, Any]:
+    """Loss and metrics of ``model`` on ``loader`` (IPS then forward, eval mode); ``score`` is ``metric``'s.
+    ``keep_predictions`` adds ``predictions``: ``{task: (probabilities, labels)}`` in the loader's order."""
     tasks = model.cfg.tasks
-    metrics = _Metrics(tasks)
+    metrics = _Metrics(tasks, metric)
     model.eval()
     start = time.perf_counter()
     with PeakMemory(device) as mem:
@@ -203,6 +209,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: bool
         "seconds": seconds,
         "images_per_s": metrics.n / seconds if seconds > 0 else 0.0,
         "images": metrics.n,
+        **({"predictions": metrics.predictions()} if keep_predictions else {}),
     }
 
 
@@ -212,7 +219,7 @@ class Training:
 
     model: IPSNet
     train_loader: DataLoader
-    val_loader: DataLoader
+    val_loader: DataLoader | None  # None when refitting on every non-test item
     test_loader: DataLoader
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -239,7 +246,7 @@ def setup(exp: ExperimentConfig, splits: DataSplits, device: torch.device) -> Tr
     return Training(
         model=model,
         train_loader=train_loader,
-        val_loader=make_loader(splits.val, exp.train, shuffle=False, device=device),
+        val_loader=make_loader(splits.val, exp.train, shuffle=False, device=device) if splits.val is not None else None,
         test_loader=make_loader(splits.test, exp.train, shuffle=False, device=device),
         optimizer=optimizer,
         scheduler=make_scheduler(optimizer, exp.train, len(train_loader)),

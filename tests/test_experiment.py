@@ -29,7 +29,7 @@ PACKAGE = Path(ips_search.__file__).parent
 # The pipeline, lowest first: a module may import only from its own layer or below
 LAYERS = [
     {"errors", "cli", "config", "experiment"},
-    {"data", "memory", "meter"},
+    {"data", "memory", "meter", "scores"},
     {"model"},
     {"warmstart", "space", "step", "train"},
     {"prediction", "extraction"},

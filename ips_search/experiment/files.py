@@ -29,6 +29,9 @@ LOG_FILE = "search.log"
 RESULT_FILE = "result.json"
 PARAMS_FILE = "params.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+SPLITS_FILE = "splits.csv"  # slide,patient,label,split,fold: the test set and folds every trial of a search uses
+PREDICTIONS_FILE = "test_predictions.csv"  # a trial's test-set probabilities: slide,patient,task,label,p0,p1,..
+REFERENCE_DIR = "reference"  # the full-bag (M = N) reference run, a Tune experiment of its own
 REPORT_DIR = "report"
 TRAINABLE_NAME = "train_ips"  # trial folders are train_ips_<trial id>
 CONFIRM_DIR = "confirm"  # the confirm stage's own Tune experiment (its trials.csv inside)

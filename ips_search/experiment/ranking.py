@@ -1,8 +1,9 @@
 """The ranking rule, one for the CLI summary, the report's tables and its attention maps.
 
-Completed, feasible trials by validation accuracy; ties go to lower peak memory, then to fewer trial-seconds.
-After a confirm stage, the confirmed configs come first, by their mean validation accuracy over seeds.
-Test accuracy never takes part: model selection must not see the test set.
+Completed, feasible trials by their validation score (``evaluation.metric``, the mean over the cross-validation
+folds); ties go to the lower spread over folds, then to lower peak memory, then to fewer trial-seconds. Experiments
+whose confirm stage retrained configs on their validation split (before the folds) list the confirmed configs first,
+by their mean validation score over seeds. The test set never takes part: model selection must not see it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from ips_search.experiment.record import MEMORY_METRIC, METRIC, as_bool
 from ips_search.experiment.status import Status
 
 CONFIRMED_MEAN = "confirm_val_mean"
-RANK_KEYS = ((METRIC, False), (MEMORY_METRIC, True), ("time_total_s", True))  # (column, ascending)
+SPREAD = "val_score_std"
+RANK_KEYS = ((METRIC, False), (SPREAD, True), (MEMORY_METRIC, True), ("time_total_s", True))  # (column, ascending)
 
 
 def completed(df: pd.DataFrame, feasible_only: bool = True) -> pd.DataFrame:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,9 +22,19 @@ import pandas as pd
 
 from ips_search.experiment.status import Status, trial_status
 
-METRIC = "val_accuracy"  # the objective every search maximises, and the scheduler's default metric
+# The objective every search maximises: evaluation.metric's validation score, the mean over the folds finished so far
+# (and the running fold's latest epoch), so the last report's is the mean over all K folds
+METRIC = "val_score_mean"
 # What ASHA may compare trials on at its rungs, and which way is better
-RUNG_METRICS = {"val_accuracy": "max", "val_accuracy_best": "max", "val_loss": "min"}
+RUNG_METRICS = {
+    "val_score_mean": "max",
+    "val_score": "max",
+    "val_accuracy": "max",
+    "val_accuracy_best": "max",
+    "val_loss": "min",
+}
+FOLD_SCORE = "val_score_fold"  # + k: fold k's validation score, once the fold has finished
+FOLD_SCORE_PATTERN = re.compile(rf"{FOLD_SCORE}\d+")
 MEMORY_METRIC = "peak_memory_mb"  # the second objective, and what the memory budget limits
 SEARCHED_IN_RESULT = ("memory_size", "iteration_size", "patch_size")  # M and I are derived from N: read from the result
 QUANTILE_SUFFIX = "_quantile"  # M and I are sampled as quantiles (memory_size_quantile): the value used is the column
@@ -46,11 +57,20 @@ class EpochReport:
     """One ``tune.report`` of the trainable: after every epoch, or once when a trial can't go on."""
 
     status: Status
-    epoch: int
-    val_accuracy: float
+    epoch: int  # epochs finished in the running fold
     peak_memory_mb: float
     memory_kind: str
     feasible: bool
+    val_accuracy: float | None = None  # None when refitting on every non-test item (no validation)
+    metric: str | None = None  # evaluation.metric: what val_score and test_score measure
+    folds: int | None = None  # K
+    fold: int | None = None  # the running fold, 0..K-1
+    folds_done: int | None = None
+    val_score: float | None = None  # the running fold's, this epoch
+    val_score_mean: float | None = None  # METRIC
+    val_score_std: float | None = None  # over the finished folds (two or more)
+    val_auc: float | None = None
+    val_balanced_accuracy: float | None = None
     memory_size: int | None = None  # M
     iteration_size: int | None = None  # I
     patch_size: int | None = None  # P
@@ -68,17 +88,23 @@ class EpochReport:
     train_seconds: float | None = None
     images_per_s: float | None = None
     test_accuracy: float | None = None  # after the last epoch only
+    test_score: float | None = None  # scored once, after the last fold; never ranks
+    test_auc: float | None = None
+    test_balanced_accuracy: float | None = None
     test_loss: float | None = None
     test_seconds: float | None = None
     error: str | None = None
     per_task: dict[str, float] = field(default_factory=dict)  # val_<task>/accuracy, test_<task>/auc, ...
+    fold_scores: list[float] = field(default_factory=list)  # each finished fold's validation score
 
     def to_metrics(self) -> dict[str, Any]:
         """The flat dict ``tune.report`` takes; unset fields are left out."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "per_task"}
+        nested = ("per_task", "fold_scores")
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in nested}
         out["status"] = Status(self.status).value
         out = {k: v for k, v in out.items() if v is not None}
         out.update(self.per_task)
+        out.update({f"{FOLD_SCORE}{k}": v for k, v in enumerate(self.fold_scores)})
         return out
 
 
@@ -95,9 +121,20 @@ COLUMNS: tuple[Column, ...] = (
     Column("status", "str"),
     Column("ray_status", "str"),
     # the searched parameters come here (memory_size, iteration_size, patch_size, lr, ...): see PARAM_KINDS
+    Column("metric", "str"),
+    Column("folds", "int"),
+    Column("folds_done", "int"),
+    Column("val_score_mean", "float"),
+    Column("val_score_std", "float"),
+    Column("val_score", "float"),
     Column("val_accuracy", "float"),
     Column("val_accuracy_best", "float"),  # the best epoch's, as the trainable reports it for ASHA's rungs
+    Column("val_auc", "float"),
+    Column("val_balanced_accuracy", "float"),
+    Column("test_score", "float"),
     Column("test_accuracy", "float"),
+    Column("test_auc", "float"),
+    Column("test_balanced_accuracy", "float"),
     Column("peak_memory_mb", "float"),
     Column("memory_kind", "str"),
     Column("predicted_memory_mb", "float"),
@@ -115,15 +152,27 @@ COLUMNS: tuple[Column, ...] = (
     Column("confirm_val_std", "float"),
     Column("confirm_test_mean", "float"),
     Column("confirm_test_std", "float"),
+    Column("confirm_test_ci_low", "float"),
+    Column("confirm_test_ci_high", "float"),
     Column("path", "str"),
 )
-CONFIRM_COLUMNS = ("confirm_runs", "confirm_val_mean", "confirm_val_std", "confirm_test_mean", "confirm_test_std")
+CONFIRM_COLUMNS = (
+    "confirm_runs",
+    "confirm_val_mean",
+    "confirm_val_std",
+    "confirm_test_mean",
+    "confirm_test_std",
+    "confirm_test_ci_low",
+    "confirm_test_ci_high",
+)
 COLUMN_NAMES = tuple(c.name for c in COLUMNS)
 IDENTITY = ("trial_id", "status", "ray_status")  # the columns before the parameters
 PARAM_KINDS = {"memory_size": "int", "iteration_size": "int", "patch_size": "int"}
 # Columns an older version wrote under another name (trials.csv before the record took the reported metric's name):
 # read under today's name, so an experiment written before still loads
 RENAMED = {"best_val_accuracy": "val_accuracy_best"}
+# Columns an older version did not have, read from the one that held their meaning then (one split, accuracy)
+FILLED_FROM = {"val_score_mean": "val_accuracy", "test_score": "test_accuracy"}
 # Filled from the last report, the rest from the trial's bookkeeping
 _FROM_REPORT = tuple(
     c for c in COLUMN_NAMES if c not in (*IDENTITY, *CONFIRM_COLUMNS, "val_accuracy_best", "epochs", "path")
@@ -159,6 +208,7 @@ def trial_record(
     row.update(sampled(config))
     row.update({k: last[k] for k in SEARCHED_IN_RESULT if k in last})
     row.update({k: last.get(k) for k in _FROM_REPORT})
+    row.update({k: v for k, v in last.items() if FOLD_SCORE_PATTERN.fullmatch(k)})
     row["val_accuracy_best"] = val_accuracy_best
     row["epochs"] = last.get("training_iteration", last.get("epoch"))
     row["path"] = path
@@ -185,7 +235,10 @@ def coerce(df: pd.DataFrame) -> pd.DataFrame:
     """Give each known column its type (numbers, nullable ints and booleans), adding missing ones as empty; a column
     an older version named otherwise is read under today's name (:func:`renamed`)."""
     df = renamed(df)  # a new frame: the caller's is left as it is
-    kinds = {c.name: c.kind for c in COLUMNS} | PARAM_KINDS
+    for new, old in FILLED_FROM.items():
+        if old in df and (new not in df or df[new].isna().all()):
+            df[new] = df[old]
+    kinds = {c.name: c.kind for c in COLUMNS} | PARAM_KINDS | {c: "float" for c in fold_columns(df)}
     for name in COLUMN_NAMES:
         if name not in df:
             df[name] = None
@@ -201,6 +254,12 @@ def coerce(df: pd.DataFrame) -> pd.DataFrame:
         else:
             df[name] = df[name].map(lambda v: v if isinstance(v, str) or v is None else _text(v))
     return df
+
+
+def fold_columns(df: pd.DataFrame) -> list[str]:
+    """The per-fold score columns of ``df`` (``val_score_fold0`` ..), in fold order."""
+    found = [c for c in df.columns if FOLD_SCORE_PATTERN.fullmatch(str(c))]
+    return sorted(found, key=lambda c: int(c[len(FOLD_SCORE) :]))
 
 
 def as_bool(value: Any) -> Any:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
-from ips_search.config import SEED_LIMIT, TrainConfig
+from ips_search.config import METRICS, SEED_LIMIT, EvaluationConfig, TrainConfig
 from ips_search.errors import ConfigError
 from ips_search.experiment.record import RUNG_METRICS
 
@@ -158,6 +158,28 @@ class SearchSettings:
     epochs: int = setting(
         TrainConfig.epochs, "epochs per trial (overrides the space's train.epochs)", rules=(at_least(1),), auto=True
     )
+    # a new search takes the space's evaluation section (whose defaults are EvaluationConfig's) unless a flag says
+    metric: str = setting(
+        EvaluationConfig.metric,
+        "what configs are ranked by on validation (overrides the space's evaluation.metric): auc (binary; macro "
+        "one-vs-rest for more classes), balanced_accuracy or accuracy",
+        choices=METRICS,
+        auto=True,
+    )
+    folds: int = setting(
+        EvaluationConfig.folds,
+        "patient-level cross-validation folds of the non-test slides each trial trains and validates on (overrides "
+        "the space's evaluation.folds; 1: one validation split)",
+        rules=(at_least(1),),
+        auto=True,
+    )
+    prune_margin: float = setting(
+        0.05,
+        "with folds above 1: stop a trial after a fold when its mean score over the folds so far is more than this "
+        "below the best finished trial's mean over the same folds (0: stop whenever it is below; single-objective "
+        "searches only)",
+        rules=NON_NEGATIVE,
+    )
 
     @property
     def multi_objective(self) -> bool:
@@ -272,10 +294,11 @@ def new_settings(given: Mapping[str, Any], schema: type = SearchSettings, **reso
 
 
 def trial_fixed(fixed: Mapping[str, Any], settings: SearchSettings, seed: int | None = None) -> dict[str, Any]:
-    """The space's fixed sections as every trial trains with them: the epochs and seed the settings decided (the one
-    place settings reach a trial's config). ``seed``: a confirm run's own, instead of the search's."""
+    """The space's fixed sections as every trial trains with them: the epochs, seed, metric and folds the settings
+    decided (the one place settings reach a trial's config). ``seed``: a confirm run's own, instead of the search's."""
     train = {**fixed.get("train", {}), "epochs": settings.epochs, "seed": settings.seed if seed is None else seed}
-    return {**fixed, "train": train}
+    evaluation = {**fixed.get("evaluation", {}), "metric": settings.metric, "folds": settings.folds}
+    return {**fixed, "train": train, "evaluation": evaluation}
 
 
 def trials_at_once(settings: SearchSettings, cpus: float, gpus: float | None = None) -> int:
@@ -342,9 +365,11 @@ def _type_name(hint: Any) -> str:
 
 
 def asha_rungs(settings: SearchSettings) -> list[int]:
-    """The epochs at which ASHA compares trials (grace_period * reduction_factor**k below max_t)."""
-    rungs, t = [], min(settings.grace_period, settings.epochs)
-    while t < settings.epochs:
+    """The epochs at which ASHA compares trials (grace_period * reduction_factor**k below max_t; with K folds, epochs
+    are counted over the folds one after another)."""
+    max_t = settings.epochs * settings.folds
+    rungs, t = [], min(settings.grace_period, max_t)
+    while t < max_t:
         rungs.append(t)
         t *= settings.reduction_factor
     return rungs

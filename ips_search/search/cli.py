@@ -230,8 +230,15 @@ def _main(args: argparse.Namespace) -> int:
                 f"experiment {name!r} already exists in {results_dir}; pick another --name or "
                 f"continue it with --resume {name}"
             )
+        base = space.base_config()
         settings = new_settings(
-            given, name=name, results_dir=str(results_dir), space=space.name, epochs=space.base_config().train.epochs
+            given,
+            name=name,
+            results_dir=str(results_dir),
+            space=space.name,
+            epochs=base.train.epochs,
+            metric=base.evaluation.metric,
+            folds=base.evaluation.folds,
         )
         space.fixed = trial_fixed(space.fixed, settings)
     check_local_cpus(settings, args)

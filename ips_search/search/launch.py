@@ -27,6 +27,7 @@ from ips_search.experiment.files import experiment_lock
 from ips_search.experiment.settings import trials_at_once
 from ips_search.search.confirm import run_confirm
 from ips_search.search.console import TrialProgress, terminal_only_ours
+from ips_search.search.folds import prepare_splits, splits_line
 from ips_search.search.plan import plan_lines, prepare_data
 from ips_search.search.trainable import confirm_ips, make_trainable
 from ips_search.search.tuner import make_tuner, restore_tuner
@@ -159,9 +160,12 @@ def _run(space, settings: SearchSettings, args: argparse.Namespace, resume: bool
     verbose = getattr(args, "verbose", False)
     log_path = settings.experiment_dir / LOG_FILE
     try:
+        table = prepare_splits(space, settings) if not resume else None
         if not resume:
             save_experiment(space, settings, sys.argv)
         print("\n".join(plan_lines(space, settings, gpus_auto=gpus_auto)), flush=True)
+        if table is not None:
+            print(splits_line(table, settings), flush=True)
         if not verbose:
             print(f"Ray's output: {log_path} (--verbose shows it here)", flush=True)
         if resume:

@@ -21,15 +21,20 @@ import re
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import ray
 import torch
 from ray import tune
 
 from ips_search.config import ExperimentConfig
 from ips_search.data import DataSplits, build_datasets
-from ips_search.experiment import CHECKPOINT_FILE, EpochReport, MemoryKind, SearchSettings, Status
+from ips_search.data.cohort import cohort_splits, fold_splits, test_items
+from ips_search.experiment import CHECKPOINT_FILE, PREDICTIONS_FILE, EpochReport, MemoryKind, SearchSettings, Status
 from ips_search.experiment.confirmation import RUN
 from ips_search.extraction import resolve_data
 from ips_search.prediction import estimate_memory
@@ -58,15 +63,17 @@ def _node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
-def _save_checkpoint(
-    directory: str, run: Training, epoch: int, peak_mb: float, host_rss_mb: float, best_val: float
-) -> tune.Checkpoint:
+def _save_checkpoint(directory: str, run: Training, progress: Progress, epoch: int) -> tune.Checkpoint:
     state = {
         **run.state_dict(),
         "epoch": epoch,
-        "peak_memory_mb": peak_mb,
-        "host_rss_mb": host_rss_mb,
-        "val_accuracy_best": best_val,
+        "next_fold": progress.fold,
+        "next_epoch": progress.epoch,
+        "fold_scores": list(progress.fold_scores),
+        "running_score": progress.running,
+        "peak_memory_mb": progress.peak_mb,
+        "host_rss_mb": progress.host_rss_mb,
+        "val_accuracy_best": progress.best_val,
     }
     torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
     return tune.Checkpoint.from_directory(directory)
@@ -92,7 +99,12 @@ def _one_line_reason(exc: Exception) -> str:
 
 
 def train_ips(config: dict[str, Any]) -> None:
-    """Tune trainable. ``config``: ``fixed`` (the space's fixed sections), ``max_memory_mb`` and sampled values."""
+    """Tune trainable. ``config``: ``fixed`` (the space's fixed sections), ``max_memory_mb`` and sampled values.
+
+    With ``evaluation.folds`` K > 1 the config trains K times, once per patient-level fold of the non-test items
+    (the data built once), reporting after every epoch; ``val_score_mean`` is the mean over the finished folds and
+    the running one's latest epoch, so the last report's is the K-fold mean the searcher ranks by. The test set is
+    scored once, by the last fold's model (``evaluation.refit``: by the model trained on every non-test item)."""
     exp = trial_config(config["fixed"], config)
     budget = config.get("max_memory_mb")
     cpus, gpus = _trial_resources()
@@ -104,6 +116,8 @@ def train_ips(config: dict[str, Any]) -> None:
     # cached on disk and in-process: reused actors don't rebuild it (features: extracted once, by the driver)
     data_start = time.perf_counter()
     splits = build_datasets(resolve_data(exp.data, progress=False))
+    table = cohort_splits(splits, exp.evaluation, exp.train.seed)
+    folds = fold_splits(splits, table, exp.evaluation)
     data_seconds = time.perf_counter() - data_start
     predicted = predict_peak_mb(exp, splits)
     base = {
@@ -115,83 +129,163 @@ def train_ips(config: dict[str, Any]) -> None:
         "node_id": _node_id(),
         "predicted_memory_mb": predicted,
         "data_seconds": data_seconds,
+        "metric": exp.evaluation.metric,
+        "folds": len(folds),
     }
     if budget and predicted is not None and predicted > budget:  # told to Optuna as infeasible, never trained
         return _report_stopped(base, Status.INFEASIBLE, predicted, MemoryKind.PREDICTED_CUDA.value, epoch=-1)
     # On a GPU the caching allocator's peak is exact and the first step is probed against the budget; on the CPU
     # the process's RSS is noise, so the deterministic prediction stands for the memory and RSS gets its own column
     measured = device.type == "cuda" or predicted is None
-    run = setup(exp, splits, device)
-    model = run.model
 
-    start_epoch, peak_mb, host_rss_mb, best_val = 0, 0.0, 0.0, 0.0
+    progress = Progress()
     checkpoint = tune.get_checkpoint()
+    state = None
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(directory)
-        run.load_state_dict(state)
-        start_epoch, peak_mb = state["epoch"] + 1, state["peak_memory_mb"]
-        host_rss_mb = state.get("host_rss_mb", 0.0)
-        best_val = state.get("val_accuracy_best", 0.0)
+        progress = Progress.from_state(state)
 
     def probe(step: int, mem_mb: float) -> None:
         if budget and measured and step == 0 and mem_mb > budget:
             raise OverBudgetError(mem_mb, budget)
 
-    for epoch in range(start_epoch, exp.train.epochs):
-        try:
-            train = train_one_epoch(
-                model,
-                run.train_loader,
-                run.optimizer,
-                run.scheduler,
-                exp.train,
-                device,
-                on_step=probe if epoch == start_epoch and checkpoint is None else None,
+    for fold in range(progress.fold, len(folds)):
+        run = setup(exp, folds[fold], device)
+        if state is not None and progress.epoch > 0:
+            run.load_state_dict(state)  # the checkpoint is within this fold: continue it
+        for epoch in range(progress.epoch, exp.train.epochs):
+            first = fold == 0 and epoch == 0
+            try:
+                train = train_one_epoch(
+                    run.model,
+                    run.train_loader,
+                    run.optimizer,
+                    run.scheduler,
+                    exp.train,
+                    device,
+                    on_step=probe if first else None,
+                )
+            except OverBudgetError as exc:
+                return _report_stopped(base, Status.INFEASIBLE, exc.peak_mb, _kind(device), epoch)
+            except NonFiniteLossError as exc:
+                kind = _kind(device) if measured else MemoryKind.PREDICTED_CUDA.value
+                peak = progress.peak_mb if measured else predicted
+                return _report_stopped(base, Status.NAN_LOSS, peak, kind, epoch, error=str(exc))
+            except torch.cuda.OutOfMemoryError:
+                return _report_stopped(base, Status.OUT_OF_MEMORY, math.inf, MemoryKind.CUDA.value, epoch)
+            metric = exp.evaluation.metric
+            val = None if run.val_loader is None else evaluate(run.model, run.val_loader, device, exp.train.amp, metric)
+            if device.type == "cpu":
+                progress.host_rss_mb = max(progress.host_rss_mb, train["peak_memory_mb"])
+            progress.peak_mb = max(progress.peak_mb, train["peak_memory_mb"]) if measured else predicted
+            fold_end = epoch == exp.train.epochs - 1
+            last = fold_end and fold == len(folds) - 1
+            report = EpochReport(
+                **base,
+                status=Status.COMPLETED if last else Status.RUNNING,
+                epoch=epoch + 1,
+                fold=fold,
+                train_loss=train["loss"],
+                train_accuracy=train["accuracy"],
+                peak_memory_mb=progress.peak_mb,
+                memory_kind=train["memory_kind"] if measured else MemoryKind.PREDICTED_CUDA.value,
+                host_rss_mb=progress.host_rss_mb if device.type == "cpu" else None,
+                feasible=budget is None or progress.peak_mb <= budget,
+                epoch_seconds=train["seconds"] + (val["seconds"] if val else 0.0),
+                train_seconds=train["seconds"],
+                images_per_s=train["images_per_s"],
             )
-        except OverBudgetError as exc:
-            return _report_stopped(base, Status.INFEASIBLE, exc.peak_mb, _kind(device), epoch)
-        except NonFiniteLossError as exc:
-            kind = _kind(device) if measured else MemoryKind.PREDICTED_CUDA.value
-            peak = peak_mb if measured else predicted
-            return _report_stopped(base, Status.NAN_LOSS, peak, kind, epoch, error=str(exc))
-        except torch.cuda.OutOfMemoryError:
-            return _report_stopped(base, Status.OUT_OF_MEMORY, math.inf, MemoryKind.CUDA.value, epoch)
-        val = evaluate(model, run.val_loader, device, exp.train.amp)
-        best_val = max(best_val, val["accuracy"])
-        if device.type == "cpu":
-            host_rss_mb = max(host_rss_mb, train["peak_memory_mb"])
-        peak_mb = max(peak_mb, train["peak_memory_mb"]) if measured else predicted
-        last = epoch == exp.train.epochs - 1
-        report = EpochReport(
-            **base,
-            status=Status.COMPLETED if last else Status.RUNNING,
-            epoch=epoch + 1,
-            val_accuracy=val["accuracy"],
-            val_loss=val["loss"],
-            val_accuracy_best=best_val,
-            train_loss=train["loss"],
-            train_accuracy=train["accuracy"],
-            peak_memory_mb=peak_mb,
-            memory_kind=train["memory_kind"] if measured else MemoryKind.PREDICTED_CUDA.value,
-            host_rss_mb=host_rss_mb if device.type == "cpu" else None,
-            feasible=budget is None or peak_mb <= budget,
-            epoch_seconds=train["seconds"] + val["seconds"],
-            train_seconds=train["seconds"],
-            images_per_s=train["images_per_s"],
-            per_task={f"val_{k}": v for k, v in val.items() if "/" in k},
+            if val is not None:
+                progress.validated(val, fold_end)
+                progress.fill(report, val)
+            if last:
+                test = evaluate(run.model, run.test_loader, device, exp.train.amp, metric, keep_predictions=True)
+                report.test_accuracy, report.test_loss, report.test_seconds = (
+                    test["accuracy"],
+                    test["loss"],
+                    test["seconds"],
+                )
+                report.test_score, report.test_auc = test["score"], _defined(test["auc"])
+                report.test_balanced_accuracy = _defined(test["balanced_accuracy"])
+                report.per_task.update({f"test_{k}": v for k, v in test.items() if "/" in k})
+                write_predictions(test["predictions"], test_items(table))
+            progress.fold, progress.epoch = (fold + 1, 0) if fold_end else (fold, epoch + 1)
+            with tempfile.TemporaryDirectory() as directory:
+                checkpoint_out = _save_checkpoint(directory, run, progress, epoch)
+                tune.report(report.to_metrics(), checkpoint=checkpoint_out)
+        state = None
+        progress.epoch = 0
+
+
+@dataclass
+class Progress:
+    """Where a trial stands across its folds, and what its checkpoint carries besides the model: the next fold and
+    epoch to run, each finished fold's score, the running fold's latest, and the memory and best figures so far."""
+
+    fold: int = 0
+    epoch: int = 0
+    fold_scores: list[float] = field(default_factory=list)
+    running: float | None = None
+    peak_mb: float = 0.0
+    host_rss_mb: float = 0.0
+    best_val: float = 0.0
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Progress:
+        fold, epoch = int(state.get("fold", 0)), int(state["epoch"])
+        return cls(
+            fold=int(state.get("next_fold", fold)),
+            epoch=int(state.get("next_epoch", epoch + 1)),
+            fold_scores=[float(v) for v in state.get("fold_scores", [])],
+            running=state.get("running_score"),
+            peak_mb=float(state["peak_memory_mb"]),
+            host_rss_mb=float(state.get("host_rss_mb", 0.0)),
+            best_val=float(state.get("val_accuracy_best", 0.0)),
         )
-        if last:
-            test = evaluate(model, run.test_loader, device, exp.train.amp)
-            report.test_accuracy, report.test_loss, report.test_seconds = (
-                test["accuracy"],
-                test["loss"],
-                test["seconds"],
-            )
-            report.per_task.update({f"test_{k}": v for k, v in test.items() if "/" in k})
-        with tempfile.TemporaryDirectory() as directory:
-            checkpoint_out = _save_checkpoint(directory, run, epoch, peak_mb, host_rss_mb, best_val)
-            tune.report(report.to_metrics(), checkpoint=checkpoint_out)
+
+    def validated(self, val: dict[str, Any], fold_end: bool) -> None:
+        self.best_val = max(self.best_val, val["accuracy"])
+        self.running = None if fold_end else float(val["score"])
+        if fold_end:
+            self.fold_scores.append(float(val["score"]))
+
+    def scores(self) -> list[float]:
+        """The finished folds' scores and the running fold's latest."""
+        return [*self.fold_scores, *([] if self.running is None else [self.running])]
+
+    def fill(self, report: EpochReport, val: dict[str, Any]) -> None:
+        """The validation figures of ``report``: this epoch's, and the mean and spread over folds."""
+        report.val_accuracy, report.val_loss, report.val_accuracy_best = val["accuracy"], val["loss"], self.best_val
+        report.val_score, report.val_auc = val["score"], _defined(val["auc"])
+        report.val_balanced_accuracy = _defined(val["balanced_accuracy"])
+        report.val_score_mean = float(np.mean(self.scores()))
+        report.val_score_std = float(np.std(self.fold_scores, ddof=1)) if len(self.fold_scores) > 1 else None
+        report.folds_done, report.fold_scores = len(self.fold_scores), list(self.fold_scores)
+        report.per_task.update({f"val_{k}": v for k, v in val.items() if "/" in k})
+
+
+def _defined(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def write_predictions(predictions: dict[str, tuple[np.ndarray, np.ndarray]], rows: pd.DataFrame) -> None:
+    """The test set's probabilities into the trial's folder (:data:`PREDICTIONS_FILE`): one row per test item and
+    task, ``slide, patient, task, label, p0, p1, ..`` (multi-label: ``label`` the 0/1 string, ``p<k>`` each label's),
+    for the confirm stage's interval and the report's ROC curve. Outside a Tune trial, nothing is written."""
+    try:
+        folder = Path(tune.get_context().get_trial_dir())
+    except Exception:  # noqa: BLE001 - not inside a Tune session (a test calling the trainable directly)
+        return
+    frames = []
+    for task, (prob, y) in predictions.items():
+        frame = rows[["slide", "patient"]].copy()
+        frame.insert(2, "task", task)
+        frame.insert(3, "label", ["".join(str(int(v)) for v in t) if np.ndim(t) else int(t) for t in y])
+        frames.append(pd.concat([frame, pd.DataFrame(prob, columns=[f"p{k}" for k in range(prob.shape[1])])], axis=1))
+    if frames:
+        folder.mkdir(parents=True, exist_ok=True)
+        pd.concat(frames, ignore_index=True).to_csv(folder / PREDICTIONS_FILE, index=False)
 
 
 def predict_peak_mb(exp: ExperimentConfig, splits: DataSplits) -> float | None:
@@ -212,6 +306,8 @@ def _report_stopped(base: dict, status: Status, peak_mb: float, kind: str, epoch
         status=status,
         epoch=epoch + 1,
         val_accuracy=0.0,
+        val_score=0.0,
+        val_score_mean=0.0,
         val_accuracy_best=0.0,
         val_loss=math.inf,
         peak_memory_mb=peak_mb,

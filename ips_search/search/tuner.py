@@ -40,6 +40,7 @@ from ips_search.experiment import (
     asha_rungs,
     read_experiment,
 )
+from ips_search.search.pruner import FoldPruner
 from ips_search.search.results import TrialsCsvCallback, trial_dirname
 from ips_search.space import SearchSpace, first_points, searcher_space
 
@@ -222,12 +223,14 @@ def make_scheduler(settings: SearchSettings):
     if settings.scheduler == "fifo":
         return FIFOScheduler()
     # ASHA acts on the accuracy alone; with two objectives the Pareto set is built from full-budget trials only
+    # with K folds a trial reports K * epochs times; every trial's reports line up (fold by fold, epoch by epoch)
+    max_t = settings.epochs * settings.folds
     return ASHAScheduler(
         time_attr="training_iteration",
-        max_t=settings.epochs,
+        max_t=max_t,
         metric=settings.rung_metric,
         mode=RUNG_METRICS[settings.rung_metric],
-        grace_period=min(settings.grace_period, settings.epochs),
+        grace_period=min(settings.grace_period, max_t),
         reduction_factor=settings.reduction_factor,
         brackets=settings.brackets,
     )
@@ -240,8 +243,17 @@ def make_run_config(settings: SearchSettings, verbose: int = 1) -> tune.RunConfi
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         failure_config=tune.FailureConfig(max_failures=1),
         callbacks=[TrialsCsvCallback(settings.experiment_dir / TRIALS_CSV)],
+        stop=make_pruner(settings),
         verbose=verbose,
     )
+
+
+def make_pruner(settings: SearchSettings) -> FoldPruner | None:
+    """The fold pruner of a cross-validated single-objective search (a multi-objective search keeps every trial:
+    a config below the best score may be on the Pareto front by its memory)."""
+    if settings.folds < 2 or settings.multi_objective:
+        return None
+    return FoldPruner(settings.folds, settings.prune_margin)
 
 
 def make_tuner(space: SearchSpace, settings: SearchSettings, trainable: Any, verbose: int = 1) -> tune.Tuner:
