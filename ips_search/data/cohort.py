@@ -218,12 +218,11 @@ def _join_data(table: pd.DataFrame, data: pd.DataFrame, path: Path) -> pd.DataFr
             f"splits file {path}: split {table.loc[bad, 'split'].iloc[0]!r} is not train or test; use train or test"
         )
     table.loc[table["split"] == "val", "split"] = TRAIN  # a val row is a train row with its fold
-    merged = data[["slide", "patient", "label"]].merge(table, on="slide", how="left", suffixes=("_data", ""))
+    known = data[["slide", "patient", "label"]].rename(columns={"patient": "patient_data", "label": "label_data"})
+    merged = known.merge(table, on="slide", how="left")
     for column in ("patient", "label"):
-        if column in merged:
-            merged[column] = merged[column].fillna(merged[f"{column}_data"])
-        else:
-            merged[column] = merged[f"{column}_data"]
+        given = merged[column].astype("string") if column in merged else pd.Series(pd.NA, index=merged.index)
+        merged[column] = given.fillna(merged[f"{column}_data"]).astype(str)
     return merged[list(SPLITS_COLUMNS)]
 
 

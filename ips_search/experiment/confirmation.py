@@ -16,23 +16,29 @@ SEED = "confirm_seed"
 
 
 def summarize(trials: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per confirmed config: ``trial_id`` (the search's trial) and the confirm columns.
+    """One row per confirmed config: ``trial_id`` (the search's trial) and the confirm columns (the interval
+    columns are the caller's: they need the runs' predictions).
 
-    ``runs`` are the confirm stage's trials (``confirm/trials.csv``) with ``confirm_of``; only completed runs count,
-    and the search's own completed run counts as one of them. The standard deviation is the sample one (``ddof=1``).
+    ``runs`` are the confirm stage's trials (``confirm/trials.csv``) with ``confirm_of``; only completed runs count.
+    Runs retrained on every non-test item have no validation: their test scores give the mean and the sample
+    standard deviation (``ddof=1``). Runs of an older confirm stage, which validated, are summarised as they were
+    then: the search's own run counts as one of them, and their validation mean ranks the confirmed configs.
     """
     rows = []
     done = runs[runs["status"].astype(str) == Status.COMPLETED] if not runs.empty else runs
     for source in runs[SOURCE].dropna().astype(str).unique() if SOURCE in runs else []:
-        own = trials[trials["trial_id"].astype(str) == source]
         mine = done[done[SOURCE].astype(str) == source]
-        both = pd.concat([own[own["status"].astype(str) == Status.COMPLETED], mine])
-        val = pd.to_numeric(both[METRIC], errors="coerce").dropna()
-        test = pd.to_numeric(both.get("test_accuracy", pd.Series(dtype=float)), errors="coerce").dropna()
+        validated = METRIC in mine and pd.to_numeric(mine[METRIC], errors="coerce").notna().any()
+        if validated:
+            own = trials[trials["trial_id"].astype(str) == source]
+            mine = pd.concat([own[own["status"].astype(str) == Status.COMPLETED], mine])
+        val = pd.to_numeric(mine[METRIC], errors="coerce").dropna() if validated else pd.Series(dtype=float)
+        score = "test_score" if "test_score" in mine and mine["test_score"].notna().any() else "test_accuracy"
+        test = pd.to_numeric(mine.get(score, pd.Series(dtype=float)), errors="coerce").dropna()
         rows.append(
             {
                 "trial_id": source,
-                "confirm_runs": len(val),
+                "confirm_runs": len(mine),
                 "confirm_val_mean": val.mean() if len(val) else None,
                 "confirm_val_std": val.std(ddof=1) if len(val) > 1 else 0.0 if len(val) else None,
                 "confirm_test_mean": test.mean() if len(test) else None,

@@ -1,11 +1,12 @@
-"""The confirm stage (``--confirm K``): after the search, the best configs are trained again with K more seeds.
+"""The confirm stage (``--confirm K``): the best configs retrained on every non-test slide with K more seeds.
 
-One validation accuracy over a few hundred images decides between configs a point apart, which one seed's luck can
-flip. The confirm stage runs the top ``confirm_top`` configs (by the ranking rule) again with seeds
-``seed + 1 .. seed + K`` as trials of their own Tune experiment in ``<experiment>/confirm/`` (on the dashboard,
-resumable like the search), then writes each config's mean and standard deviation over its runs (the search's own
-included) into ``confirm.csv``, ``trials.csv`` and the Optuna study's user attributes; the ranking rule then picks the
-winner by the mean.
+The search chose by validation (the mean over its folds); what a paper reports is the chosen config's test score,
+with its uncertainty. The confirm stage trains the top ``confirm_top`` configs (by the ranking rule) again on all
+non-test items (``evaluation.refit``: no validation) with seeds ``seed + 1 .. seed + K``, as trials of their own Tune
+experiment in ``<experiment>/confirm/`` (on the dashboard, resumable like the search); each run scores the held-out
+test set once. ``confirm.csv``, ``trials.csv`` and the Optuna study's user attributes get each config's test mean and
+standard deviation over its runs and a bootstrap 95% interval that resamples test patients
+(:func:`ips_search.scores.bootstrap_interval`). The test figures never change the ranking.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from ips_search.experiment import (
     CONFIRM_DIR,
     JOURNAL_FILE,
     PARAMS_FILE,
+    PREDICTIONS_FILE,
     TRIALS_CSV,
     SearchSettings,
+    Status,
     attach,
     coerce,
     rank,
@@ -35,6 +38,7 @@ from ips_search.experiment import (
 )
 from ips_search.experiment.confirmation import RUN, SEED, SOURCE
 from ips_search.experiment.settings import trial_fixed
+from ips_search.scores import bootstrap_interval
 from ips_search.search.results import TrialsCsvCallback, trial_dirname
 
 
@@ -46,6 +50,7 @@ def confirm_runs(settings: SearchSettings, trials: pd.DataFrame) -> list[dict[st
         for seed in confirm_seeds(settings):
             run = copy.deepcopy(config)  # each run its own config: Tune may change one in place
             run["fixed"] = trial_fixed(config["fixed"], settings, seed=seed)
+            run["fixed"]["evaluation"] = {**run["fixed"]["evaluation"], "refit": True}
             run[SOURCE], run[SEED] = str(row["trial_id"]), seed
             runs.append(run)
     return runs
@@ -117,12 +122,27 @@ def run_confirm(settings: SearchSettings, trainable: Any) -> pd.DataFrame:
     return record(settings, trials)
 
 
+def intervals(summary: pd.DataFrame, runs: pd.DataFrame, metric: str) -> dict[str, list[float | None]]:
+    """Each confirmed config's bootstrap 95% interval of its runs' mean test score (patients resampled), from the
+    runs' ``test_predictions.csv``; None where no run left predictions."""
+    low, high = [], []
+    done = runs[runs["status"].astype(str) == Status.COMPLETED] if not runs.empty else runs
+    for source in summary["trial_id"].astype(str):
+        paths = [Path(str(p)) / PREDICTIONS_FILE for p in done.loc[done[SOURCE].astype(str) == source, "path"]]
+        tables = [pd.read_csv(p, dtype={"label": str, "slide": str, "patient": str}) for p in paths if p.is_file()]
+        bounds = bootstrap_interval(tables, metric) if tables else (None, None)
+        low.append(bounds[0])
+        high.append(bounds[1])
+    return {"confirm_test_ci_low": low, "confirm_test_ci_high": high}
+
+
 def record(settings: SearchSettings, trials: pd.DataFrame) -> pd.DataFrame:
     """Write the confirm figures to ``confirm.csv``, into ``trials.csv`` and into the study's user attributes."""
     folder = settings.experiment_dir
     runs = pd.read_csv(folder / CONFIRM_DIR / TRIALS_CSV, dtype={"trial_id": str, SOURCE: str})
     summary = summarize(trials, runs)
-    summary.to_csv(folder / CONFIRM_CSV, index=False)
+    summary = summary.assign(**intervals(summary, runs, settings.metric))
+    summary.assign(metric=settings.metric).to_csv(folder / CONFIRM_CSV, index=False)
     merged = attach(trials, summary)
     tmp = folder / f"{TRIALS_CSV}.tmp"
     merged.to_csv(tmp, index=False)

@@ -15,6 +15,7 @@ from ips_search.errors import ConfigError
 from ips_search.experiment import (
     CONFIRM_DIR,
     LOG_FILE,
+    METRIC,
     TRIALS_CSV,
     SearchSettings,
     best,
@@ -24,6 +25,7 @@ from ips_search.experiment import (
     write_experiment,
 )
 from ips_search.experiment.files import experiment_lock
+from ips_search.experiment.ranking import SPREAD
 from ips_search.experiment.settings import trials_at_once
 from ips_search.search.confirm import run_confirm
 from ips_search.search.console import TrialProgress, terminal_only_ours
@@ -247,19 +249,32 @@ def print_summary(settings: SearchSettings) -> None:
             f"best: patch_size={top.get('patch_size')} memory_size={top.get('memory_size')} "
             f"iteration_size={top.get('iteration_size')} lr={lr:.2e}"
         )
+        metric = str(top.get("metric") or settings.metric)
+        spread = f" ± {top[SPREAD]:.4f} over {top['folds']} folds" if pd.notna(top.get(SPREAD)) else ""
         print(
-            f"      val accuracy {top['val_accuracy']:.4f}, test accuracy {top['test_accuracy']:.4f}, "
-            f"peak memory {top['peak_memory_mb']:.0f} MB ({top['memory_kind']})"
+            f"      val {metric} {top[METRIC]:.4f}{spread}, test {metric} {top['test_score']:.4f} (held out: never "
+            f"used to choose), peak memory {top['peak_memory_mb']:.0f} MB ({top['memory_kind']})"
         )
-        if pd.notna(top.get("confirm_val_mean")):
+        if pd.notna(top.get("confirm_val_mean")):  # an older confirm stage, which validated
             print(
-                f"      confirmed over {top['confirm_runs']} seeds: val accuracy {top['confirm_val_mean']:.4f} "
-                f"± {top['confirm_val_std']:.4f}, test accuracy {top['confirm_test_mean']:.4f} "
+                f"      confirmed over {top['confirm_runs']} seeds: val {metric} {top['confirm_val_mean']:.4f} "
+                f"± {top['confirm_val_std']:.4f}, test {metric} {top['confirm_test_mean']:.4f} "
                 f"± {top['confirm_test_std']:.4f}"
+            )
+        elif pd.notna(top.get("confirm_test_mean")):
+            interval = (
+                f", 95% interval [{top['confirm_test_ci_low']:.4f}, {top['confirm_test_ci_high']:.4f}] (patients "
+                "resampled)"
+                if pd.notna(top.get("confirm_test_ci_low"))
+                else ""
+            )
+            print(
+                f"      retrained on every non-test slide with {top['confirm_runs']} seeds: test {metric} "
+                f"{top['confirm_test_mean']:.4f} ± {top['confirm_test_std']:.4f}{interval}"
             )
         if settings.multi_objective:
             front = pareto_front(df)
-            print("Pareto set (val accuracy vs peak memory, full-budget trials):")
-            cols = ["trial_id", "patch_size", "memory_size", "iteration_size", "val_accuracy", "peak_memory_mb"]
+            print(f"Pareto set (val {metric} vs peak memory, full-budget trials):")
+            cols = ["trial_id", "patch_size", "memory_size", "iteration_size", METRIC, "peak_memory_mb"]
             print(front[[c for c in cols if c in front]].to_string(index=False))
     print(f"report: python -m ips_search.report {settings.experiment_dir}")
