@@ -30,6 +30,7 @@ from ips_search.experiment import (
     trial_status,
 )
 from ips_search.report.axes import param_columns
+from ips_search.report.selection import typed_scores, with_scores
 from ips_search.report.sources import CURVE_COLUMNS, RayTrialState, TrialFolder
 from ips_search.report.sources.ray_state import NOT_STARTED
 
@@ -119,6 +120,7 @@ def tidy(rows: list[dict[str, Any]], space: dict[str, Any]) -> pd.DataFrame:
     if df.empty:
         return df
     df = coerce(df)  # early on, no trial has reported some columns: they are added empty
+    df = with_scores(typed_scores(df))  # before cross-validation, val_accuracy is the score
     front = [*IDENTITY, *param_columns(df, space)]
     rest = [c for c in METRIC_COLUMNS if c in df]
     others = [c for c in df.columns if c not in front and c not in rest and c not in TRAILING]

@@ -6,8 +6,9 @@ experiment that goes into it, and only as data: a JSON document inside a Python
 string literal (``json.dumps`` twice, ASCII-only), decoded with ``json.loads`` at
 run time. A path or trial name that looks like code stays a string.
 
-It opens with what a team reads: the best configuration, accuracy against peak memory and the Pareto set; the
-settings, the other tables and plots follow. The set-up cell (imports, the path) prints nothing and is folded in
+It opens with what a team reads: the best configuration and the confirm stage's test figures, accuracy against peak
+memory and the Pareto set, the top trials' per-fold scores and the chosen config's ROC curve; the settings, the
+other tables and plots follow. The set-up cell (imports, the path) prints nothing and is folded in
 Jupyter; ``report.html`` shows outputs only, without code.
 """
 
@@ -59,6 +60,10 @@ from ips_search.report import (
     attention_or_note,
     best_config_markdown,
     budget_table,
+    chosen_predictions,
+    confirm_markdown,
+    fold_table,
+    folds_markdown,
     load_experiment,
     param_importances,
     parameter_effects,
@@ -68,6 +73,8 @@ from ips_search.report import (
     plot_importance,
     plot_learning_curves,
     plot_parameters,
+    plot_roc,
+    reference_markdown,
     status_counts,
     top_trials,
 )
@@ -88,19 +95,42 @@ HIDE = ["path", "node_ip"]  # long, and in all_trials.csv"""
 # What a team reads first: the best configuration, accuracy against memory and the Pareto set; then the rest.
 CELLS = [
     ("setup", SETUP),
-    ("code", "display(Markdown(best_config_markdown(df, exp.max_memory_mb, heading='#', search=exp.name)))"),
+    (
+        "code",
+        "display(Markdown(best_config_markdown(df, exp.max_memory_mb, heading='#', search=exp.name)\n"
+        "                 + '\\n' + confirm_markdown(exp.confirm, ev=exp.evaluation)))",
+    ),
     (
         "md",
-        "## Accuracy vs peak memory\n\nEvery trial by status; the line is the Pareto front of completed feasible "
-        "trials, the dashed line the memory budget.",
+        "## Accuracy vs peak memory\n\nEvery trial by status, with ± one standard deviation over the folds when "
+        "there are several; the line is the Pareto front of completed feasible trials, the dashed line the memory "
+        "budget, the star the full-bag reference run (M = N) when there is one.",
     ),
-    ("code", "plot_accuracy_vs_memory(df, exp.max_memory_mb)"),
+    (
+        "code",
+        "if not exp.reference.empty:\n"
+        "    display(Markdown(reference_markdown(exp.reference, df)))\n"
+        "plot_accuracy_vs_memory(df, exp.max_memory_mb, reference=exp.reference)",
+    ),
     (
         "md",
         "### The Pareto set\n\nCompleted feasible trials that no other trial beats on both validation accuracy and "
         "peak memory.",
     ),
     ("code", "pareto_front(df).drop(columns=HIDE, errors='ignore')"),
+    ("code", "display(Markdown(folds_markdown(fold_table(df, 10), exp.evaluation)))"),
+    (
+        "md",
+        "## ROC curve of the chosen config on the test set\n\nFrom `test_predictions.csv`: the chosen config's "
+        "confirm runs, one curve per seed, or the chosen trial's own run; binary tasks by the positive class `p1`, "
+        "multi-class tasks one-vs-rest per class and their macro average.",
+    ),
+    (
+        "code",
+        "chosen = chosen_predictions(exp)  # chosen.note: why there are no predictions (one line)\n"
+        "if chosen.note:\n    print('note: ROC curve:', chosen.note)\n"
+        "plot_roc(chosen.frames, chosen.source) if chosen.frames else None",
+    ),
     (
         "md",
         "## The search\n\nIterative Patch Selection (Bergner et al., ICLR 2023): a search over memory size M, "

@@ -15,6 +15,8 @@ from typing import Any
 from ips_search.errors import ConfigError
 from ips_search.report.importance import param_importances
 from ips_search.report.load import Experiment, load_experiment
+from ips_search.report.predictions import chosen_predictions
+from ips_search.report.selection import fold_table
 from ips_search.report.sources import read_study
 from ips_search.report.tables import build_tables
 
@@ -24,6 +26,7 @@ PLOT_FILES = {
     "learning_curves": "learning_curves.png",
     "importance": "importance.png",
     "attention": "attention.png",
+    "roc": "roc.png",
 }
 
 
@@ -89,6 +92,8 @@ def _write_into(
     notes = list(exp.notes)
     df = exp.trials
     tables = build_tables(df, exp.max_memory_mb, top=top, budgets=budgets)
+    tables["folds"] = fold_table(df, top)  # empty with one validation split
+    tables["confirmed"] = exp.confirm  # confirm.csv with each config's M, I, P, lr; empty without a confirm stage
     study, journal_note = read_study(exp.path)
     if journal_note:
         notes.append(journal_note)
@@ -100,12 +105,19 @@ def _write_into(
     say("tables written")
 
     figures = {
-        "accuracy_vs_memory": lambda: plots.plot_accuracy_vs_memory(df, exp.max_memory_mb),
+        "accuracy_vs_memory": lambda: plots.plot_accuracy_vs_memory(df, exp.max_memory_mb, reference=exp.reference),
         "parameters": lambda: plots.plot_parameters(df),
         "learning_curves": lambda: plots.plot_learning_curves(exp.curves, df, top=5),
     }
     if not importances.empty:
         figures["importance"] = lambda: plots.plot_importance(importances)
+    chosen = chosen_predictions(exp)
+    roc = plots.roc_data(chosen.frames, chosen.source)
+    if chosen.note or roc.message:  # nothing to draw: one line says why, the rest of the report goes on
+        notes.append(f"ROC curve: {chosen.note or roc.message}")
+    else:
+        figures["roc"] = lambda: plots.draw_roc(roc)
+        notes += [f"ROC curve: not drawn for {why}" for why in roc.skipped]
     for name, make in figures.items():
         try:
             files[PLOT_FILES[name]] = _save(make(), out / PLOT_FILES[name])

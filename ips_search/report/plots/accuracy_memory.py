@@ -1,5 +1,10 @@
 """Accuracy against peak memory: every trial by status, the Pareto front of full-budget trials, the budget line.
 
+The y axis is the score configs were ranked by: the chosen metric's mean over the patient-level folds, each point
+with an error bar of plus and minus its standard deviation over the folds (when there are several), or, for an
+experiment from before cross-validation, the last epoch's validation accuracy. The full-bag reference run (M = N, no
+patch selection) is a star of its own with its error bar: what IPS's memory saving costs.
+
 The front's points are labelled with their config. Front points often sit close together (configs that differ only
 in M or the learning rate cost the same memory), so each label is placed where it overlaps no other label and no
 front marker, trying a ring of offsets around its point; a label set away from its point gets a leader line.
@@ -16,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.text import Annotation, Text
 from matplotlib.transforms import Bbox
 
-from ips_search.experiment import MEMORY_METRIC, METRIC, Status, as_bool, pareto_front
+from ips_search.experiment import MEMORY_METRIC, Status, as_bool, pareto_front
 from ips_search.report.axes import describe
 from ips_search.report.plots.style import (
     STATUS_STYLE,
@@ -30,8 +35,11 @@ from ips_search.report.plots.style import (
     style_of,
     wide,
 )
+from ips_search.report.selection import SCORE, SCORE_STD, evaluation_of, with_scores
+from ips_search.report.sources import REFERENCE_LABEL
 
 TITLE = "Validation accuracy vs peak memory"
+REFERENCE_STYLE = MarkerStyle("*", "black", REFERENCE_LABEL)
 FRONT_MEANING = "Pareto front: no other trial is as accurate with less memory (up and left is better)"
 ANNOTATED = 8  # front points labelled with their M, I, P, lr
 FRONT_COLOR = "tab:purple"
@@ -52,6 +60,7 @@ class StatusPoints:
     trial_ids: tuple[str, ...]
     memory_mb: tuple[float, ...]
     accuracy: tuple[float, ...]
+    spread: tuple[float, ...] = ()  # each point's standard deviation over the folds (nan: unknown); () none drawn
 
     @property
     def style(self) -> MarkerStyle:
@@ -60,6 +69,18 @@ class StatusPoints:
     @property
     def label(self) -> str:
         return f"{self.style.label} ({len(self.trial_ids)})"
+
+
+@dataclass(frozen=True)
+class ReferencePoint:
+    """The full-bag reference run (M = N), as drawn: its memory, score and spread over the folds (nan: none)."""
+
+    trial_id: str
+    memory_mb: float
+    accuracy: float
+    spread: float = float("nan")
+    n_patches: float = float("nan")  # N, when the run reported it
+    label: str = REFERENCE_LABEL
 
 
 @dataclass(frozen=True)
@@ -80,14 +101,31 @@ class AccuracyMemoryPlot:
     x_values: tuple[float, ...] = ()  # every memory value on the axis, budget included: where ticks go
     shown: int = 0
     trials: int = 0
+    reference: ReferencePoint | None = None
     message: str | None = None
 
 
 def accuracy_vs_memory_data(
-    df: pd.DataFrame, max_memory_mb: float | None = None, y: str = METRIC, title: str | None = None
+    df: pd.DataFrame,
+    max_memory_mb: float | None = None,
+    y: str | None = None,
+    title: str | None = None,
+    reference: pd.DataFrame | None = None,
 ) -> AccuracyMemoryPlot:
-    """The points, front and budget line of :func:`plot_accuracy_vs_memory`, computed without drawing."""
-    title = title or TITLE
+    """The points, front, budget line and reference run of :func:`plot_accuracy_vs_memory`, computed without drawing.
+
+    ``y``: the column on the y axis (default: the score configs were ranked by, ``val_score_mean``, which is the
+    validation accuracy for an experiment from before cross-validation); ``reference``: the full-bag reference run's
+    trials (``Experiment.reference``).
+    """
+    df = with_scores(df)
+    y = y or SCORE
+    evaluation = evaluation_of(df)
+    ranked_by_score = y == SCORE
+    if title is None:
+        title = (
+            TITLE if evaluation.legacy or not ranked_by_score else f"Validation {evaluation.metric_name} vs peak memory"
+        )
     if df.empty or MEMORY_METRIC not in df or y not in df:
         return AccuracyMemoryPlot(title, message="no trial has reported yet", trials=len(df))
     shown = df[np.isfinite(numeric(df[MEMORY_METRIC])) & np.isfinite(numeric(df[y]))]
@@ -95,6 +133,7 @@ def accuracy_vs_memory_data(
         return AccuracyMemoryPlot(title, message="no trial has reported memory and accuracy yet", trials=len(df))
     statuses = shown["status"].map(as_status) if "status" in shown else pd.Series(Status.COMPLETED, shown.index)
     over = (statuses == Status.COMPLETED) & _infeasible(shown)
+    spread = ranked_by_score and evaluation.cross_validated and SCORE_STD in shown
     points = []
     for status in STATUS_STYLE:
         for over_budget in (False, True) if status == Status.COMPLETED else (False,):
@@ -107,28 +146,60 @@ def accuracy_vs_memory_data(
                         tuple(sub["trial_id"].astype(str)) if "trial_id" in sub else ("",) * len(sub),
                         tuple(numeric(sub[MEMORY_METRIC])),
                         tuple(numeric(sub[y])),
+                        tuple(numeric(sub[SCORE_STD])) if spread else (),
                     )
                 )
     front = pareto_front(df, y=y)
-    memory = np.append(numeric(shown[MEMORY_METRIC]), max_memory_mb or np.nan)
+    ref = reference_point(reference, y, spread)
+    memory = np.append(numeric(shown[MEMORY_METRIC]), [max_memory_mb or np.nan, ref.memory_mb if ref else np.nan])
     front_memory = tuple(numeric(front[MEMORY_METRIC]))
     log_x = wide(memory)
     return AccuracyMemoryPlot(
         title=title,
         x_label=memory_label(shown) + (", log scale" if log_x else ""),
-        y_label="validation accuracy (last epoch)" if y == METRIC else y.replace("_", " "),
+        y_label=evaluation.score_label if ranked_by_score else y.replace("_", " "),
         points=tuple(points),
         front_ids=tuple(front["trial_id"].astype(str)) if "trial_id" in front else (),
         front_memory_mb=front_memory,
         front_accuracy=tuple(numeric(front[y])),
         front_notes=tuple(describe(row) for _, row in front.head(ANNOTATED).iterrows()),
-        front_until=max(float(np.nanmax(memory[:-1])) * 1.05, front_memory[-1]) if front_memory else None,
+        front_until=max(float(np.nanmax(numeric(shown[MEMORY_METRIC]))) * 1.05, front_memory[-1])
+        if front_memory
+        else None,
         budget_mb=float(max_memory_mb) if max_memory_mb else None,
         log_x=log_x,
         x_values=tuple(float(v) for v in memory if np.isfinite(v)),
         shown=len(shown),
         trials=len(df),
+        reference=ref,
     )
+
+
+def reference_point(reference: pd.DataFrame | None, y: str = SCORE, spread: bool = True) -> ReferencePoint | None:
+    """The reference run's point: its row with a memory and a ``y`` (a completed one first), or ``None``."""
+    if reference is None or reference.empty or MEMORY_METRIC not in reference:
+        return None
+    ref = with_scores(reference)
+    if y not in ref:
+        return None
+    ref = ref[np.isfinite(numeric(ref[MEMORY_METRIC])) & np.isfinite(numeric(ref[y]))]
+    if ref.empty:
+        return None
+    done = ref[ref["status"].astype(str) == Status.COMPLETED] if "status" in ref else ref
+    row = (done if not done.empty else ref).iloc[0]
+    std = row.get(SCORE_STD) if spread and y == SCORE else None
+    return ReferencePoint(
+        trial_id=str(row.get("trial_id", "")),
+        memory_mb=float(row[MEMORY_METRIC]),
+        accuracy=float(row[y]),
+        spread=_number(std),
+        n_patches=_number(row.get("n_patches")),
+    )
+
+
+def _number(value: object) -> float:
+    number = pd.to_numeric(pd.Series([value]), errors="coerce").iloc[0]
+    return float(number) if pd.notna(number) else float("nan")
 
 
 def _infeasible(df: pd.DataFrame) -> pd.Series:
@@ -145,6 +216,18 @@ def draw_accuracy_vs_memory(data: AccuracyMemoryPlot, annotate: bool = True) -> 
     ax = fig.add_subplot()
     for group in data.points:
         style = group.style
+        if group.spread:  # +- one standard deviation over the folds, behind the markers
+            ax.errorbar(
+                group.memory_mb,
+                group.accuracy,
+                yerr=np.nan_to_num(np.asarray(group.spread, dtype=float)),
+                fmt="none",
+                ecolor=style.color,
+                elinewidth=0.9,
+                capsize=2.5,
+                alpha=0.6,
+                zorder=2.5,
+            )
         ax.scatter(
             group.memory_mb,
             group.accuracy,
@@ -176,6 +259,22 @@ def draw_accuracy_vs_memory(data: AccuracyMemoryPlot, annotate: bool = True) -> 
             edgecolors=FRONT_COLOR,
             linewidths=1.6,
             zorder=4,
+        )
+    if data.reference is not None:
+        ref = data.reference
+        ax.errorbar(
+            [ref.memory_mb],
+            [ref.accuracy],
+            yerr=None if np.isnan(ref.spread) else [ref.spread],
+            fmt=REFERENCE_STYLE.marker,
+            markersize=13,
+            color=REFERENCE_STYLE.color,
+            markerfacecolor="gold",
+            ecolor=REFERENCE_STYLE.color,
+            elinewidth=1.2,
+            capsize=3.5,
+            label=ref.label,
+            zorder=5,
         )
     if data.budget_mb:
         ax.axvline(
@@ -270,9 +369,13 @@ def _overlap(a: Bbox, b: Bbox) -> float:
 def plot_accuracy_vs_memory(
     df: pd.DataFrame,
     max_memory_mb: float | None = None,
-    y: str = METRIC,
+    y: str | None = None,
     annotate: bool = True,
     title: str | None = None,
+    reference: pd.DataFrame | None = None,
 ) -> Figure:
-    """Accuracy against peak memory of every trial, the Pareto front of full-budget trials, the budget line."""
-    return draw_accuracy_vs_memory(accuracy_vs_memory_data(df, max_memory_mb, y, title), annotate=annotate)
+    """The score against peak memory of every trial (with its spread over the folds), the Pareto front of
+    full-budget trials, the budget line, and the full-bag reference run (``reference``, M = N) when given."""
+    return draw_accuracy_vs_memory(
+        accuracy_vs_memory_data(df, max_memory_mb, y, title, reference=reference), annotate=annotate
+    )

@@ -14,6 +14,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 from ips_search.experiment import MEMORY_METRIC, METRIC, Status
 from ips_search.report.axes import AXES, AxisSpec, axis_spec, param_columns
 from ips_search.report.plots.style import empty, figure, memory_label, metric_label, numeric, plain_log_ticks, wide
+from ips_search.report.selection import SCORE, evaluation_of, with_scores
 
 TITLE = "Validation accuracy by parameter"
 FEW_VALUES = 8  # up to this many distinct values: each is a tick, and whole-number ones get a mean line
@@ -53,6 +54,7 @@ class ParametersPlot:
 
 def parameters_data(df: pd.DataFrame, y: str = METRIC, params: list[str] | None = None) -> ParametersPlot:
     """The panels of :func:`plot_parameters`, computed without drawing."""
+    df = with_scores(df)
     params = params or [p for p in param_columns(df) if p in AXES] or param_columns(df)
     if df.empty or y not in df or not params:
         return ParametersPlot(TITLE, message="no trial has reported yet")
@@ -66,7 +68,7 @@ def parameters_data(df: pd.DataFrame, y: str = METRIC, params: list[str] | None 
     panels = tuple(_panel(axis_spec(name), numeric(data[name]), ys, mem, completed) for name in params)
     return ParametersPlot(
         title=TITLE,
-        y_label=metric_label(y),
+        y_label=evaluation_of(df).score_label if y == SCORE else metric_label(y),
         panels=panels,
         memory_range=(float(finite_mem.min()), float(finite_mem.max())) if len(finite_mem) else None,
         memory_log=wide(finite_mem),

@@ -13,7 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-from ips_search.experiment import METRIC, PARAMS_FILE, REPORT_DIR, RESULT_FILE, TRAINABLE_NAME, best_of, trial_record
+from ips_search.experiment import PARAMS_FILE, REPORT_DIR, RESULT_FILE, TRAINABLE_NAME, best_of, trial_record
+from ips_search.report.selection import is_selection_column
 from ips_search.report.sources.json_files import read_json, read_json_lines
 
 CURVE_COLUMNS = [
@@ -70,10 +71,11 @@ def read_trial_folder(path: str | Path) -> TrialFolder:
         trial_id=trial_id,
         ray_status=None,
         config=read_json(path / PARAMS_FILE),
-        val_accuracy_best=best_of([r.get(METRIC) for r in results]),
+        val_accuracy_best=best_of([r.get("val_accuracy") for r in results]),  # the record's best epoch, as before
         path=str(path),
     )
     del row["status"], row["ray_status"]  # the merge decides them, with Ray's status from trials.csv or its state
+    row.update(_selection(results, row))
     curve = pd.DataFrame(
         [
             {
@@ -87,6 +89,15 @@ def read_trial_folder(path: str | Path) -> TrialFolder:
     return TrialFolder(
         path=path, trial_id=trial_id, row=row, last=last, curve=curve, has_params=(path / PARAMS_FILE).is_file()
     )
+
+
+def _selection(results: list[dict[str, Any]], row: dict[str, Any]) -> dict[str, Any]:
+    """The cross-validation columns the row lacks, each its newest value over the reports: a fold's score stays
+    known after later reports (a failed or pruned fold, the test epoch) leave it out."""
+    found: dict[str, Any] = {}
+    for report in results:
+        found.update({k: v for k, v in report.items() if v is not None and is_selection_column(k)})
+    return {k: v for k, v in found.items() if row.get(k) is None}
 
 
 def _trial_id(folder: Path, results: list[dict[str, Any]]) -> str:
