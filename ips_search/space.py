@@ -16,7 +16,9 @@ M and I depend on the patch count N, which depends on P. So the define-by-run
 space (:func:`define_space`) samples P first, then M and I as *quantiles* of their
 feasible ranges (``M in [low, min(high, N - 1)]``, ``I in [low, min(high, N - M)]``,
 on a log scale when asked): the sampler sees fixed ``[0, 1]`` distributions it can
-model jointly with P, and every config satisfies ``M < N`` and ``I <= N - M``.
+model jointly with P, and every config satisfies ``M < N`` and ``I <= N - M``. A space that searches no M but runs
+under a memory budget gets an M range from the driver (:func:`ips_search.search.plan.budget_memory_range`): up to the
+largest M predicted to fit at each P, kept per P in ``memory_highs``.
 
 Paths in a space (``data``'s ``root``, ``manifest``, ``cache_dir``, ``slides_root``, the same keys of
 ``data.extract.from``, and a TorchScript file named by ``data.extract.encoder``) are resolved once, when the space
@@ -91,6 +93,10 @@ class SearchSpace:
     # N per patch size of datasets whose N comes from their files (slides, features): the smallest N of any item,
     # known once the driver has built the data (plan.prepare_data); saved with the space
     patch_counts: dict[int, int] = field(default_factory=dict)
+    # per patch size, the largest M the memory budget fits (:func:`ips_search.search.plan.budget_memory_range`, run
+    # once by the driver when the space searches no M of its own); saved with the space, so trials and a resume
+    # sample the same range. 0: not even the smallest M fits at that patch size
+    memory_highs: dict[int, int] = field(default_factory=dict)
 
     def base_config(self) -> ExperimentConfig:
         return experiment_config(self.fixed)
@@ -134,6 +140,7 @@ class SearchSpace:
             "search": {k: _param_to_dict(p) for k, p in self.params.items()},
             "first": self.first,
             **({"patch_counts": {str(k): v for k, v in self.patch_counts.items()}} if self.patch_counts else {}),
+            **({"memory_highs": {str(k): v for k, v in self.memory_highs.items()}} if self.memory_highs else {}),
         }
 
 
@@ -231,7 +238,7 @@ def saved_space(saved: Any) -> SearchSpace:
 
 def _space_from_mapping(raw: dict[str, Any], where: str, name: str, path: str | None) -> SearchSpace:
     """Validate a space's sections (a space file's top level) and build it; every problem is one ConfigError."""
-    unknown = set(raw) - {"data", "model", "train", "search", "first", "description", "patch_counts"}
+    unknown = set(raw) - {"data", "model", "train", "search", "first", "description", "patch_counts", "memory_highs"}
     if unknown:
         raise ConfigError(
             f"unknown section(s) {', '.join(sorted(map(str, unknown)))} in {where}; "
@@ -258,6 +265,7 @@ def _space_from_mapping(raw: dict[str, Any], where: str, name: str, path: str | 
     first = [{k: resolve_path(v) if k in PATH_FIELDS else v for k, v in point.items()} for point in first]
     space = SearchSpace(name, fixed, params, first, str(raw.get("description", "")), path)
     space.patch_counts = _patch_counts(raw.get("patch_counts"), where)
+    space.memory_highs = _patch_counts(raw.get("memory_highs"), where, "memory_highs", "largest memory sizes")
     validate_space(space, where)
     first_points(space)  # 'first' configs must fit their ranges: checked before Ray starts
     return space
@@ -288,13 +296,14 @@ def resolve_data_paths(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _patch_counts(raw: Any, where: str) -> dict[int, int]:
+def _patch_counts(raw: Any, where: str, key: str = "patch_counts", what: str = "patch counts") -> dict[int, int]:
+    """A saved mapping of patch sizes to whole numbers (``patch_counts``: N; ``memory_highs``: the top M)."""
     if raw is None:
         return {}
     try:
         counts = {int(k): int(v) for k, v in dict(raw).items()}
     except (TypeError, ValueError):
-        raise ConfigError(f"'patch_counts' in {where} must map patch sizes to patch counts") from None
+        raise ConfigError(f"'{key}' in {where} must map patch sizes to {what}") from None
     return counts
 
 
@@ -347,12 +356,17 @@ def _quantile(p: Param, value: float, low: float, high: float) -> float:
     return (value - low) / (high - low)
 
 
-def memory_iteration_ranges(space: SearchSpace, n: int, memory_size: int | None = None):
-    """Feasible ``(low, high)`` of M for N patches, and of I once M is known (a fixed value when not searched)."""
+def memory_iteration_ranges(space: SearchSpace, n: int, memory_size: int | None = None, patch_size: int | None = None):
+    """Feasible ``(low, high)`` of M for N patches, and of I once M is known (a fixed value when not searched).
+
+    ``patch_size``: where the space holds the memory budget's top M for it (``memory_highs``), M stays at or below
+    that too (at ``low`` where not even the smallest M fits: those trials are marked infeasible)."""
     m, i = space.params.get("memory_size"), space.params.get("iteration_size")
     model = space.fixed.get("model", {})
     fixed_m, fixed_i = int(model.get("memory_size", 5)), int(model.get("iteration_size", 5))
     m_range = (m.low, min(m.high, n - 1)) if m else (fixed_m, fixed_m)
+    if m and patch_size is not None and int(patch_size) in space.memory_highs:
+        m_range = (m.low, max(m.low, min(m_range[1], space.memory_highs[int(patch_size)])))
     if memory_size is None:
         return m_range, None
     i_range = (i.low, min(i.high, n - memory_size)) if i else (min(fixed_i, n - memory_size),) * 2
@@ -370,7 +384,7 @@ def define_space(trial: Any, space_dict: dict[str, Any]) -> dict[str, Any]:
     sampled = {p.name: p.suggest(trial) for p in space.params.values() if p.name not in DERIVED}
     patch_size = sampled.get("patch_size", space.base_config().data.patch_size)
     n = space.n_patches(int(patch_size))
-    (m_low, m_high), _ = memory_iteration_ranges(space, n)
+    (m_low, m_high), _ = memory_iteration_ranges(space, n, patch_size=int(patch_size))
     memory_size = int(m_low)
     if "memory_size" in space.params:
         q = trial.suggest_float("memory_size" + QUANTILE_SUFFIX, 0.0, 1.0)
@@ -389,6 +403,7 @@ def space_from_dict(d: dict[str, Any]) -> SearchSpace:
     fixed = {s: dict(d.get(s) or {}) for s in SECTIONS}
     space = SearchSpace(d.get("name", "space"), fixed, params, list(d.get("first", [])), d.get("description", ""))
     space.patch_counts = _patch_counts(d.get("patch_counts"), "the space")
+    space.memory_highs = _patch_counts(d.get("memory_highs"), "the space", "memory_highs", "largest memory sizes")
     return space
 
 
@@ -411,12 +426,13 @@ def first_points(space: SearchSpace) -> list[dict[str, Any]]:
         except ConfigError as exc:
             raise ConfigError(f"'first' config {raw}: {exc}") from None
         point = {k: v for k, v in raw.items() if k not in DERIVED}
-        n = space.n_patches(int(raw.get("patch_size", space.base_config().data.patch_size)))
+        patch_size = int(raw.get("patch_size", space.base_config().data.patch_size))
+        n = space.n_patches(patch_size)
         if n is None:  # N comes from the files: the ranges are checked once the data is built
             points.append(point)
             continue
         if "memory_size" in raw:
-            (lo, hi), _ = memory_iteration_ranges(space, n)
+            (lo, hi), _ = memory_iteration_ranges(space, n, patch_size=patch_size)
             if not lo <= raw["memory_size"] <= hi:
                 raise ConfigError(f"'first' config {raw}: memory_size must be in [{lo}, {hi}] for N={n} patches")
             point["memory_size" + QUANTILE_SUFFIX] = _quantile(space.params["memory_size"], raw["memory_size"], lo, hi)
