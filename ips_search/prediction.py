@@ -231,7 +231,8 @@ def given_geometry(data: DataConfig, n_patches: int, n_chan: int, tasks: tuple[T
 
 def estimate_memory(exp: ExperimentConfig, geometry: DataGeometry, device: str = "cuda") -> MemoryEstimate:
     """Predicted peak memory of one steady-state training step of ``exp`` on data of this ``geometry`` (N =
-    ``geometry.n_patches``, the smallest item's where items differ).
+    ``geometry.n_patches``, the smallest item's where items differ; where M is above it, which only a batch of one
+    image allows, the step that keeps the most patches is the peak: N = M, at most the largest item's).
 
     ``device="cuda"``: as ``torch.cuda.max_memory_allocated`` books it (512-byte blocks, bfloat16 autocast when
     ``exp.train.amp``); ``device="cpu"``: the exact bytes of the live tensors (a CPU step, no autocast). Cached per
@@ -242,11 +243,20 @@ def estimate_memory(exp: ExperimentConfig, geometry: DataGeometry, device: str =
         raise ConfigError(f"device must be cuda or cpu, got {device!r}")
     # the values don't matter, and ImageNet weights would be downloaded
     model_cfg = dataclasses.replace(geometry.model_config(exp.model), pretrained=False)
-    n_patches, train = geometry.n_patches, exp.train  # only what changes the step's tensors: lr, seed... share one
+    n_patches, train = step_patches(geometry, model_cfg.memory_size), exp.train  # lr, seed...: one key
     key = json.dumps(
         [dataclasses.asdict(model_cfg), train.batch_size, train.amp, train.grad_clip, kind, n_patches], default=str
     )
     return _estimate(key, model_cfg, exp.train, kind, n_patches)
+
+
+def step_patches(geometry: DataGeometry, memory_size: int) -> int:
+    """N of the training step with the highest peak: the smallest item's, which streams through the selection like
+    any other; or, with M above it (a batch of one image keeps all of a smaller image's patches), the item that
+    keeps the most, M patches or the largest item's N."""
+    if geometry.item_counts is None or memory_size <= geometry.n_patches:
+        return geometry.n_patches
+    return min(memory_size, max(geometry.item_counts))
 
 
 def measure_step_memory(

@@ -165,9 +165,10 @@ class IPSNet(nn.Module):
         return mem_idx
 
     def _select_source(self, source: PatchSource, device: torch.device, depth: int) -> torch.Tensor:
-        """mem_idx ``(M,)`` of one lazy source: chunks of ``encode_chunk`` patches read ``depth`` ahead."""
+        """mem_idx ``(M,)`` of one lazy source: chunks of ``encode_chunk`` patches read ``depth`` ahead; all ``N``
+        patches when ``N <= M`` (no selection)."""
         N, step = len(source), self.cfg.encode_chunk
-        if N == self.cfg.memory_size:
+        if N <= self.cfg.memory_size:
             return torch.arange(N, device=device)
         encoder = self._no_grad_encoder()
         pin = device.type == "cuda"
@@ -269,18 +270,21 @@ class IPSNet(nn.Module):
         """``ips`` over lazy sources: ``mem_patch (B, M, *patch_shape)`` on the model's device, ``mem_idx (B, M)``.
 
         Every image is selected on its own (as ``loading: eager-sequential`` does; ``loading`` and ``ips_impl``
-        don't apply), streaming its N patches through the encoder ``encode_chunk`` at a time. Each image needs
-        N >= M (N == M keeps all); a smaller one is a ConfigError, since a batch's memories must all hold M.
+        don't apply), streaming its N patches through the encoder ``encode_chunk`` at a time. Each image of a batch
+        of several needs N >= M (N == M keeps all); a smaller one is a ConfigError, since their memories are stacked
+        and must all hold M. A batch of one image keeps all of its N < M patches (``(1, N, ...)``, the same as with
+        M = N): the full-bag reference run (M = the largest N, batch size 1) trains on every patch of every image.
         ``mem_idx`` rows are ascending: the kept patches are then read back in file order.
         """
         M = self.cfg.memory_size
         if not sources:
             raise ValueError("ips needs at least one patch source")
         for b, source in enumerate(sources):
-            if len(source) < M:
+            if len(source) < M and len(sources) > 1:
                 raise ConfigError(
                     f"image {b} of the batch has {len(source)} patches, fewer than memory_size {M}; "
-                    f"lower memory_size to {len(source)} or leave out images with fewer than {M} patches"
+                    f"lower memory_size to {len(source)}, leave out images with fewer than {M} patches, "
+                    "or use batch_size 1 (which keeps all of a smaller image's patches)"
                 )
         device = self.device
         was_training = self.training
