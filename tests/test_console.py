@@ -50,19 +50,19 @@ def test_progress_prints_each_finished_trial_once_and_skips_earlier_ones(tmp_pat
 
     csv = tmp_path / TRIALS_CSV
     row = dict(memory_size=4, iteration_size=2, patch_size=32, lr=1e-3, peak_memory_mb=50.0, time_total_s=3.0)
-    pd.DataFrame([dict(trial_id="old", status="completed", val_accuracy=0.5, **row)]).to_csv(csv, index=False)
+    pd.DataFrame([dict(trial_id="old", status="completed", val_score_mean=0.5, **row)]).to_csv(csv, index=False)
     stream = io.StringIO()
     with TrialProgress(csv, total=3, stream=stream) as progress:
         pd.DataFrame(
             [
-                dict(trial_id="old", status="completed", val_accuracy=0.5, **row),
-                dict(trial_id="new", status="completed", val_accuracy=0.8, **row),
-                dict(trial_id="run", status="running", val_accuracy=0.9, **row),
+                dict(trial_id="old", status="completed", val_score_mean=0.5, **row),
+                dict(trial_id="new", status="completed", val_score_mean=0.8, **row),
+                dict(trial_id="run", status="running", val_score_mean=0.9, **row),
             ]
         ).to_csv(csv, index=False)
         progress.poll()
         progress.poll()
     lines = [line for line in stream.getvalue().replace("\r", "\n").splitlines() if line.startswith(("old", "new"))]
-    assert lines == [trial_line(dict(trial_id="new", status="completed", val_accuracy=0.8, **row))]
+    assert lines == [trial_line(dict(trial_id="new", status="completed", val_score_mean=0.8, **row))]
     assert progress.best == 0.8 and progress.seen == {"old", "new"}
     assert "M=4 I=2 P=32 lr=1.0e-03  completed      val 0.800  mem 50 MB  3 s" in lines[0]

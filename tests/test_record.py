@@ -18,7 +18,6 @@ from ips_search import space
 from ips_search.experiment import (
     COLUMN_NAMES,
     IDENTITY,
-    METRIC,
     QUANTILE_SUFFIX,
     RENAMED,
     RUNG_METRICS,
@@ -90,7 +89,7 @@ def ray_trial(path: Path, config: dict[str, Any], results: list[dict[str, Any]])
         status="TERMINATED",
         config=config,
         last_result=results[-1],
-        metric_analysis={METRIC: {"max": max(r[METRIC] for r in results)}},
+        metric_analysis={"val_accuracy": {"max": max(r["val_accuracy"] for r in results)}},
         path=str(path),
     )
 

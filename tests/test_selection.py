@@ -145,7 +145,7 @@ def test_a_splits_table_no_search_should_use_is_one_line(change, message):
     else:
         bad = change(table.copy())
     with pytest.raises(ConfigError, match=message) as error:
-        check_splits(bad, 3, "test")
+        check_splits(bad, EvaluationConfig(folds=3), "test")
     assert "\n" not in str(error.value)
 
 
@@ -170,13 +170,13 @@ def test_a_clam_splits_folder_is_read_as_the_folds(tmp_path):
                 "test": pd.Series(test["slide"].tolist()).reindex(range(n)),
             }
         ).to_csv(tmp_path / f"splits_{k}.csv")
-    table = read_splits(tmp_path, items(splits), 3)
+    table = read_splits(tmp_path, items(splits), EvaluationConfig(folds=3))
     merged = table.merge(ours, on="slide", suffixes=("", "_ours"))
     assert (merged["split"] == merged["split_ours"]).all()
     assert (merged["fold"].fillna(-1) == merged["fold_ours"].fillna(-1)).all()
     (tmp_path / "splits_1.csv").write_text("train,val,test\n" + f"{test['slide'].iloc[0]},,\n")
     with pytest.raises(ConfigError, match="different test set"):
-        read_splits(tmp_path, items(splits), 3)
+        read_splits(tmp_path, items(splits), EvaluationConfig(folds=3))
 
 
 # -- pruning and ranking ---------------------------------------------------------------------------------------------

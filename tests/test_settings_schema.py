@@ -78,6 +78,9 @@ def test_every_saved_setting_is_a_flag_and_every_flag_is_in_the_help():
     assert {f.name for f in flags_of()} == fields
     flags = {a for action in cli.build_parser()._actions for a in action.option_strings}
     assert flags == {
+        "--folds",
+        "--metric",
+        "--prune-margin",
         *("-h", "--help", "--trials", "--space", "--name", "--results-dir", "--objective", "--max-memory-mb"),
         *("--sampler", "--scheduler", "--grace-period", "--reduction-factor", "--rung-metric", "--brackets"),
         *("--cpus-per-trial", "--gpus-per-trial", "--concurrency", "--address", "--num-gpus", "--no-dashboard"),
@@ -134,8 +137,9 @@ def test_trials_get_epochs_and_seed_from_the_settings_in_one_place():
     assert trial_fixed(fixed, settings) == {
         "data": {"dataset": "megapixel"},
         "train": {"epochs": 3, "seed": 7, "lr": 0.1},
+        "evaluation": {"metric": "accuracy", "folds": 1},
     }
-    assert trial_fixed({}, settings, seed=8) == {"train": {"epochs": 3, "seed": 8}}  # a confirm run's own seed
+    assert trial_fixed({}, settings, seed=8)["train"] == {"epochs": 3, "seed": 8}  # a confirm run's own seed
     assert fixed["train"] == {"epochs": 9, "seed": 1, "lr": 0.1}  # the space's sections are left as they were
 
 

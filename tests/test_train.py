@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 import torch.nn.functional as F
 from reference import bar_batch, bar_net
 from torch import nn
@@ -110,7 +111,12 @@ def test_metrics_per_task_accuracy_multilabel_and_auc():
     }
     metrics.update(logits, targets, loss=2.0)
     out = metrics.result()
-    assert out["digit/accuracy"] == 0.75 and "digit/auc" not in out  # AUC only for binary and multi-label tasks
+    assert out["digit/accuracy"] == 0.75
+    assert out["digit/balanced_accuracy"] == pytest.approx((1 + 0.5 + 1) / 3)  # recall per class: 1, 1/2, 1
+    digit_prob = torch.softmax(logits["digit"], -1).numpy()
+    assert out["digit/auc"] == pytest.approx(
+        roc_auc_score(targets["digit"].numpy(), digit_prob, multi_class="ovr", average="macro")
+    )
     assert out["binary/accuracy"] == 0.5 and out["binary/auc"] == pytest.approx(0.75)
     assert out["tags/accuracy"] == 0.875
     assert out["tags/auc"] == pytest.approx((1.0 + 5 / 6) / 2)  # tag 0 separable; tag 1: 2 pairs right, 1 tied

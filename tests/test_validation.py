@@ -15,13 +15,13 @@ import yaml
 from PIL import Image
 
 from ips_search import extract, extraction, run
-from ips_search.config import RULES, DataConfig, IPSConfig, Task, TrainConfig, build_config
+from ips_search.config import RULES, DataConfig, EvaluationConfig, IPSConfig, Task, TrainConfig, build_config
 from ips_search.errors import ConfigError
 from ips_search.space import SPACES_DIR, load_space, saved_space, trial_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 SMOKE = yaml.safe_load((SPACES_DIR / "smoke.yaml").read_text())
-SECTIONS = {"data": DataConfig, "model": IPSConfig, "train": TrainConfig}
+SECTIONS = {"data": DataConfig, "model": IPSConfig, "train": TrainConfig, "evaluation": EvaluationConfig}
 
 
 def _space(tmp_path: Path, doc: dict, name: str = "space.yaml") -> str:

@@ -28,9 +28,8 @@ from ips_search.config import EvaluationConfig
 from ips_search.data.registry import DataSplits
 from ips_search.data.split import group_folds
 from ips_search.errors import ConfigError
-from ips_search.experiment.files import SPLITS_FILE
 
-__all__ = ["SPLITS_FILE", "cohort_splits", "fold_splits", "make_splits", "read_splits", "test_items", "write_splits"]
+__all__ = ["cohort_splits", "fold_splits", "make_splits", "read_splits", "test_items", "write_splits"]
 SPLITS_COLUMNS = ("slide", "patient", "label", "split", "fold")
 TRAIN, TEST = "train", "test"
 PARTS = ("train", "val", "test")  # DataSplits' datasets, in the order their items are numbered
@@ -91,7 +90,7 @@ def make_splits(splits: DataSplits, evaluation: EvaluationConfig, seed: int) -> 
         table.loc[train, "fold"] = folds
     table.loc[table["fold"] == -1, "fold"] = pd.NA
     table = table[list(SPLITS_COLUMNS)]
-    check_splits(table, evaluation.folds, "the drawn splits")
+    check_splits(table, evaluation, "the drawn splits")
     return table
 
 
@@ -104,9 +103,11 @@ def _check_patients(pool: pd.DataFrame, folds: int, where: str) -> None:
         )
 
 
-def check_splits(table: pd.DataFrame, folds: int, where: str) -> None:
+def check_splits(table: pd.DataFrame, evaluation: EvaluationConfig, where: str) -> None:
     """One ConfigError line for a table no search should use: a blank patient, a patient in train and test, a
-    patient in two folds, a fold missing or (K > 1) a fold whose validation or training items hold one class."""
+    patient in two folds, a fold missing, a fold whose training items hold one class, or whose validation items do
+    (where the metric needs both classes: AUC, balanced accuracy; for accuracy, a validation of two or more items)."""
+    folds = evaluation.folds
     if table["patient"].isna().any() or (table["patient"].astype(str).str.strip() == "").any():
         slide = table.loc[table["patient"].isna() | (table["patient"].astype(str).str.strip() == ""), "slide"].iloc[0]
         raise ConfigError(f"{where}: slide {slide!r} has no patient; fill in its patient (or drop the column)")
@@ -139,6 +140,8 @@ def check_splits(table: pd.DataFrame, folds: int, where: str) -> None:
     held = train["fold"].fillna(-1).astype(int)
     for fold in range(folds):
         for role, rows in (("validation", train[held == fold]), ("training", train[held != fold])):
+            if role == "validation" and evaluation.metric == "accuracy" and len(rows) < 2:
+                continue  # one validation item: its accuracy is defined
             if rows["label"].nunique() < 2:
                 raise ConfigError(
                     f"{where}: fold {fold}'s {role} slides are all of class {rows['label'].iloc[0]!r}, so AUC and "
@@ -146,7 +149,7 @@ def check_splits(table: pd.DataFrame, folds: int, where: str) -> None:
                 )
 
 
-def read_splits(path: str | Path, data: pd.DataFrame, folds: int) -> pd.DataFrame:
+def read_splits(path: str | Path, data: pd.DataFrame, evaluation: EvaluationConfig) -> pd.DataFrame:
     """The splits table in ``path`` (a ``splits.csv``, or a folder of CLAM's ``splits_{k}.csv``) for the items
     ``data`` (:func:`items`): patients and labels from the data where the file lacks them. Checked."""
     path = Path(path)
@@ -165,7 +168,7 @@ def read_splits(path: str | Path, data: pd.DataFrame, folds: int) -> pd.DataFram
         raise ConfigError(f"splits file {path} does not exist; give a splits.csv or a folder of CLAM splits_k.csv")
     table = _join_data(table, data, path)
     table["fold"] = pd.to_numeric(table["fold"], errors="coerce").astype("Int64")
-    check_splits(table, folds, f"splits file {path}")
+    check_splits(table, evaluation, f"splits file {path}")
     return table
 
 
@@ -236,7 +239,7 @@ def write_splits(table: pd.DataFrame, path: Path) -> None:
 def cohort_splits(splits: DataSplits, evaluation: EvaluationConfig, seed: int) -> pd.DataFrame:
     """The table a trial uses: ``evaluation.splits`` when the search wrote (or a user gave) one, else drawn."""
     if evaluation.splits:
-        return read_splits(evaluation.splits, items(splits), evaluation.folds)
+        return read_splits(evaluation.splits, items(splits), evaluation)
     return make_splits(splits, evaluation, seed)
 
 

@@ -162,16 +162,14 @@ class SearchSettings:
     metric: str = setting(
         EvaluationConfig.metric,
         "what configs are ranked by on validation (overrides the space's evaluation.metric): auc (binary; macro "
-        "one-vs-rest for more classes), balanced_accuracy or accuracy",
+        "one-vs-rest for more classes), balanced_accuracy or accuracy (default: the space's, else %(default)s)",
         choices=METRICS,
-        auto=True,
     )
     folds: int = setting(
         EvaluationConfig.folds,
         "patient-level cross-validation folds of the non-test slides each trial trains and validates on (overrides "
-        "the space's evaluation.folds; 1: one validation split)",
+        "the space's evaluation.folds; 1: one validation split; default: the space's, else %(default)s)",
         rules=(at_least(1),),
-        auto=True,
     )
     prune_margin: float = setting(
         0.05,

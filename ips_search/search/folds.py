@@ -8,27 +8,30 @@ from pathlib import Path
 import pandas as pd
 
 from ips_search.data import build_datasets
-from ips_search.data.cohort import SPLITS_FILE, items, make_splits, read_splits, write_splits
-from ips_search.experiment import SearchSettings
+from ips_search.data.cohort import items, make_splits, read_splits, write_splits
+from ips_search.experiment import SPLITS_FILE, SearchSettings
 from ips_search.extraction import resolve_data
 from ips_search.space import SearchSpace
 
 
-def prepare_splits(space: SearchSpace, settings: SearchSettings) -> pd.DataFrame:
-    """Write ``splits.csv`` into the experiment folder (from ``evaluation.splits`` when the space names a file,
-    else drawn with the search's seed) and point the space's trials at it; returns the table. The items are the
-    same at every patch size, so the data is built (from its cache) at the first."""
+def draw_splits(space: SearchSpace, settings: SearchSettings) -> pd.DataFrame:
+    """The search's splits table: from ``evaluation.splits`` when the space names a file, else drawn with the
+    search's seed; checked (one ConfigError line) before anything starts. The items are the same at every patch
+    size, so the data is built (from its cache) at the first."""
     base = space.base_config()
-    path = settings.experiment_dir / SPLITS_FILE
     splits = build_datasets(resolve_data(base.data, progress=False))
     given = base.evaluation.splits
     if given:
-        table = read_splits(Path(given).expanduser().resolve(), items(splits), base.evaluation.folds)
-    else:
-        table = make_splits(splits, base.evaluation, settings.seed)
+        return read_splits(Path(given).expanduser().resolve(), items(splits), base.evaluation)
+    return make_splits(splits, base.evaluation, settings.seed)
+
+
+def save_splits(space: SearchSpace, settings: SearchSettings, table: pd.DataFrame) -> None:
+    """Write ``table`` as the experiment's ``splits.csv`` and point the space's trials at it (saved with the space
+    in ``experiment.json``, so a resume or an extension reads the same file)."""
+    path = settings.experiment_dir / SPLITS_FILE
     write_splits(table, path)
     space.fixed["evaluation"] = {**space.fixed.get("evaluation", {}), "splits": str(path)}
-    return table
 
 
 def splits_line(table: pd.DataFrame, settings: SearchSettings) -> str:

@@ -29,7 +29,7 @@ from ips_search.experiment.ranking import SPREAD
 from ips_search.experiment.settings import trials_at_once
 from ips_search.search.confirm import run_confirm
 from ips_search.search.console import TrialProgress, terminal_only_ours
-from ips_search.search.folds import prepare_splits, splits_line
+from ips_search.search.folds import draw_splits, save_splits, splits_line
 from ips_search.search.plan import plan_lines, prepare_data
 from ips_search.search.trainable import confirm_ips, make_trainable
 from ips_search.search.tuner import make_tuner, restore_tuner
@@ -131,6 +131,7 @@ def run_search(space, settings: SearchSettings, args: argparse.Namespace, resume
     import ray
 
     prepare_data(space)
+    table = None if resume else draw_splits(space, settings)  # bad folds or a bad splits file: before Ray starts
     gpus_auto = settings.gpus_per_trial is None
     joined = ray.is_initialized()  # a session someone else started (notebook, tests) stays theirs to shut down
     cluster = start_ray(args)
@@ -154,15 +155,18 @@ def run_search(space, settings: SearchSettings, args: argparse.Namespace, resume
                     "--results-dir"
                 ) from None
             held.enter_context(experiment_lock(settings.experiment_dir, settings.name))
-        return _run(space, settings, args, resume, gpus_auto)
+        if table is not None:
+            save_splits(space, settings, table)
+        return _run(space, settings, args, table, gpus_auto)
 
 
-def _run(space, settings: SearchSettings, args: argparse.Namespace, resume: bool, gpus_auto: bool) -> int:
-    """The search itself, in a folder whose lock this process holds."""
+def _run(space, settings: SearchSettings, args: argparse.Namespace, table: Any, gpus_auto: bool) -> int:
+    """The search itself, in a folder whose lock this process holds (``table``: a new search's splits, None when
+    resuming)."""
+    resume = table is None
     verbose = getattr(args, "verbose", False)
     log_path = settings.experiment_dir / LOG_FILE
     try:
-        table = prepare_splits(space, settings) if not resume else None
         if not resume:
             save_experiment(space, settings, sys.argv)
         print("\n".join(plan_lines(space, settings, gpus_auto=gpus_auto)), flush=True)
