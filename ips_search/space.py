@@ -43,21 +43,22 @@ from typing import Any
 
 import yaml
 
-from ips_search.config import DataConfig, ExperimentConfig, IPSConfig, TrainConfig, build_config
+from ips_search.config import DataConfig, EvaluationConfig, ExperimentConfig, IPSConfig, TrainConfig, build_config
 from ips_search.data import DATASETS, DatasetKind, dataset_kind
 from ips_search.errors import ConfigError
 from ips_search.experiment.record import QUANTILE_SUFFIX
 from ips_search.model.encoders import ENCODERS
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
-SECTIONS = {"data": DataConfig, "model": IPSConfig, "train": TrainConfig}
+SECTIONS = {"data": DataConfig, "model": IPSConfig, "train": TrainConfig, "evaluation": EvaluationConfig}
+SEARCHABLE = ("data", "model", "train")  # the sections a search may sample into (evaluation is the same for all)
 DERIVED = ("memory_size", "iteration_size")  # sampled as quantiles of a range that depends on N
 PATH_FIELDS = ("root", "manifest", "cache_dir", "slides_root")  # data fields that name files: resolved at load
 # where a searched parameter lands: the first section with that field, so the data's geometry (patch_size,
 # patch_stride, n_chan, tasks) lands in data, which gives it to the model (DataGeometry.model_config)
 PARAM_SECTIONS: dict[str, tuple[str, ...]] = {}
-for _section, _cls in SECTIONS.items():
-    for _f in dataclasses.fields(_cls):
+for _section in SEARCHABLE:
+    for _f in dataclasses.fields(SECTIONS[_section]):
         PARAM_SECTIONS.setdefault(_f.name, (_section,))
 
 
@@ -238,17 +239,19 @@ def saved_space(saved: Any) -> SearchSpace:
 
 def _space_from_mapping(raw: dict[str, Any], where: str, name: str, path: str | None) -> SearchSpace:
     """Validate a space's sections (a space file's top level) and build it; every problem is one ConfigError."""
-    unknown = set(raw) - {"data", "model", "train", "search", "first", "description", "patch_counts", "memory_highs"}
+    unknown = set(raw) - {*SECTIONS, "search", "first", "description", "patch_counts", "memory_highs"}
     if unknown:
         raise ConfigError(
             f"unknown section(s) {', '.join(sorted(map(str, unknown)))} in {where}; "
-            "use data, model, train, search, first, description"
+            f"use {', '.join(SECTIONS)}, search, first, description"
         )
     for section in (*SECTIONS, "search"):
         if not isinstance(raw.get(section) or {}, dict):
             raise ConfigError(f"section {section!r} in {where} must be a mapping of names to values")
     fixed = {s: dict(raw.get(s) or {}) for s in SECTIONS}
     fixed["data"] = resolve_data_paths(fixed["data"])
+    if fixed["evaluation"].get("splits"):  # a user's splits file, relative to where the space was loaded
+        fixed["evaluation"]["splits"] = resolve_path(fixed["evaluation"]["splits"])
     for section, cls in SECTIONS.items():
         build_config(cls, fixed[section], f"{section} of {where}")  # unknown keys, types, ranges
     kind = dataset_kind(DataConfig(**fixed["data"]))  # a registered dataset, and the config fits it

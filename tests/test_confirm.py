@@ -17,7 +17,16 @@ import pandas as pd
 import pytest
 
 from ips_search import run
-from ips_search.experiment import CONFIRM_CSV, CONFIRM_DIR, TRIALS_CSV, best, coerce, rank, summarize
+from ips_search.experiment import (
+    CONFIRM_CSV,
+    CONFIRM_DIR,
+    TRIALS_CSV,
+    best,
+    coerce,
+    predictions_file,
+    rank,
+    summarize,
+)
 
 
 def _trials() -> pd.DataFrame:
@@ -137,7 +146,7 @@ def test_confirm_stage_retrains_k_seeds_per_top_config_and_records_test_mean_std
     for path in runs["path"]:  # each run trained on every non-test slide and scored the test set once
         params = json.loads((Path(path) / "params.json").read_text())
         assert params["run"]["fixed"]["evaluation"]["refit"] is True
-        assert (Path(path) / "test_predictions.csv").is_file()
+        assert predictions_file(path) is not None
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / "optuna.journal")))
     study = optuna.load_study(study_name="sure", storage=storage)
     assert set(study.user_attrs["confirm"]) == set(summary["trial_id"])

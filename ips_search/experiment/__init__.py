@@ -22,6 +22,7 @@ from ips_search.experiment.files import (
     TOOL,
     TRAINABLE_NAME,
     TRIALS_CSV,
+    predictions_file,
     read_experiment,
     update_settings,
     write_experiment,
@@ -60,6 +61,7 @@ from ips_search.experiment.settings import (
 from ips_search.experiment.status import ORDER, STOPPED, Status, trial_status
 
 __all__ = [
+    "predictions_file",
     "CHECKPOINT_FILE",
     "CONFIRM_COLUMNS",
     "CONFIRM_CSV",

@@ -30,7 +30,9 @@ RESULT_FILE = "result.json"
 PARAMS_FILE = "params.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 SPLITS_FILE = "splits.csv"  # slide,patient,label,split,fold: the test set and folds every trial of a search uses
-PREDICTIONS_FILE = "test_predictions.csv"  # a trial's test-set probabilities: slide,patient,task,label,p0,p1,..
+# a trial's test-set probabilities (slide,patient,task,label,p0,p1,..), saved in its last checkpoint: Ray persists
+# checkpoints to the trial folder reliably, where files written beside them are synced only now and then
+PREDICTIONS_FILE = "test_predictions.csv"
 REFERENCE_DIR = "reference"  # the full-bag (M = N) reference run, a Tune experiment of its own
 REPORT_DIR = "report"
 TRAINABLE_NAME = "train_ips"  # trial folders are train_ips_<trial id>
@@ -39,6 +41,16 @@ CONFIRM_CSV = "confirm.csv"  # per confirmed config: runs, mean and standard dev
 LOCK_FILE = "search.lock"  # flock'ed by the search running in the folder
 # the files Ray unpickles when it restores an experiment (its .json state files are cloudpickle inside)
 RAY_PICKLES = ("**/*.pkl", "experiment_state-*.json", "search_gen_state-*.json")
+
+
+def predictions_file(trial_dir: str | os.PathLike[str]) -> Path | None:
+    """A trial's :data:`PREDICTIONS_FILE`: in its latest checkpoint that has one (or in the trial folder itself);
+    None when it has none (a trial that never finished, or one from before the file existed)."""
+    folder = Path(trial_dir)
+    found = sorted(folder.glob(f"checkpoint_*/{PREDICTIONS_FILE}"), key=lambda p: p.parent.name)
+    if found:
+        return found[-1]
+    return folder / PREDICTIONS_FILE if (folder / PREDICTIONS_FILE).is_file() else None
 
 
 def write_experiment(folder: Path, settings: dict[str, Any], space: dict[str, Any], **extra: Any) -> Path:

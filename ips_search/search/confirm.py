@@ -27,12 +27,12 @@ from ips_search.experiment import (
     CONFIRM_DIR,
     JOURNAL_FILE,
     PARAMS_FILE,
-    PREDICTIONS_FILE,
     TRIALS_CSV,
     SearchSettings,
     Status,
     attach,
     coerce,
+    predictions_file,
     rank,
     summarize,
 )
@@ -128,8 +128,8 @@ def intervals(summary: pd.DataFrame, runs: pd.DataFrame, metric: str) -> dict[st
     low, high = [], []
     done = runs[runs["status"].astype(str) == Status.COMPLETED] if not runs.empty else runs
     for source in summary["trial_id"].astype(str):
-        paths = [Path(str(p)) / PREDICTIONS_FILE for p in done.loc[done[SOURCE].astype(str) == source, "path"]]
-        tables = [pd.read_csv(p, dtype={"label": str, "slide": str, "patient": str}) for p in paths if p.is_file()]
+        paths = [predictions_file(str(p)) for p in done.loc[done[SOURCE].astype(str) == source, "path"]]
+        tables = [pd.read_csv(p, dtype={"label": str, "slide": str, "patient": str}) for p in paths if p is not None]
         bounds = bootstrap_interval(tables, metric) if tables else (None, None)
         low.append(bounds[0])
         high.append(bounds[1])

@@ -209,9 +209,10 @@ def train_ips(config: dict[str, Any]) -> None:
                 report.test_score, report.test_auc = test["score"], _defined(test["auc"])
                 report.test_balanced_accuracy = _defined(test["balanced_accuracy"])
                 report.per_task.update({f"test_{k}": v for k, v in test.items() if "/" in k})
-                write_predictions(test["predictions"], test_items(table))
             progress.fold, progress.epoch = (fold + 1, 0) if fold_end else (fold, epoch + 1)
             with tempfile.TemporaryDirectory() as directory:
+                if last:
+                    write_predictions(directory, test["predictions"], test_items(table))
                 checkpoint_out = _save_checkpoint(directory, run, progress, epoch)
                 tune.report(report.to_metrics(), checkpoint=checkpoint_out)
         state = None
@@ -269,14 +270,12 @@ def _defined(value: float) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
 
-def write_predictions(predictions: dict[str, tuple[np.ndarray, np.ndarray]], rows: pd.DataFrame) -> None:
-    """The test set's probabilities into the trial's folder (:data:`PREDICTIONS_FILE`): one row per test item and
-    task, ``slide, patient, task, label, p0, p1, ..`` (multi-label: ``label`` the 0/1 string, ``p<k>`` each label's),
-    for the confirm stage's interval and the report's ROC curve. Outside a Tune trial, nothing is written."""
-    try:
-        folder = Path(tune.get_context().get_trial_dir())
-    except Exception:  # noqa: BLE001 - not inside a Tune session (a test calling the trainable directly)
-        return
+def write_predictions(
+    directory: str, predictions: dict[str, tuple[np.ndarray, np.ndarray]], rows: pd.DataFrame
+) -> None:
+    """The test set's probabilities into the checkpoint ``directory`` (:data:`PREDICTIONS_FILE`): one row per test
+    item and task, ``slide, patient, task, label, p0, p1, ..`` (multi-label: ``label`` the 0/1 string, ``p<k>``
+    each label's), for the confirm stage's interval and the report's ROC curve."""
     frames = []
     for task, (prob, y) in predictions.items():
         frame = rows[["slide", "patient"]].copy()
@@ -284,8 +283,7 @@ def write_predictions(predictions: dict[str, tuple[np.ndarray, np.ndarray]], row
         frame.insert(3, "label", ["".join(str(int(v)) for v in t) if np.ndim(t) else int(t) for t in y])
         frames.append(pd.concat([frame, pd.DataFrame(prob, columns=[f"p{k}" for k in range(prob.shape[1])])], axis=1))
     if frames:
-        folder.mkdir(parents=True, exist_ok=True)
-        pd.concat(frames, ignore_index=True).to_csv(folder / PREDICTIONS_FILE, index=False)
+        pd.concat(frames, ignore_index=True).to_csv(Path(directory) / PREDICTIONS_FILE, index=False)
 
 
 def predict_peak_mb(exp: ExperimentConfig, splits: DataSplits) -> float | None:
