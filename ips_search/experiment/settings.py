@@ -171,6 +171,11 @@ class SearchSettings:
         "the space's evaluation.folds; 1: one validation split; default: the space's, else %(default)s)",
         rules=(at_least(1),),
     )
+    no_reference: bool = setting(
+        False,
+        "skip the full-bag reference run: after the search (and --confirm), the best config trained once more with "
+        "M = N, every patch through the aggregator, to show what selection costs in accuracy",
+    )
     prune_margin: float = setting(
         0.05,
         "with folds above 1: stop a trial after a fold when its mean score over the folds so far is more than this "

@@ -16,6 +16,7 @@ from ips_search.experiment import (
     CONFIRM_DIR,
     LOG_FILE,
     METRIC,
+    REFERENCE_DIR,
     TRIALS_CSV,
     SearchSettings,
     best,
@@ -30,8 +31,9 @@ from ips_search.experiment.settings import trials_at_once
 from ips_search.search.confirm import run_confirm
 from ips_search.search.console import TrialProgress, terminal_only_ours
 from ips_search.search.folds import draw_splits, save_splits, splits_line
-from ips_search.search.plan import plan_lines, prepare_data
-from ips_search.search.trainable import confirm_ips, make_trainable
+from ips_search.search.plan import budget_memory_range, plan_lines, prepare_data
+from ips_search.search.reference import run_reference
+from ips_search.search.trainable import confirm_ips, make_trainable, train_ips
 from ips_search.search.tuner import make_tuner, restore_tuner
 
 # Tune warns when it snapshots experiment state often; with short epochs that is by design (nothing is lost)
@@ -130,7 +132,9 @@ def save_experiment(space, settings: SearchSettings, argv: list[str]) -> None:
 def run_search(space, settings: SearchSettings, args: argparse.Namespace, resume: bool) -> int:
     import ray
 
-    prepare_data(space)
+    geometries = prepare_data(space)
+    if not resume:  # a resumed space holds its range already
+        budget_memory_range(space, settings.max_memory_mb, geometries)
     table = None if resume else draw_splits(space, settings)  # bad folds or a bad splits file: before Ray starts
     gpus_auto = settings.gpus_per_trial is None
     joined = ray.is_initialized()  # a session someone else started (notebook, tests) stays theirs to shut down
@@ -190,6 +194,9 @@ def _run(space, settings: SearchSettings, args: argparse.Namespace, table: Any, 
                 )
                 with TrialProgress(settings.experiment_dir / CONFIRM_DIR / TRIALS_CSV, runs, terminal, "confirm"):
                     run_confirm(settings, confirm_ips)
+            if not settings.no_reference and first_error(settings.experiment_dir) is None:
+                with TrialProgress(settings.experiment_dir / REFERENCE_DIR / TRIALS_CSV, 1, terminal, "reference"):
+                    run_reference(settings, space, train_ips, file=terminal)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished trials are saved; continue with --resume {settings.name}", file=sys.stderr)
         return 130
