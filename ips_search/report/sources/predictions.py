@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ips_search.experiment import PREDICTIONS_FILE
+from ips_search.experiment import PREDICTIONS_FILE, predictions_file
 
 PROBABILITY = re.compile(r"^p(\d+)$")  # p0, p1, ...: one column per class
 
@@ -24,8 +24,8 @@ def read_predictions(folder: str | Path | None) -> tuple[pd.DataFrame | None, st
     """``(table, None)``, or ``(None, why)`` when ``folder`` has no readable ``test_predictions.csv``, in words."""
     if folder is None:
         return None, "its folder is not in the experiment any more"
-    path = Path(folder) / PREDICTIONS_FILE
-    if not path.is_file():
+    path = predictions_file(folder)  # in the trial's last checkpoint
+    if path is None:
         return None, f"it has no {PREDICTIONS_FILE}"
     try:
         # label as text: a multi-label task writes each slide's labels as zeros and ones ("0101")
