@@ -316,7 +316,8 @@ def summary_markdown(exp: Any, tables: dict[str, pd.DataFrame], files: dict[str,
     ]
     reference = reference_markdown(exp.reference, df)
 
-    budget_cols = ["budget_mb", "trials_within", "trial_id", *param_columns(df), METRIC, "test_accuracy", MEMORY_METRIC]
+    scores = [METRIC, "test_accuracy"] if ev.legacy else [METRIC, SCORE_STD, TEST_SCORE]
+    budget_cols = ["budget_mb", "trials_within", "trial_id", *param_columns(df), *scores, MEMORY_METRIC]
     score = "validation accuracy" if ev.legacy else f"the score ({ev.score_label})"
     lines += [
         "## Accuracy vs peak memory: the Pareto set",

@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ips_search.experiment import MEMORY_METRIC, METRIC, completed, finite, pareto_front, rank
+from ips_search.experiment import MEMORY_METRIC, METRIC, completed, finite, rank
+from ips_search.experiment import pareto_front as _pareto_front
 from ips_search.report.axes import PARAM_ORDER, axis_spec, param_columns
+from ips_search.report.selection import SCORE_STD, TEST_SCORE, with_scores
 
 EFFECT_COLUMNS = [
     "parameter",
@@ -28,6 +30,12 @@ EFFECT_COLUMNS = [
 ]
 
 
+def pareto_front(df: pd.DataFrame, x: str = MEMORY_METRIC, y: str = METRIC, **kwargs: bool) -> pd.DataFrame:
+    """:func:`ips_search.experiment.pareto_front` of ``df``, whose score is its validation accuracy when it predates
+    cross-validation (:func:`ips_search.report.selection.with_scores`): a table read by hand reports as before."""
+    return _pareto_front(with_scores(df), x, y, **kwargs)
+
+
 def full_budget(df: pd.DataFrame, feasible_only: bool = True) -> pd.DataFrame:
     """Trials that ran all their epochs, within the budget if asked (:func:`ips_search.experiment.completed`)."""
     return completed(df, feasible_only)
@@ -36,7 +44,7 @@ def full_budget(df: pd.DataFrame, feasible_only: bool = True) -> pd.DataFrame:
 def ranked(df: pd.DataFrame) -> pd.DataFrame:
     """Trials best first by the ranking rule (:func:`ips_search.experiment.rank`); while none has completed, every
     trial with a validation accuracy, by the same keys."""
-    return rank(df, provisional=True)
+    return rank(with_scores(df), provisional=True)
 
 
 def top_trials(df: pd.DataFrame, n: int = 10) -> pd.DataFrame:
@@ -76,6 +84,7 @@ def budget_table(
     df: pd.DataFrame, budgets: list[float] | None = None, max_memory_mb: float | None = None
 ) -> pd.DataFrame:
     """The best full-budget trial whose peak memory is within each budget (MB)."""
+    df = with_scores(df)
     budgets = budgets if budgets is not None else default_budgets(df, max_memory_mb)
     pool = finite(full_budget(df), MEMORY_METRIC, METRIC) if MEMORY_METRIC in df else df.iloc[:0]
     params = param_columns(df)
@@ -90,8 +99,8 @@ def budget_table(
                 {
                     "trial_id": b["trial_id"],
                     **{p: b.get(p) for p in params},
-                    METRIC: b.get(METRIC),
-                    "test_accuracy": b.get("test_accuracy"),
+                    # the score that ranked, its spread over the folds, and the accuracies an older table had
+                    **{c: b.get(c) for c in (METRIC, SCORE_STD, "val_accuracy", TEST_SCORE, "test_accuracy")},
                     MEMORY_METRIC: b.get(MEMORY_METRIC),
                 }
             )
@@ -129,6 +138,7 @@ def parameter_effects(df: pd.DataFrame, params: list[str] | None = None, max_bin
     One row per (parameter, value or bin): trials, mean / best validation accuracy,
     mean test accuracy, mean peak memory.
     """
+    df = with_scores(df)
     params = params or [p for p in param_columns(df) if p in PARAM_ORDER]
     pool = full_budget(df, feasible_only=False)
     pool = pool[pool[METRIC].notna()] if METRIC in pool else pool.iloc[:0]
