@@ -115,9 +115,10 @@ class SearchSettings:
         only_with=("scheduler", "asha"),
     )
     rung_metric: str = setting(
-        "val_accuracy",
-        "ASHA: what trials are compared on at a rung: this epoch's validation accuracy, the trial's best so far, or "
-        "validation loss (default: this epoch's validation accuracy)",
+        "val_score_mean",
+        "ASHA: what trials are compared on at a rung: the validation score so far (mean over the finished folds and "
+        "the running fold's latest epoch; with one fold, this epoch's), this epoch's score or accuracy, the trial's "
+        "best epoch's accuracy, or validation loss (default: %(default)s)",
         choices=tuple(RUNG_METRICS),
         only_with=("scheduler", "asha"),
     )
