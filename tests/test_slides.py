@@ -215,7 +215,9 @@ def _bad_input(kind: str, tmp: Path, tumour_slide: Path, png_scene: Path) -> tup
         bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
         return config(tmp, manifest=str(_write_manifest(tmp / "m.csv", "path,label", [f"{bad},x"]))), str(bad)
     if kind == "no-test-split":
-        manifest = _write_manifest(tmp / "m.csv", "path,label,split", [f"{tumour_slide},x,train"] * 3)
+        manifest = _write_manifest(
+            tmp / "m.csv", "path,label,split", [f"{tumour_slide},x,train", f"{png_scene},x,train"]
+        )
         return config(tmp, manifest=str(manifest)), "test"
     if kind == "truncated":
         bad = tmp / "truncated.tif"

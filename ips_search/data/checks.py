@@ -11,6 +11,12 @@ Each one turns data that would train and report nonsense without a word into a o
   remembered in the cache directory, so the builds that follow in every trial do not read its files again).
 * :func:`inside`: a manifest's relative path, or a slide name, that points outside its folder (``../x``).
 * :func:`check_finite`: NaN or Inf in a tensor of features as it is read, naming the file.
+* :func:`read_patients`: a manifest's patient column (``patient``, CLAM's ``case_id``, or ``group``) with a blank
+  cell; :func:`check_patients`: one patient's slides in two splits of a split column (the test split would score a
+  patient the model trained on).
+
+And the seeded draw of a cohort that gives no split of its own (:func:`patient_splits`): whole patients, labels
+stratified, so the same checks hold for a drawn split as for a given one.
 """
 
 from __future__ import annotations
@@ -18,16 +24,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+from sklearn.model_selection import StratifiedKFold
 
 from ips_search.data.cache import cache_key, cache_root
+from ips_search.data.split import group_folds
 from ips_search.errors import ConfigError
 
 HASH_LIMIT = 64 << 20  # files up to 64 MB are compared by content; bigger ones (slides) by identity only
+PATIENT_COLUMNS = ("patient", "case_id", "group")  # a manifest's patient column, first found wins (case_id: CLAM)
 _DIGESTS: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime): SHA-256, kept for the process
 
 
@@ -145,3 +156,124 @@ def check_finite(values: torch.Tensor, path: str | os.PathLike[str]) -> torch.Te
             "can overflow: extract in float32) or remove it from the manifest"
         )
     return values
+
+
+def patient_column(columns: Collection[str]) -> str | None:
+    """The manifest column that names each slide's patient (the first of :data:`PATIENT_COLUMNS` present), or None."""
+    return next((c for c in PATIENT_COLUMNS if c in columns), None)
+
+
+def read_patients(rows: Sequence[Mapping[str, str]], names: Sequence[str], where: str) -> list[str]:
+    """The patient of each manifest row (``rows``, header stripped, the first on line 2): its patient column's cell,
+    or, without such a column, the slide's own name (``names``): each slide its own patient. A blank cell is a
+    ConfigError naming the line and the slide."""
+    column = patient_column(rows[0].keys()) if rows else None
+    if column is None:
+        return [str(name) for name in names]
+    patients = []
+    for line, (row, name) in enumerate(zip(rows, names, strict=True), start=2):
+        patient = (row.get(column) or "").strip()
+        if not patient:
+            raise ConfigError(
+                f"{where} line {line} (slide {name!r}) has an empty {column} cell; fill in every slide's patient, "
+                f"or remove the {column} column so that each slide is its own patient"
+            )
+        patients.append(patient)
+    return patients
+
+
+def check_patients(splits: Mapping[str, Sequence[str]], where: str) -> None:
+    """Refuse one patient in two splits (``splits``: split name -> the patient of each of its items, in the order
+    train, val, test): a split column that puts a patient's slides in train and test lets test score a patient the
+    model trained on (and val, one it was selected on)."""
+    owner: dict[str, str] = {}
+    for split, patients in splits.items():
+        for patient in patients:
+            first = owner.setdefault(str(patient), split)
+            if first != split:
+                raise ConfigError(
+                    f"{where}: patient {patient!r} has slides in both the {first} and the {split} split, so {split} "
+                    f"would score a patient the model {'was selected on' if split == 'val' else 'trained on'}: put "
+                    "all of a patient's slides in one split (or drop the split column: the draw keeps patients whole)"
+                )
+
+
+def holdout(patients: Sequence[str], labels: Sequence[object], fraction: float, seed: int) -> np.ndarray:
+    """A boolean mask of about ``fraction`` of the items, whole patients, labels stratified as far as patients allow.
+
+    One fold of ``round(1 / fraction)`` (at least 2, at most one per patient) :func:`patient_folds`, as
+    :func:`~ips_search.data.split.group_holdout` holds out, but the first fold that holds every class, where one does
+    (fold 0 otherwise): a cohort of a few patients per class keeps both classes in the part held out more often than
+    fold 0 alone would."""
+    patients = [str(p) for p in patients]
+    strata = [str(y) for y in labels]
+    k = min(max(2, round(1 / fraction)), len(set(patients)))
+    folds = patient_folds(patients, strata, k, seed)
+    classes = set(strata)
+    for fold in range(k):
+        held = folds == fold
+        if {strata[i] for i in np.flatnonzero(held)} == classes:
+            return held
+    return folds == 0
+
+
+def patient_folds(patients: Sequence[str], strata: Sequence[str], k: int, seed: int) -> np.ndarray:
+    """The fold (0..k-1) of each item: :func:`~ips_search.data.split.group_folds`, with two exceptions of
+    scikit-learn's making. Where no patient holds two items (an image folder), ``StratifiedKFold`` cuts the same
+    kind of folds (the grouped search costs patients x folds Python steps: seconds per build at 10,000 images).
+    Where every class has fewer items than ``k``, scikit-learn refuses to stratify; the folds are then cut by patient
+    alone (one patient is already a class's whole share)."""
+    with warnings.catch_warnings():  # a class smaller than the folds is expected of a small cohort
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        try:
+            if len(set(patients)) == len(patients):
+                folds = np.full(len(patients), -1, dtype=np.int64)
+                splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed % (2**32))
+                for fold, (_, held) in enumerate(splitter.split(np.zeros(len(patients)), strata)):
+                    folds[held] = fold
+                return folds
+            return group_folds(patients, strata, k, seed)
+        except ValueError:  # every class smaller than the folds: scikit-learn cannot stratify
+            if len(set(strata)) == 1:  # pragma: no cover - one stratum holds every item, at least k
+                raise
+            return patient_folds(patients, [""] * len(patients), k, seed)
+
+
+def patient_splits(
+    patients: Sequence[str],
+    labels: Sequence[int],
+    given: Sequence[str] | None,
+    test_fraction: float,
+    val_fraction: float,
+    seed: int,
+    where: str,
+    unit: str = "patient",
+) -> list[str]:
+    """Each item's split (``train`` / ``val`` / ``test``), whole patients in each.
+
+    ``given`` (a split column) is kept; where it names no ``val`` item, validation is drawn from its ``train``
+    items. Without it, test is :func:`holdout` ``test_fraction`` of the patients (seed ``seed``), then validation
+    :func:`holdout` ``val_fraction`` of the patients left (seed ``seed + 1``, so the two draws differ). ``unit`` names
+    a patient in the messages (``image`` where each item is its own)."""
+    patients_arr = np.asarray([str(p) for p in patients])
+    labels_arr = np.asarray(labels)
+    if given is None:
+        n = len(set(patients_arr.tolist()))
+        if n < 3:
+            raise ConfigError(
+                f"{where} holds {n} {unit}(s); a seeded split needs at least 3 (train, validation and test): "
+                f"add {unit}s or give the split"
+            )
+        out = np.where(holdout(patients_arr, labels_arr, test_fraction, seed), "test", "train").astype("<U5")
+    else:
+        out = np.asarray(given, dtype="<U5")
+    if "val" not in out:
+        train = np.flatnonzero(out == "train")
+        n = len(set(patients_arr[train].tolist()))
+        if n < 2:
+            raise ConfigError(
+                f"{where} leaves {n} training {unit}(s); validation is drawn from them and needs at least 2 "
+                f"(train and validation): add {unit}s"
+            )
+        out[train[holdout(patients_arr[train], labels_arr[train], val_fraction, seed + 1)]] = "val"
+    return out.tolist()

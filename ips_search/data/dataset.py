@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,9 @@ class PatchDataset(Dataset):
     copy of the shared array); with ``image_size`` each image is resized (bilinear)
     to ``image_size x image_size`` on access instead of being stored large.
     ``meta`` holds optional per-item tensors (aligned with this split) for checks.
+    ``item_ids`` names each row of ``images`` (unique across the cohort: a file's path, a canvas key such as
+    ``train-00012``) and ``patients`` its patient (default: the item's own name); the dataset keeps this split's,
+    aligned with its items (default names: the row numbers).
     """
 
     def __init__(
@@ -34,12 +37,19 @@ class PatchDataset(Dataset):
         indices: torch.Tensor | None = None,
         image_size: int | None = None,
         meta: dict[str, torch.Tensor] | None = None,
+        item_ids: Sequence[str] | None = None,
+        patients: Sequence[str] | None = None,
     ) -> None:
         assert images.dtype == torch.uint8 and images.dim() == 4, "images must be uint8 (n, C, h, w)"
         self.images = images
         self.indices = torch.arange(len(images)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
         self.targets = {k: v[self.indices] for k, v in targets.items()}
         self.meta = {k: v[self.indices] for k, v in (meta or {}).items()}
+        rows = self.indices.tolist()
+        names = [f"{i:05d}" for i in range(len(images))] if item_ids is None else list(item_ids)
+        assert len(names) == len(images), "one item id per image"
+        self.item_ids: list[str] = [str(names[i]) for i in rows]
+        self.patients: list[str] = list(self.item_ids) if patients is None else [str(patients[i]) for i in rows]
         self.patch_size = patch_size
         self.stride = stride or patch_size
         self.image_size = image_size

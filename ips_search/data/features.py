@@ -7,11 +7,14 @@ Layout (TRIDENT / CLAM; ``ips-search-extract`` writes the same): ``<root>/<slide
   attributes TRIDENT writes (``patch_size``, ``patch_size_level0``, ``level0_magnification``,
   ``target_magnification``, ...) or CLAM's (``patch_size``, ``patch_level``, ``downsample``);
 
-plus a manifest CSV ``slide,label[,split]`` (``slide`` = file name without ``.h5``; ``split`` one of
-train / val / test). Without a ``split`` column the slides are split with ``seed``: ``test_fraction``
-for test, then ``val_fraction`` of the rest for validation; with one, a split that lists no ``val``
-slides gets ``val_fraction`` of its train slides. Labels are class indices ``0..K-1`` when every label
-is a non-negative integer, else class names (sorted).
+plus a manifest CSV ``slide,label[,split][,patient]`` (``slide`` = file name without ``.h5``; ``split`` one of
+train / val / test; ``patient``, or ``case_id`` or ``group``, the patient each slide was cut from: without it each
+slide is its own patient). CLAM's dataset CSV (``case_id,slide_id,label``) is read as it is: ``slide_id`` is the
+slide, ``case_id`` its patient. Without a ``split`` column the slides are split by patient with ``seed``
+(:func:`~ips_search.data.checks.patient_splits`): about ``test_fraction`` of the patients for test, then about
+``val_fraction`` of the rest for validation, each draw stratified by label; with one, a split that lists no ``val``
+slides gets about ``val_fraction`` of its train patients. Labels are class indices ``0..K-1`` when every label is a
+non-negative integer, else class names (sorted).
 
 Items are ``(source, {"label": int64 scalar})``: a :class:`H5FeatureSource` (lazy, reads only the
 rows asked for) or, with ``feature_items: tensor`` (``auto`` picks it when every slide has the same,
@@ -21,9 +24,10 @@ once per epoch; a large one stays on disk), and opens no file it keeps: each sou
 first read, in the process that reads (DataLoader workers included), and closes it when dropped.
 
 Checks (:mod:`ips_search.data.checks`): a ``slide`` name must stay inside ``root`` (no ``../x``, no absolute
-path); the cohort, the train split, and a validation or test split of two or more slides need two classes; no
-file may sit in two splits (same file, or same content up to 64 MB); features read with NaN or Inf stop the
-trial with the file named.
+path); a patient cell may not be blank, and a split column may not put one patient's slides in two splits; the
+cohort, the train split, and a validation or test split of two or more slides need two classes; no file may sit in
+two splits (same file, or same content up to 64 MB); features read with NaN or Inf stop the trial with the file
+named.
 """
 
 from __future__ import annotations
@@ -38,14 +42,23 @@ import torch
 from torch.utils.data import Dataset
 
 from ips_search.config import DataConfig, Task
-from ips_search.data.checks import check_classes, check_disjoint, check_finite, inside
+from ips_search.data.checks import (
+    check_classes,
+    check_disjoint,
+    check_finite,
+    check_patients,
+    inside,
+    patient_column,
+    patient_splits,
+    read_patients,
+)
 from ips_search.data.preview import DataPreview
 from ips_search.data.registry import DATASETS, DatasetKind, DataSplits, item_geometry
-from ips_search.data.split import n_validation
 from ips_search.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+SLIDE_COLUMNS = ("slide", "slide_id")  # slide_id: CLAM's dataset CSV
 TENSOR_ITEM_LIMIT = 1 << 24  # auto: in-RAM tensor items only up to N * D = 16 M values (64 MB float32)
 # Tensor items are kept after their first read, up to this many bytes per split and process: a small cohort is
 # then read from disk once per trial, not once per epoch (opening a small file costs more than reading it)
@@ -151,13 +164,26 @@ class SlideFile:
 
 
 class FeatureDataset(Dataset):
-    """Items ``(H5FeatureSource or (N, D) float32 tensor, {"label": int64 scalar})``; see the module docstring."""
+    """Items ``(H5FeatureSource or (N, D) float32 tensor, {"label": int64 scalar})``; see the module docstring.
 
-    def __init__(self, files: list[SlideFile], labels: list[int], classes: list[str], as_tensors: bool) -> None:
+    ``item_ids`` are the slides' names, ``patients`` their patients (the slides' names where the manifest has no
+    patient column), both aligned with the items."""
+
+    def __init__(
+        self,
+        files: list[SlideFile],
+        labels: list[int],
+        classes: list[str],
+        as_tensors: bool,
+        patients: list[str] | None = None,
+    ) -> None:
         self.files, self.as_tensors = files, as_tensors
         self.targets = {"label": torch.tensor(labels, dtype=torch.long)}
         self.classes = classes
         self.paths = [f.path for f in files]
+        self.item_ids = [f.slide for f in files]
+        self.patients = list(self.item_ids if patients is None else patients)
+        assert len(self.patients) == len(files), "one patient per slide"
         self.n_chan = files[0].dim if files else 0  # D: the projector's input width
         self._kept: dict[int, torch.Tensor] = {}  # tensor items read so far, up to KEEP_BYTES
         self._kept_bytes = 0
@@ -188,17 +214,22 @@ class FeatureDataset(Dataset):
 
 
 def read_manifest(path: Path) -> list[dict[str, str]]:
-    """The manifest's rows as dicts; columns ``slide`` and ``label`` are required, ``split`` optional."""
+    """The manifest's rows as dicts, keyed ``slide`` (or CLAM's ``slide_id``), ``label``, and where present ``split``
+    and a patient column (:data:`~ips_search.data.checks.PATIENT_COLUMNS`); other columns are kept, unread."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             columns = [c.strip() for c in reader.fieldnames or []]
-            missing = [c for c in ("slide", "label") if c not in columns]
+            slide = next((c for c in SLIDE_COLUMNS if c in columns), "slide")
+            missing = [c for c in (slide, "label") if c not in columns]
             if missing:
                 raise ConfigError(
-                    f"manifest {path} lacks column(s) {', '.join(missing)}; its header must be slide,label[,split]"
+                    f"manifest {path} lacks column(s) {', '.join(missing)}; its header must be "
+                    "slide,label[,split][,patient] (or CLAM's case_id,slide_id,label)"
                 )
             rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+            if slide != "slide":
+                rows = [{**row, "slide": row[slide]} for row in rows]
     except OSError as exc:
         raise ConfigError(f"cannot read manifest {path} ({exc.strerror}); set data.manifest to a CSV file") from None
     except UnicodeDecodeError:
@@ -243,10 +274,13 @@ def _class_indices(labels: list[str], manifest: Path) -> tuple[list[int], list[s
     return [classes.index(label) for label in labels], classes
 
 
-def _assign_splits(rows: list[dict[str, str]], cfg: DataConfig, manifest: Path) -> list[str]:
-    rng = np.random.default_rng([cfg.seed, 7])
+def _assign_splits(
+    rows: list[dict[str, str]], labels: list[int], patients: list[str], cfg: DataConfig, manifest: Path
+) -> list[str]:
+    """Each row's split: the split column's, else drawn by patient (:func:`~ips_search.data.checks.patient_splits`)."""
+    given = None
     if "split" in rows[0]:
-        splits = []
+        given = []
         for row in rows:
             split = SPLIT_ALIASES.get(row.get("split", "").lower())
             if split is None:
@@ -254,23 +288,10 @@ def _assign_splits(rows: list[dict[str, str]], cfg: DataConfig, manifest: Path) 
                     f"manifest {manifest}: slide {row['slide']!r} has split {row.get('split')!r}; "
                     "use train, val or test"
                 )
-            splits.append(split)
-    else:
-        n = len(rows)
-        if n < 3:
-            raise ConfigError(f"manifest {manifest} lists {n} slide(s); a seeded split needs at least 3")
-        order = rng.permutation(n)
-        n_test = n_validation(n, cfg.test_fraction)
-        splits = ["train"] * n
-        for i in order[:n_test]:
-            splits[i] = "test"
-    if "val" not in splits:
-        train = [i for i, s in enumerate(splits) if s == "train"]
-        if len(train) < 2:
-            raise ConfigError(f"manifest {manifest} has {len(train)} train slide(s); validation needs at least 2")
-        for i in rng.permutation(train)[: n_validation(len(train), cfg.val_fraction)]:
-            splits[i] = "val"
-    return splits
+            given.append(split)
+    unit = "patient" if patient_column(rows[0]) else "slide"
+    where = f"manifest {manifest}"
+    return patient_splits(patients, labels, given, cfg.test_fraction, cfg.val_fraction, cfg.seed, where, unit)
 
 
 def resolve(root: str | None, manifest: str | None) -> tuple[Path, Path]:
@@ -283,7 +304,7 @@ def resolve(root: str | None, manifest: str | None) -> tuple[Path, Path]:
     path = Path(manifest).expanduser() if manifest else Path("labels.csv")
     path = path if path.is_absolute() else folder / path
     if not path.is_file():
-        raise ConfigError(f"manifest {path} not found; set data.manifest to a slide,label[,split] CSV")
+        raise ConfigError(f"manifest {path} not found; set data.manifest to a slide,label[,split][,patient] CSV")
     return folder, path
 
 
@@ -320,7 +341,8 @@ def read_splits(cfg: DataConfig) -> tuple[FeatureDataset, FeatureDataset, Featur
             "extract every slide with the same encoder"
         )
     labels, classes = _class_indices([row["label"] for row in rows], manifest)
-    splits = _assign_splits(rows, cfg, manifest)
+    patients = read_patients(rows, [row["slide"] for row in rows], f"manifest {manifest}")
+    splits = _assign_splits(rows, labels, patients, cfg, manifest)
     dim, sizes = files[0].dim, {f.n for f in files}
     as_tensors = cfg.feature_items == "tensor" or (
         cfg.feature_items == "auto" and len(sizes) == 1 and next(iter(sizes)) * dim <= TENSOR_ITEM_LIMIT
@@ -334,12 +356,19 @@ def read_splits(cfg: DataConfig) -> tuple[FeatureDataset, FeatureDataset, Featur
         for s in ("val", "test")
         if "split" in rows[0] and any(SPLIT_ALIASES.get(r["split"].lower()) == s for r in rows)
     ]
+    check_patients({split: [patients[i] for i in idx] for split, idx in keep.items()}, f"manifest {manifest}")
     labels_of = {split: [labels[i] for i in idx] for split, idx in keep.items()}
     check_classes(labels_of, classes, f"manifest {manifest}", given)
     paths_of = {split: [files[i].path for i in idx] for split, idx in keep.items()}
     check_disjoint(paths_of, f"manifest {manifest}", cfg.cache_dir)
     parts = [
-        FeatureDataset([files[i] for i in keep[split]], [labels[i] for i in keep[split]], classes, as_tensors)
+        FeatureDataset(
+            [files[i] for i in keep[split]],
+            [labels[i] for i in keep[split]],
+            classes,
+            as_tensors,
+            [patients[i] for i in keep[split]],
+        )
         for split in SPLITS
     ]
     return parts[0], parts[1], parts[2], (Task("label", len(classes)),)

@@ -2,10 +2,14 @@
 
 Layouts (class names = sub-folder names, sorted; class index = position):
 
-* ``root/<class>/*.png|jpg|...``: a seeded random split; the test set is 20% of
-  the images but at most ``n_test``; validation is ``val_fraction`` of the rest.
+* ``root/<class>/*.png|jpg|...``: a seeded split, stratified by class; the test set is about
+  20% of the images but at most about ``n_test``; validation is about ``val_fraction`` of the rest.
 * ``root/train/<class>/...`` and ``root/test/<class>/...``: used as given;
-  validation is a seeded ``val_fraction`` of ``train``. ``test`` may lack a class.
+  validation is a seeded, stratified ``val_fraction`` of ``train``. ``test`` may lack a class.
+
+Each image is its own patient: the draws are :func:`~ips_search.data.checks.patient_splits` (test with ``seed``,
+validation with ``seed + 1``), as for slides. Each dataset's ``item_ids`` (and ``patients``) are its images' paths
+relative to ``root``.
 
 Images may have any size: each is resized keeping its aspect ratio so the longer
 side is ``image_size``, then zero-padded (black) to a centred square. ``n_chan`` 1
@@ -39,12 +43,11 @@ from tqdm.auto import tqdm
 
 from ips_search.config import DataConfig, Task
 from ips_search.data.cache import cache_key, cache_root, cached_memmap
-from ips_search.data.checks import check_classes, check_disjoint
+from ips_search.data.checks import check_classes, check_disjoint, patient_splits
 from ips_search.data.dataset import PatchDataset
 from ips_search.data.images import open_image, pil_high_depth_to_uint8, pixel_limit
 from ips_search.data.preview import DataPreview, human_bytes
 from ips_search.data.registry import DATASETS, DatasetKind, DataSplits, image_splits
-from ips_search.data.split import n_validation, seeded_test_split
 from ips_search.errors import ConfigError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -159,6 +162,11 @@ class FolderPlan:
     labels: list[int]
     splits: dict[str, np.ndarray]  # train / val / test: indices into paths, sorted
 
+    @property
+    def item_ids(self) -> list[str]:
+        """Each image's path relative to ``root`` (posix): its name in the cohort, unique."""
+        return [p.relative_to(self.root).as_posix() for p in self.paths]
+
 
 def _root(cfg: DataConfig) -> Path:
     """``cfg.root``, checked to be a folder, and ``n_chan`` one a folder can hold."""
@@ -184,7 +192,6 @@ def plan(cfg: DataConfig) -> FolderPlan:
     """Scan ``cfg.root``, split it (seeded), and check the cohort (:mod:`ips_search.data.checks`); no decoding."""
     root = _root(cfg)
     pixel_limit(cfg.max_pixels)
-    rng = np.random.default_rng([cfg.seed, 8])
     has_train, has_test = (root / "train").is_dir(), (root / "test").is_dir()
     if has_train != has_test:
         present, missing = ("train", "test") if has_train else ("test", "train")
@@ -195,17 +202,17 @@ def plan(cfg: DataConfig) -> FolderPlan:
         classes, train_paths, train_labels = scan(root / "train")
         _, test_paths, test_labels = scan(root / "test", classes)
         paths, labels = train_paths + test_paths, train_labels + test_labels
-        test_idx = np.arange(len(train_paths), len(paths))
-        rest = rng.permutation(len(train_paths))
+        given: list[str] | None = ["train"] * len(train_paths) + ["test"] * len(test_paths)
     else:
         classes, paths, labels = scan(root)
         if len(paths) < 3:
             raise ConfigError(f"found {len(paths)} image(s) in {root}; need at least 3 (train, validation and test)")
-        test_idx, rest = seeded_test_split(len(paths), cfg.n_test, TEST_FRACTION, rng)
-    if len(rest) < 2:
-        raise ConfigError(f"{root} has {len(rest)} training image(s); need at least 2 (train and validation)")
-    n_val = n_validation(len(rest), cfg.val_fraction)
-    splits = {"train": np.sort(rest[n_val:]), "val": np.sort(rest[:n_val]), "test": np.sort(test_idx)}
+        given = None
+    ids = [p.relative_to(root).as_posix() for p in paths]
+    test_fraction = min(TEST_FRACTION, cfg.n_test / len(paths))  # about 20%, but no more than about n_test images
+    where = f"image folder {root}"
+    drawn = patient_splits(ids, labels, given, test_fraction, cfg.val_fraction, cfg.seed, where, unit="image")
+    splits = {k: np.array([i for i, s in enumerate(drawn) if s == k], dtype=np.int64) for k in ("train", "val", "test")}
     given = ("test",) if has_train else ()  # a seeded draw may land on one class by chance: not refused
     check_classes({k: [labels[i] for i in idx] for k, idx in splits.items()}, classes, f"image folder {root}", given)
     check_disjoint({k: [paths[i] for i in idx] for k, idx in splits.items()}, f"image folder {root}", cfg.cache_dir)
@@ -217,7 +224,7 @@ def build_splits(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchData
     p = plan(cfg)
     images = _as_tensor(decode_cached(p.paths, cfg.image_size, cfg.n_chan, cfg.cache_dir, cfg.max_pixels))
     targets = {"label": torch.tensor(p.labels, dtype=torch.long)}
-    args = dict(patch_size=cfg.patch_size, stride=cfg.patch_stride)
+    args = dict(patch_size=cfg.patch_size, stride=cfg.patch_stride, item_ids=p.item_ids)
     train, val, test = (
         PatchDataset(images, targets, indices=torch.from_numpy(p.splits[k]), **args) for k in ("train", "val", "test")
     )

@@ -20,7 +20,8 @@ so validation, like test, measures digits the model never trained on. With
 (:func:`jitter_digit`), so training sees more shapes than the pool holds.
 Canvases are deterministic in ``seed``, generated once and cached on disk as uint8
 ``(n, H, W)`` with their metadata (digit classes, boxes ``(y0, x0, y1, x1)`` with
-exclusive ends, and source ids).
+exclusive ends, and source ids). Each dataset's ``item_ids`` (and ``patients``: a canvas is its own) are canvas
+keys ``train-00012``, ``val-00003``, ``test-00007`` (the split it was generated for and its index there).
 """
 
 from __future__ import annotations
@@ -245,11 +246,12 @@ def build_splits(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchData
         images = part["canvases"].unsqueeze(1)  # (n, 1, H, W), a view
         targets = targets_from_meta(part["classes"], part["boxes"])
         meta = {k: part[k] for k in ("classes", "boxes", "source_ids")}
-        splits[name] = (images, {t: targets[t] for t in cfg.tasks}, meta)
+        keys = [f"{name}-{i:05d}" for i in range(len(images))]
+        splits[name] = (images, {t: targets[t] for t in cfg.tasks}, meta, keys)
 
     train, val, test = (
-        PatchDataset(images, targets, cfg.patch_size, cfg.patch_stride, meta=meta)
-        for images, targets, meta in (splits[name] for name in ("train", "val", "test"))
+        PatchDataset(images, targets, cfg.patch_size, cfg.patch_stride, meta=meta, item_ids=keys)
+        for images, targets, meta, keys in (splits[name] for name in ("train", "val", "test"))
     )
     return train, val, test
 

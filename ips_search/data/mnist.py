@@ -5,7 +5,8 @@ to ``image_size`` square on access, so 500x500 images with 100-px patches give
 25 patches. Train images are the first ``n_train`` of a seeded permutation of
 MNIST's train split (validation is a ``val_fraction`` of those); test images are the
 first ``n_test`` of a seeded permutation of MNIST's real test split (the notebook
-evaluated on its train split). Needs the MNIST files on disk or ``download: true``.
+evaluated on its train split). Needs the MNIST files on disk or ``download: true``. Each dataset's ``item_ids``
+(and ``patients``: a digit is its own) are ``train-<index>`` / ``test-<index>``, the digit's index in MNIST's split.
 """
 
 from __future__ import annotations
@@ -41,13 +42,17 @@ def build_splits(cfg: DataConfig) -> tuple[PatchDataset, PatchDataset, PatchData
             which = "n_train" if train else "n_test"
             raise ConfigError(f"{which} {n} is more than the {len(labels)} MNIST images; use {which} <= {len(labels)}")
         pick = torch.from_numpy(np.random.default_rng([cfg.seed, stream]).permutation(len(labels))[:n])
-        splits.append((images[pick].unsqueeze(1), {"label": labels[pick]}))  # (n, 1, 28, 28) uint8
+        keys = [f"{'train' if train else 'test'}-{i:05d}" for i in pick.tolist()]
+        splits.append((images[pick].unsqueeze(1), {"label": labels[pick]}, keys))  # (n, 1, 28, 28) uint8
 
     n_val = n_validation(cfg.n_train, cfg.val_fraction)
     args = dict(patch_size=cfg.patch_size, stride=cfg.patch_stride, image_size=cfg.image_size)
-    train = PatchDataset(*splits[0], indices=torch.arange(n_val, cfg.n_train), **args)
-    val = PatchDataset(*splits[0], indices=torch.arange(n_val), **args)
-    test = PatchDataset(*splits[1], **args)
+    (train_images, train_targets, train_keys), (test_images, test_targets, test_keys) = splits
+    train = PatchDataset(
+        train_images, train_targets, indices=torch.arange(n_val, cfg.n_train), item_ids=train_keys, **args
+    )
+    val = PatchDataset(train_images, train_targets, indices=torch.arange(n_val), item_ids=train_keys, **args)
+    test = PatchDataset(test_images, test_targets, item_ids=test_keys, **args)
     return train, val, test
 
 

@@ -3,20 +3,26 @@
 Inputs (one of):
 
 * ``root: DIR`` in ImageFolder layout, ``DIR/<class>/*`` (seeded split) or ``DIR/train|test/<class>/*``;
-* ``manifest: cohort.csv`` with columns ``path,label`` and an optional ``split`` (``train``/``test``; otherwise a
-  seeded split); relative paths resolve against the CSV's folder;
+* ``manifest: cohort.csv`` with columns ``path,label``, an optional ``split`` (``train``/``test``; otherwise a
+  seeded split) and an optional patient column (``patient``, ``case_id`` or ``group``; without it each slide is its
+  own patient); relative paths resolve against the CSV's folder;
 * neither, with ``cohort_size: n``: ``n`` synthetic slides of side ``slide_size`` generated once into the cache
   directory (:mod:`.generate`), half of them with small "tumour" lesions.
 
-The test split is 20% of the slides (at most ``n_test``) when not given; validation is ``val_fraction`` of the
-rest. Items are ``(SlidePatchSource, {"label": int64 scalar})``: the source holds the coordinates of the patches
-that pass the foreground filter (:mod:`.tissue`, cached per file and settings) and reads pixels only when asked.
+The test split is about 20% of the slides (at most about ``n_test``) when not given, validation about
+``val_fraction`` of the rest: both drawn by patient with ``seed`` and stratified by label
+(:func:`~ips_search.data.checks.patient_splits`). Each dataset's ``item_ids`` name its slides (the file names
+without extension, or, where two share one, the paths as the manifest gives them or relative to ``root``) and
+``patients`` their patients. Items are ``(SlidePatchSource, {"label": int64 scalar})``: the source holds the
+coordinates of the patches that pass the foreground filter (:mod:`.tissue`, cached per file and settings) and reads
+pixels only when asked.
 Every file is checked when the datasets are built, from its headers and a thumbnail: a missing, unsupported,
 corrupt or truncated file, a level it lacks, a slide smaller than one patch, or a slide without foreground is a
 one-line :class:`ConfigError` naming the file, before any training starts. A manifest's relative path must stay
 in the manifest's folder (``../x`` is refused; an absolute path is taken as given); a plain image is decoded whole,
 so one whose header claims more than ``max_pixels`` is refused. Then the cohort (:mod:`ips_search.data.checks`):
-two classes in all, in train, and in a validation or test split of two or more slides; no file in two splits.
+no slide listed twice, no blank patient cell, no patient in two splits of a split column; two classes in all, in
+train, and in a validation or test split of two or more slides; no file in two splits.
 """
 
 from __future__ import annotations
@@ -33,7 +39,15 @@ from tqdm.auto import tqdm
 from ips_search.config import DataConfig, Task
 from ips_search.data import folder
 from ips_search.data.cache import cache_key, cache_root, cached_npy, file_lock
-from ips_search.data.checks import check_classes, check_disjoint, inside
+from ips_search.data.checks import (
+    check_classes,
+    check_disjoint,
+    check_patients,
+    inside,
+    patient_column,
+    patient_splits,
+    read_patients,
+)
 from ips_search.data.images import pixel_limit
 from ips_search.data.preview import DataPreview
 from ips_search.data.registry import DATASETS, DatasetKind, DataSplits, item_geometry
@@ -41,7 +55,6 @@ from ips_search.data.slides import tissue
 from ips_search.data.slides.generate import generate_cohort
 from ips_search.data.slides.readers import READABLE_EXTS, SlideReader, detect, open_slide
 from ips_search.data.slides.source import SlidePatchSource
-from ips_search.data.split import n_validation, seeded_test_split
 from ips_search.errors import ConfigError
 
 __all__ = ["SlideDataset", "SlidePatchSource", "build", "open_slide", "slide_entries", "make_source"]
@@ -53,16 +66,26 @@ SPLITS = ("train", "test")
 
 
 class SlideDataset(Dataset):
-    """Items are ``(source, {task: target})``: a lazy :class:`SlidePatchSource` and int64 scalar targets."""
+    """Items are ``(source, {task: target})``: a lazy :class:`SlidePatchSource` and int64 scalar targets;
+    ``item_ids`` (the slides' names) and ``patients`` are aligned with them."""
 
     def __init__(
-        self, sources: list[SlidePatchSource], targets: dict[str, torch.Tensor], classes: list[str], n_chan: int
+        self,
+        sources: list[SlidePatchSource],
+        targets: dict[str, torch.Tensor],
+        classes: list[str],
+        n_chan: int,
+        item_ids: list[str] | None = None,
+        patients: list[str] | None = None,
     ) -> None:
         self.sources = sources
         self.targets = targets
         self.classes = classes
         self.n_chan = n_chan
         self.paths = [s.path for s in sources]
+        self.item_ids = [s.path.stem for s in sources] if item_ids is None else list(item_ids)
+        self.patients = list(self.item_ids if patients is None else patients)
+        assert len(self.item_ids) == len(self.patients) == len(sources), "one name and one patient per slide"
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -78,12 +101,23 @@ class SlideDataset(Dataset):
 
 @dataclass
 class SlideEntries:
-    """The listed slides before any file is opened: paths, class indices, given split (or None)."""
+    """The listed slides before any file is opened: paths, class indices, given split (or None), each slide's name
+    (:func:`slide_names`) and patient (its name where no patient column gives one)."""
 
     paths: list[Path]
     labels: list[int]
     classes: list[str]
     splits: list[str] | None
+    names: list[str]
+    patients: list[str]
+    by_patient: bool = False  # a patient column gave the patients
+
+
+def slide_names(paths: list[Path], written: list[str]) -> list[str]:
+    """Each slide's name: its file name without extension where no two slides share one, else the path as
+    ``written`` (in the manifest, or relative to the folder): unique across the cohort whenever the paths are."""
+    stems = [p.stem for p in paths]
+    return stems if len(set(stems)) == len(stems) else list(written)
 
 
 def _read_manifest(manifest: Path) -> SlideEntries:
@@ -117,7 +151,16 @@ def _read_manifest(manifest: Path) -> SlideEntries:
     numeric = all(n.lstrip("-").isdigit() for n in names)
     classes = sorted(set(names), key=int if numeric else str)
     labels = [classes.index(n) for n in names]
-    return SlideEntries(paths, labels, classes, splits if "split" in columns else None)
+    slides = slide_names(paths, [row["path"] for row in rows])
+    patients = read_patients(rows, slides, f"manifest {manifest}")
+    given = splits if "split" in columns else None
+    return SlideEntries(paths, labels, classes, given, slides, patients, patient_column(columns) is not None)
+
+
+def _folder_entries(root: Path, paths: list[Path], labels: list[int], classes: list[str], splits: list[str] | None):
+    """The slides of a class-folder layout: each its own patient, named by :func:`slide_names`."""
+    names = slide_names(paths, [p.relative_to(root).as_posix() for p in paths])
+    return SlideEntries(paths, labels, classes, splits, names, list(names))
 
 
 def _generated_manifest(cfg: DataConfig) -> Path:
@@ -144,9 +187,9 @@ def slide_entries(cfg: DataConfig) -> SlideEntries:
             classes, train_paths, train_labels = folder.scan(root / "train", exts=READABLE_EXTS)
             _, test_paths, test_labels = folder.scan(root / "test", classes, exts=READABLE_EXTS)
             splits = ["train"] * len(train_paths) + ["test"] * len(test_paths)
-            return SlideEntries(train_paths + test_paths, train_labels + test_labels, classes, splits)
+            return _folder_entries(root, train_paths + test_paths, train_labels + test_labels, classes, splits)
         classes, paths, labels = folder.scan(root, exts=READABLE_EXTS)
-        return SlideEntries(paths, labels, classes, None)
+        return _folder_entries(root, paths, labels, classes, None)
     if cfg.cohort_size:
         return _read_manifest(_generated_manifest(cfg))
     raise ConfigError(
@@ -217,27 +260,32 @@ def make_source(path: str | Path, cfg: DataConfig) -> SlidePatchSource:
 
 
 def split_cohort(entries: SlideEntries, cfg: DataConfig) -> dict[str, np.ndarray]:
-    """Train / val / test indices into ``entries`` (the given split, or a seeded one), the cohort checked
-    (:mod:`ips_search.data.checks`: classes per split, no file in two splits)."""
-    rng = np.random.default_rng([cfg.seed, 8])
-    if entries.splits is not None:
-        test_idx = np.array([i for i, s in enumerate(entries.splits) if s == "test"], dtype=np.int64)
-        train_idx = np.array([i for i, s in enumerate(entries.splits) if s == "train"], dtype=np.int64)
-        if len(test_idx) == 0:
-            raise ConfigError("the slides' split column names no test slide; mark some rows test or drop the column")
-        rest = rng.permutation(train_idx)
-    else:
-        if len(entries.paths) < 3:
-            raise ConfigError(f"found {len(entries.paths)} slide(s); need at least 3 (train, validation and test)")
-        test_idx, rest = seeded_test_split(len(entries.paths), cfg.n_test, TEST_FRACTION, rng)
-    if len(rest) < 2:
-        raise ConfigError(f"{len(rest)} training slide(s); need at least 2 (train and validation)")
-    n_val = n_validation(len(rest), cfg.val_fraction)
-    splits = {"train": np.sort(rest[n_val:]), "val": np.sort(rest[:n_val]), "test": np.sort(test_idx)}
+    """Train / val / test indices into ``entries`` (the given split, or one drawn by patient:
+    :func:`~ips_search.data.checks.patient_splits`), the cohort checked (:mod:`ips_search.data.checks`: no patient
+    in two splits, classes per split, no file in two splits)."""
     where = f"manifest {cfg.manifest}" if cfg.manifest else f"slide folder {cfg.root}" if cfg.root else "the slides"
+    if entries.splits is not None and "test" not in entries.splits:
+        raise ConfigError("the slides' split column names no test slide; mark some rows test or drop the column")
+    if entries.splits is None and len(entries.paths) < 3:
+        raise ConfigError(f"found {len(entries.paths)} slide(s); need at least 3 (train, validation and test)")
+    # about 20% for test, but no more than about n_test slides
+    test_fraction = min(TEST_FRACTION, cfg.n_test / max(1, len(entries.paths)))
+    unit = "patient" if entries.by_patient else "slide"
+    drawn = patient_splits(
+        entries.patients, entries.labels, entries.splits, test_fraction, cfg.val_fraction, cfg.seed, where, unit
+    )
+    splits = {k: np.array([i for i, s in enumerate(drawn) if s == k], dtype=np.int64) for k in ("train", "val", "test")}
+    check_patients({k: [entries.patients[i] for i in idx] for k, idx in splits.items()}, where)
     given = ("test",) if entries.splits is not None else ()  # a seeded draw may land on one class by chance
     check_classes({k: [entries.labels[i] for i in idx] for k, idx in splits.items()}, entries.classes, where, given)
     check_disjoint({k: [entries.paths[i] for i in idx] for k, idx in splits.items()}, where, cfg.cache_dir)
+    first: dict[Path, int] = {}
+    for i, path in enumerate(entries.paths):  # twice in one split: check_disjoint compares splits only
+        j = first.setdefault(path.resolve(), i)
+        if j != i:
+            raise ConfigError(
+                f"{where} lists {path} twice (as {entries.names[j]!r} and {entries.names[i]!r}); keep one row per slide"
+            )
     return splits
 
 
@@ -252,7 +300,10 @@ def build(cfg: DataConfig) -> DataSplits:
     labels = torch.tensor(entries.labels, dtype=torch.long)
 
     def subset(idx: np.ndarray) -> SlideDataset:
-        return SlideDataset([sources[i] for i in idx], {"label": labels[idx]}, entries.classes, cfg.n_chan)
+        names, patients = [entries.names[i] for i in idx], [entries.patients[i] for i in idx]
+        return SlideDataset(
+            [sources[i] for i in idx], {"label": labels[idx]}, entries.classes, cfg.n_chan, names, patients
+        )
 
     train, val, test = subset(splits["train"]), subset(splits["val"]), subset(splits["test"])
     counts = [n for ds in (train, val, test) for n in ds.n_patches]
