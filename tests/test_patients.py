@@ -288,6 +288,22 @@ def test_a_patient_in_train_and_test_is_one_line_exit_2(tmp_path, cache_dir, cap
     assert "put all of a patient's slides in one split" in err
 
 
+@pytest.mark.parametrize(("first", "then", "why"), [("train", "val", "trained on"), ("val", "test", "was selected on")])
+def test_a_patient_in_train_and_val_or_val_and_test_is_refused(tmp_path, first, then, why):
+    rows = [(f"s{i}", f"case{i}", "tumor" if i % 2 else "normal") for i in range(8)]
+    split = ["train", "train", "train", "train", "val", "val", "test", "test"]
+    moved = split.index(then) + 1  # the second slide of that split joins a patient of the first
+    rows[moved] = (f"s{moved}", f"case{split.index(first) + 1}", rows[moved][2])
+    root = tmp_path / "f"
+    features_cohort(root, rows)
+    lines = ["slide,patient,label,split", *(",".join([*r, s]) for r, s in zip(rows, split, strict=True))]
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    message = one_line(build_datasets, DataConfig(dataset="features", root=str(root)))
+    patient = f"case{split.index(first) + 1}"
+    assert f"patient {patient!r} has slides in both the {first} and the {then} split, so {then} would score" in message
+    assert f"a patient the model {why}" in message
+
+
 def test_a_slides_manifest_refuses_a_blank_patient_and_a_patient_in_two_splits(tmp_path):
     paths = [noise_png(tmp_path / "s" / f"{i}.png", i) for i in range(6)]
     labels = ["a", "b"] * 3

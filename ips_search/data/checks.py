@@ -185,7 +185,8 @@ def read_patients(rows: Sequence[Mapping[str, str]], names: Sequence[str], where
 def check_patients(splits: Mapping[str, Sequence[str]], where: str) -> None:
     """Refuse one patient in two splits (``splits``: split name -> the patient of each of its items, in the order
     train, val, test): a split column that puts a patient's slides in train and test lets test score a patient the
-    model trained on (and val, one it was selected on)."""
+    model trained on; in train and val, validation does (and so selects on it); in val and test, test scores a
+    patient the model was selected on."""
     owner: dict[str, str] = {}
     for split, patients in splits.items():
         for patient in patients:
@@ -193,7 +194,7 @@ def check_patients(splits: Mapping[str, Sequence[str]], where: str) -> None:
             if first != split:
                 raise ConfigError(
                     f"{where}: patient {patient!r} has slides in both the {first} and the {split} split, so {split} "
-                    f"would score a patient the model {'was selected on' if split == 'val' else 'trained on'}: put "
+                    f"would score a patient the model {'trained' if first == 'train' else 'was selected'} on: put "
                     "all of a patient's slides in one split (or drop the split column: the draw keeps patients whole)"
                 )
 
