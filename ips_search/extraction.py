@@ -530,3 +530,9 @@ def resolve_data(cfg: DataConfig, progress: bool = True, run_torchscript: bool =
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
+
+
+def built_geometry(data: DataConfig) -> DataGeometry:
+    """The geometry ``data`` gives the model: from the config alone for whole images; slides and features build (or
+    load from the cache) their data, whose files decide N."""
+    return data_geometry(data) or build_datasets(resolve_data(data, progress=False)).geometry

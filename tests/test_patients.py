@@ -15,9 +15,10 @@ from test_data import fake_mnist  # noqa: F401 - the fixture, used by name
 from ips_search import run
 from ips_search.config import DataConfig
 from ips_search.data import build_datasets, preview_datasets
-from ips_search.data.checks import holdout, patient_splits
+from ips_search.data.checks import patient_splits
 from ips_search.data.cohort import items
 from ips_search.data.slides import slide_entries, split_cohort
+from ips_search.data.split import group_holdout as holdout
 from ips_search.errors import ConfigError
 
 PARTS = ("train", "val", "test")

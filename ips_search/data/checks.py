@@ -24,17 +24,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import warnings
 from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedKFold
 
 from ips_search.data.cache import cache_key, cache_root
-from ips_search.data.split import group_folds
+from ips_search.data.split import group_holdout
 from ips_search.errors import ConfigError
 
 HASH_LIMIT = 64 << 20  # files up to 64 MB are compared by content; bigger ones (slides) by identity only
@@ -199,47 +197,6 @@ def check_patients(splits: Mapping[str, Sequence[str]], where: str) -> None:
                 )
 
 
-def holdout(patients: Sequence[str], labels: Sequence[object], fraction: float, seed: int) -> np.ndarray:
-    """A boolean mask of about ``fraction`` of the items, whole patients, labels stratified as far as patients allow.
-
-    One fold of ``round(1 / fraction)`` (at least 2, at most one per patient) :func:`patient_folds`, as
-    :func:`~ips_search.data.split.group_holdout` holds out, but the first fold that holds every class, where one does
-    (fold 0 otherwise): a cohort of a few patients per class keeps both classes in the part held out more often than
-    fold 0 alone would."""
-    patients = [str(p) for p in patients]
-    strata = [str(y) for y in labels]
-    k = min(max(2, round(1 / fraction)), len(set(patients)))
-    folds = patient_folds(patients, strata, k, seed)
-    classes = set(strata)
-    for fold in range(k):
-        held = folds == fold
-        if {strata[i] for i in np.flatnonzero(held)} == classes:
-            return held
-    return folds == 0
-
-
-def patient_folds(patients: Sequence[str], strata: Sequence[str], k: int, seed: int) -> np.ndarray:
-    """The fold (0..k-1) of each item: :func:`~ips_search.data.split.group_folds`, with two exceptions of
-    scikit-learn's making. Where no patient holds two items (an image folder), ``StratifiedKFold`` cuts the same
-    kind of folds (the grouped search costs patients x folds Python steps: seconds per build at 10,000 images).
-    Where every class has fewer items than ``k``, scikit-learn refuses to stratify; the folds are then cut by patient
-    alone (one patient is already a class's whole share)."""
-    with warnings.catch_warnings():  # a class smaller than the folds is expected of a small cohort
-        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-        try:
-            if len(set(patients)) == len(patients):
-                folds = np.full(len(patients), -1, dtype=np.int64)
-                splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed % (2**32))
-                for fold, (_, held) in enumerate(splitter.split(np.zeros(len(patients)), strata)):
-                    folds[held] = fold
-                return folds
-            return group_folds(patients, strata, k, seed)
-        except ValueError:  # every class smaller than the folds: scikit-learn cannot stratify
-            if len(set(strata)) == 1:  # pragma: no cover - one stratum holds every item, at least k
-                raise
-            return patient_folds(patients, [""] * len(patients), k, seed)
-
-
 def patient_splits(
     patients: Sequence[str],
     labels: Sequence[int],
@@ -253,9 +210,9 @@ def patient_splits(
     """Each item's split (``train`` / ``val`` / ``test``), whole patients in each.
 
     ``given`` (a split column) is kept; where it names no ``val`` item, validation is drawn from its ``train``
-    items. Without it, test is :func:`holdout` ``test_fraction`` of the patients (seed ``seed``), then validation
-    :func:`holdout` ``val_fraction`` of the patients left (seed ``seed + 1``, so the two draws differ). ``unit`` names
-    a patient in the messages (``image`` where each item is its own)."""
+    items. Without it, test is :func:`group_holdout` ``test_fraction`` of the patients (seed ``seed``), then
+    validation :func:`group_holdout` ``val_fraction`` of the patients left (seed ``seed + 1``, so the two draws
+    differ). ``unit`` names a patient in the messages (``image`` where each item is its own)."""
     patients_arr = np.asarray([str(p) for p in patients])
     labels_arr = np.asarray(labels)
     if given is None:
@@ -265,7 +222,7 @@ def patient_splits(
                 f"{where} holds {n} {unit}(s); a seeded split needs at least 3 (train, validation and test): "
                 f"add {unit}s or give the split"
             )
-        out = np.where(holdout(patients_arr, labels_arr, test_fraction, seed), "test", "train").astype("<U5")
+        out = np.where(group_holdout(patients_arr, labels_arr, test_fraction, seed), "test", "train").astype("<U5")
     else:
         out = np.asarray(given, dtype="<U5")
     if "val" not in out:
@@ -276,5 +233,5 @@ def patient_splits(
                 f"{where} leaves {n} training {unit}(s); validation is drawn from them and needs at least 2 "
                 f"(train and validation): add {unit}s"
             )
-        out[train[holdout(patients_arr[train], labels_arr[train], val_fraction, seed + 1)]] = "val"
+        out[train[group_holdout(patients_arr[train], labels_arr[train], val_fraction, seed + 1)]] = "val"
     return out.tolist()

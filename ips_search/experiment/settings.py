@@ -353,10 +353,14 @@ def settings_from_saved(saved: Any, schema: type = SearchSettings) -> Any:
 
 
 def _is_a(value: Any, hint: Any) -> bool:
-    """``value`` fits the annotation ``hint`` (``int``, ``float``, ``str``, or one of those ``| None``)."""
+    """``value`` fits the annotation ``hint`` (``int``, ``float``, ``str``, ``bool``, or one of those ``| None``)."""
     for kind in get_args(hint) or (hint,):
         if kind is type(None) and value is None:
             return True
+        if kind is bool:
+            if isinstance(value, bool):
+                return True
+            continue
         if isinstance(value, bool):  # JSON true/false is a Python int: never a count or an amount
             continue
         if isinstance(value, (int, float) if kind is float else kind):

@@ -20,8 +20,8 @@ from ips_search.data import DataGeometry, build_datasets, data_geometry
 from ips_search.data.preview import human_duration
 from ips_search.errors import ConfigError
 from ips_search.experiment import SearchSettings, asha_rungs
+from ips_search.extraction import built_geometry, resolve_data
 from ips_search.extraction import preview as preview_datasets
-from ips_search.extraction import resolve_data
 from ips_search.prediction import estimate_memory
 from ips_search.space import (
     DERIVED,
@@ -120,12 +120,6 @@ def prepare_data(space: SearchSpace) -> dict[int, DataGeometry]:
             build_model(exp, splits, device=torch.device("cpu"), progress=True)
     _record_counts(space, counts)  # slides, features: the M and I ranges follow the smallest item's N
     return geometries
-
-
-def built_geometry(data: DataConfig) -> DataGeometry:
-    """The geometry ``data`` gives the model: from the config alone for whole images; slides and features build (or
-    load from the cache) their data, whose files decide N."""
-    return data_geometry(data) or build_datasets(resolve_data(data, progress=False)).geometry
 
 
 # -- the M range a memory budget allows --------------------------------------------------------------------------------

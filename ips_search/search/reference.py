@@ -31,9 +31,9 @@ from ips_search.config import DataConfig, IPSConfig
 from ips_search.data import DataGeometry, dataset_kind
 from ips_search.experiment import PARAMS_FILE, REFERENCE_DIR, TRIALS_CSV, SearchSettings, best, coerce, sampled
 from ips_search.experiment.settings import trial_fixed
+from ips_search.extraction import built_geometry
 from ips_search.prediction import estimate_memory
 from ips_search.search.confirm import confirm_cpus
-from ips_search.search.plan import built_geometry
 from ips_search.search.results import TrialsCsvCallback, trial_dirname
 from ips_search.space import SearchSpace, trial_config
 
