@@ -7,6 +7,7 @@ Experiments here are written by hand (trial folders, ``confirm.csv``, ``confirm/
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,12 @@ def cv_experiment(tmp_path: Path) -> Path:
     reference = {"trial_id": "ref", "status": "completed", "memory_size": 64, "iteration_size": 8, "n_patches": 64}
     reference |= {"patch_size": 32, "lr": 1e-3, "metric": "auc", "folds": K, "folds_done": K}
     reference |= {"val_score_mean": 0.9, "val_score_std": 0.03, "test_score": 0.88, "peak_memory_mb": 400.0}
-    pd.DataFrame([reference]).to_csv(folder / "reference" / "trials.csv", index=False)
+    run = folder / "reference" / "train_ips_ref_00000"  # the reference run's own folder, as Tune leaves it
+    run.mkdir()
+    (run / "result.json").write_text(json.dumps({**reference, "training_iteration": 2}) + "\n")
+    pd.DataFrame([{**reference, "epochs": 2, "path": str(run)}]).to_csv(
+        folder / "reference" / "trials.csv", index=False
+    )
     return folder
 
 
@@ -122,6 +128,8 @@ def test_the_new_columns_load_from_trial_folders_confirm_csv_and_the_reference(c
     assert confirm["trial_id"] == CHOSEN and confirm["memory_size"] == 8 and confirm["patch_size"] == 32
     assert confirm["confirm_test_ci_low"] == pytest.approx(0.775) and confirm["confirm_runs"] == 3
     assert len(exp.reference) == 1 and exp.reference.iloc[0]["val_score_mean"] == pytest.approx(0.9)
+    assert exp.reference.iloc[0]["path"].endswith("train_ips_ref_00000")
+    assert [n for n in exp.notes if not n.startswith("trials.csv is missing")] == []  # the reference read cleanly
 
 
 def test_the_fold_table_ranks_by_the_mean_and_marks_test_as_not_ranked(cv_experiment):

@@ -121,7 +121,7 @@ def load_experiment(path: str | Path) -> Experiment:
     confirm = confirmed_table(confirm if confirm is not None else confirmed_from_trials(trials), trials)
     reference = pd.DataFrame()
     if (ref := reference_folder(folder)) is not None:
-        reference, ref_notes, _ = _read_trials(ref, space, ray_states=False)
+        reference, _, ref_notes = _read_trials(ref, space, ray_states=False)
         notes += [f"{REFERENCE_DIR}/: {n}" for n in ref_notes]
     return Experiment(
         path=folder,

@@ -185,7 +185,7 @@ def draw_roc(data: RocPlot) -> Figure:
         name = f"task {literal_text(panel.task)}" if panel.task else "test set"
         ax.set_title(f"{name}: {panel.slides} slides{', ' + spread if spread else ''}", fontsize=9)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7 if len(panel.curves) <= 6 else 5.5, loc="lower right")
     fig.suptitle(f"{data.title}\n{literal_text(data.source)}" if data.source else data.title, fontsize=10)
     return fig
 
