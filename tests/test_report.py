@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from test_report_notebook import visible_cells
 
 from ips_search.errors import EXIT_BAD_INPUT
-from ips_search.experiment import best
+from ips_search.experiment import METRIC, best
 from ips_search.report import (
     load_experiment,
     load_results,
@@ -101,9 +101,9 @@ def test_report_writes_every_file_and_the_notebook_runs(smoke_experiment, tmp_pa
     done = df[df["status"] == "completed"]
     # Smoke trials sit at chance accuracy, and their predicted memory is one figure for every M and I of this tiny
     # model: importance needs a target that varies (test_parameter_importance_and_its_plot covers one that does)
-    varies = done["val_accuracy"].nunique() > 1 or done["peak_memory_mb"].nunique() > 1
+    varies = done[METRIC].nunique() > 1 or done["peak_memory_mb"].nunique() > 1
     if varies:
-        assert not importance.empty and set(importance["target"]) <= {"val_accuracy", "peak_memory_mb"}
+        assert not importance.empty and set(importance["target"]) <= {METRIC, "peak_memory_mb"}
         assert (out / "importance.png").is_file() and "](importance.png)" in summary
     else:
         assert importance.empty and "every trial has the same value" in summary
@@ -238,14 +238,14 @@ def test_tables_hold_the_right_trials(smoke_experiment):
     assert set(effects["parameter"]) == {"memory_size", "iteration_size", "patch_size", "lr"}
     for name, rows in effects.groupby("parameter"):
         assert rows["trials"].sum() == len(done), name
-        assert np.isclose((rows["trials"] * rows["mean_val_accuracy"]).sum() / len(done), done["val_accuracy"].mean())
+        assert np.isclose((rows["trials"] * rows["mean_val_score"]).sum() / len(done), done["val_accuracy"].mean())
         if name == "lr":
             continue
         for row in rows.itertuples():  # M, I, P: whole-number labels, and the trials in each are the right ones
             members = done[[_in_label(v, row.value) for v in done[name]]]
             assert row.trials == len(members), (name, row.value)
-            assert np.isclose(row.mean_val_accuracy, members["val_accuracy"].mean())
-            assert row.best_val_accuracy == members["val_accuracy"].max()
+            assert np.isclose(row.mean_val_score, members["val_accuracy"].mean())
+            assert row.best_val_score == members["val_accuracy"].max()
             assert np.isclose(row.mean_peak_memory_mb, members["peak_memory_mb"].mean())
     assert effects[effects["parameter"] == "patch_size"]["value"].tolist() == ["32"]
 
@@ -297,7 +297,7 @@ def test_parameter_importance_and_its_plot():
         study.add_trial(trial)
     table, note = param_importances(study)
     assert note == ""
-    acc = table[table["target"] == "val_accuracy"].set_index("parameter")["importance"]
+    acc = table[table["target"] == METRIC].set_index("parameter")["importance"]
     mem = table[table["target"] == "peak_memory_mb"].set_index("parameter")["importance"]
     assert "patch_size" not in set(table["parameter"])  # a single value explains nothing
     assert acc["lr"] > acc["memory_size_quantile"] and mem["memory_size_quantile"] > mem["lr"]

@@ -80,6 +80,7 @@ def test_every_saved_setting_is_a_flag_and_every_flag_is_in_the_help():
     assert flags == {
         "--folds",
         "--metric",
+        "--no-reference",
         "--prune-margin",
         *("-h", "--help", "--trials", "--space", "--name", "--results-dir", "--objective", "--max-memory-mb"),
         *("--sampler", "--scheduler", "--grace-period", "--reduction-factor", "--rung-metric", "--brackets"),

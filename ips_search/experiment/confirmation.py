@@ -28,11 +28,12 @@ def summarize(trials: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     done = runs[runs["status"].astype(str) == Status.COMPLETED] if not runs.empty else runs
     for source in runs[SOURCE].dropna().astype(str).unique() if SOURCE in runs else []:
         mine = done[done[SOURCE].astype(str) == source]
-        validated = METRIC in mine and pd.to_numeric(mine[METRIC], errors="coerce").notna().any()
-        if validated:
+        # the validation score: today's name, or the accuracy an older stage's runs reported
+        val_column = next((c for c in (METRIC, "val_accuracy") if c in mine and mine[c].notna().any()), None)
+        if val_column is not None:
             own = trials[trials["trial_id"].astype(str) == source]
             mine = pd.concat([own[own["status"].astype(str) == Status.COMPLETED], mine])
-        val = pd.to_numeric(mine[METRIC], errors="coerce").dropna() if validated else pd.Series(dtype=float)
+        val = pd.to_numeric(mine[val_column], errors="coerce").dropna() if val_column else pd.Series(dtype=float)
         score = "test_score" if "test_score" in mine and mine["test_score"].notna().any() else "test_accuracy"
         test = pd.to_numeric(mine.get(score, pd.Series(dtype=float)), errors="coerce").dropna()
         rows.append(

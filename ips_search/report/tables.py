@@ -23,8 +23,8 @@ EFFECT_COLUMNS = [
     "parameter",
     "value",
     "trials",
-    "mean_val_accuracy",
-    "best_val_accuracy",
+    "mean_val_score",
+    "best_val_score",
     "mean_test_accuracy",
     "mean_peak_memory_mb",
 ]
@@ -156,8 +156,8 @@ def parameter_effects(df: pd.DataFrame, params: list[str] | None = None, max_bin
                     "parameter": name,
                     "value": label,
                     "trials": len(g),
-                    "mean_val_accuracy": g[METRIC].mean(),
-                    "best_val_accuracy": g[METRIC].max(),
+                    "mean_val_score": g[METRIC].mean(),
+                    "best_val_score": g[METRIC].max(),
                     "mean_test_accuracy": g["test_accuracy"].mean() if "test_accuracy" in g else np.nan,
                     "mean_peak_memory_mb": finite(g, MEMORY_METRIC)[MEMORY_METRIC].mean()
                     if MEMORY_METRIC in g
