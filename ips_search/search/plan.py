@@ -50,8 +50,10 @@ def plan_lines(space: SearchSpace, settings: SearchSettings, gpus_auto: bool = F
         f"experiment   {settings.experiment_dir}",
         f"space        {space.name}: {space.description}".rstrip(": "),
         f"trials       {settings.trials} ({settings.concurrency} at once, {settings.cpus_per_trial:g} CPU"
-        f" + {gpus} GPU each), {settings.epochs} epochs max",
-        f"objective    {settings.objective}, sampler {settings.sampler}, scheduler {settings.scheduler}"
+        f" + {gpus} GPU each), {settings.epochs} epochs max"
+        + (f" per fold, {settings.folds} folds" if settings.folds > 1 else ""),
+        f"objective    {settings.objective} (validation {settings.metric}), sampler {settings.sampler}, "
+        f"scheduler {settings.scheduler}"
         + (f" (rungs at {', '.join(map(str, rungs))} epochs on {settings.rung_metric}" if rungs else "")
         + (f", {settings.brackets} brackets" if rungs and settings.brackets > 1 else "")
         + (")" if rungs else "")
@@ -66,8 +68,8 @@ def plan_lines(space: SearchSpace, settings: SearchSettings, gpus_auto: bool = F
         )
     if settings.confirm:
         lines.append(
-            f"confirm      the best {settings.confirm_top} configs again with {settings.confirm} more seeds each; "
-            "the winner by mean validation accuracy"
+            f"confirm      the best {settings.confirm_top} configs retrained on every non-test slide with "
+            f"{settings.confirm} new seeds each: test mean, spread and bootstrap interval (never used to choose)"
         )
     for p in space.params.values():
         rng = f"choices {p.choices}" if p.choices is not None else f"[{p.low}, {p.high}]{' log' if p.log else ''}"
