@@ -2,15 +2,17 @@
 
 A plain function, as in Ray Tune's examples: it calls ``tune.report`` once per
 epoch with validation metrics, peak memory and speed, and a checkpoint (model,
-optimiser, scheduler, epoch), so a paused, early-stopped-then-resumed or
-restored trial continues where it was. The last report adds test metrics.
+optimiser, scheduler, fold and epoch), so a paused, early-stopped-then-resumed or
+restored trial continues where it was. With ``evaluation.folds`` K > 1 it trains
+once per patient-level fold of ``splits.csv`` (the data built once) and reports
+the mean and spread of the folds' validation scores. The last report adds the
+test set's figures, scored once, and its predictions in the last checkpoint.
 
 Statuses a trial can end with (the ``status`` metric): ``running`` (an epoch
-report), ``completed`` (all epochs), ``infeasible`` (the predicted CUDA peak of a training step is over
-``max_memory_mb``, so it never trains; or, on a GPU, its first measured step went over), ``nan-loss`` and
-``out-of-memory``. An infeasible or
-failed trial reports ``val_accuracy = 0`` so the searcher ranks it last; the
-``status`` column says why.
+report), ``completed`` (all epochs of all folds), ``infeasible`` (the predicted CUDA peak of a training step is
+over ``max_memory_mb``, so it never trains; or, on a GPU, its first measured step went over), ``nan-loss`` and
+``out-of-memory``. An infeasible or failed trial reports a validation score and accuracy of 0 so the searcher
+ranks it last; the ``status`` column says why.
 """
 
 from __future__ import annotations
