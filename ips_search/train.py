@@ -263,6 +263,8 @@ def fit(exp: ExperimentConfig, splits: DataSplits, device: torch.device) -> dict
     ]
     return {
         "epochs": epochs,
-        "val": evaluate(run.model, run.val_loader, device, exp.train.amp),
-        "test": evaluate(run.model, run.test_loader, device, exp.train.amp),
+        "val": evaluate(run.model, run.val_loader, device, exp.train.amp, exp.evaluation.metric)
+        if run.val_loader is not None
+        else None,
+        "test": evaluate(run.model, run.test_loader, device, exp.train.amp, exp.evaluation.metric),
     }

@@ -8,14 +8,17 @@ import pandas as pd
 import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from test_cohort_checks import noise_png, write_features
 
-from ips_search.config import EvaluationConfig, Task
+from ips_search.config import DataConfig, EvaluationConfig, ExperimentConfig, IPSConfig, Task, TrainConfig
+from ips_search.data import build_datasets
 from ips_search.data.cohort import check_splits, fold_splits, items, make_splits, read_splits
 from ips_search.data.registry import DataGeometry, DataSplits
 from ips_search.errors import ConfigError
 from ips_search.experiment import best, coerce, rank
 from ips_search.scores import auc, balanced_accuracy, bootstrap_interval, prediction_score
 from ips_search.search.pruner import FoldPruner
+from ips_search.train import fit
 
 
 class Items(torch.utils.data.Dataset):
@@ -225,3 +228,60 @@ def test_an_experiment_from_before_the_folds_ranks_by_its_validation_accuracy():
         )
     )
     assert best(old)["trial_id"] == "a" and old["val_score_mean"].tolist() == [0.9, 0.8]
+
+
+# -- every dataset kind trains on its folds --------------------------------------------------------------------------
+
+
+def _kind_config(kind: str, tmp_path) -> tuple[DataConfig, dict]:
+    """A small cohort of ``kind`` with patients, and the model settings its items need."""
+    rng = np.random.default_rng(0)
+    cache = str(tmp_path / "cache")
+    if kind == "features":
+        rows = [(f"s{p}-{k}", f"case{p}", "ab"[p % 2]) for p in range(12) for k in range(2)]
+        root = tmp_path / "h5"
+        root.mkdir()
+        for slide, *_ in rows:
+            write_features(root / f"{slide}.h5", rng.standard_normal((6, 8)).astype(np.float32))
+        (root / "labels.csv").write_text("slide,patient,label\n" + "".join(f"{s},{p},{y}\n" for s, p, y in rows))
+        cfg = DataConfig(dataset="features", root=str(root), manifest=str(root / "labels.csv"), cache_dir=cache)
+        return cfg, {"encoder": "projector"}
+    if kind == "slides":
+        paths = [noise_png(tmp_path / "s" / f"slide{i}.png", i) for i in range(16)]
+        (tmp_path / "s" / "cohort.csv").write_text(
+            "path,patient,label\n"
+            + "".join(f"{p.name},case{i // 2},{'ab'[(i // 2) % 2]}\n" for i, p in enumerate(paths))
+        )
+        cfg = DataConfig(
+            dataset="slides",
+            manifest=str(tmp_path / "s" / "cohort.csv"),
+            patch_size=32,
+            level=0,
+            min_foreground=0.0,
+            cache_dir=cache,
+        )
+        return cfg, {"encoder": "small-cnn", "orient_scores": False}
+    for cls, first in (("cat", 0), ("dog", 100)):
+        for i in range(8):
+            noise_png(tmp_path / "img" / cls / f"{i}.png", first + i)
+    cfg = DataConfig(dataset="folder", root=str(tmp_path / "img"), image_size=32, patch_size=16, cache_dir=cache)
+    return cfg, {"encoder": "small-cnn", "orient_scores": False}
+
+
+@pytest.mark.parametrize("kind", ["features", "slides", "folder"])
+def test_every_kind_trains_and_validates_on_each_fold(kind, tmp_path):
+    data, model = _kind_config(kind, tmp_path)
+    splits = build_datasets(data)
+    table = make_splits(splits, EvaluationConfig(folds=2), 0)
+    assert table.groupby("patient")["fold"].nunique(dropna=False).max() == 1
+    small = dict(dim=16, heads=2, d_k=8, d_v=8, d_inner=32, memory_size=2, iteration_size=2)
+    exp = ExperimentConfig(
+        data=data,
+        model=IPSConfig(**small, **model),
+        train=TrainConfig(epochs=1, batch_size=4, warm_start=False, device="cpu"),
+        evaluation=EvaluationConfig(folds=2, metric="auc"),
+    )
+    for fold in fold_splits(splits, table, exp.evaluation):
+        out = fit(exp, fold, torch.device("cpu"))
+        assert out["val"]["images"] == len(fold.val) and out["test"]["images"] == len(fold.test)
+        assert 0 <= out["val"]["auc"] <= 1  # both classes in every fold's validation
