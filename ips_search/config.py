@@ -412,7 +412,9 @@ class DataConfig:
     n_test: int = 500
     val_fraction: float = 0.2
     tasks: tuple[str, ...] = ("majority",)
-    digits: Literal["sklearn", "mnist"] = "sklearn"
+    # source digits (ips_search/data/digits.py): sklearn's 8x8 digits, mnist's 5,000 packaged real digits (both
+    # offline), mnist-full torchvision's 70,000 (on disk, or download: true)
+    digits: Literal["sklearn", "mnist", "mnist-full"] = "sklearn"
     augment_digits: bool = False  # train canvases only: each placed digit randomly rotated, scaled and sheared
     # megapixel, mnist-resized, folder: every read of a *training* image shifts it by up to this many pixels (zero
     # fill), so the patch grid cuts its content differently each epoch; validation and test images never move

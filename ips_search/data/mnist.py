@@ -23,7 +23,7 @@ from ips_search.data.registry import DATASETS, DatasetKind, DataSplits, image_sp
 from ips_search.data.split import n_validation
 from ips_search.errors import ConfigError
 
-HINT = "use dataset: megapixel (works offline)"
+HINT = "use dataset: megapixel with digits: mnist (real digits, offline)"
 
 
 def layout(cfg: DataConfig) -> tuple[int, tuple[Task, ...]]:
