@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ips_search.config import DataConfig, Task
-from ips_search.data.cache import cache_file, cached
+from ips_search.data.cache import cache_file, cache_key, cached
 from ips_search.data.dataset import PatchDataset
 from ips_search.data.digits import DigitPool, digit_pools, digit_source, split_validation
 from ips_search.data.preview import DataPreview
@@ -204,6 +204,9 @@ def load_canvases(cfg: DataConfig) -> dict[str, dict[str, torch.Tensor]]:
 
 
 PREVIEW_CANVASES = 8  # canvases generated to time the generation
+# seconds per canvas by cache key: timed once per process, so a dry run's patch sizes (which share the canvases)
+# print one data line, not one per timing
+_PER_CANVAS: dict[str, float] = {}
 
 
 def preview(cfg: DataConfig) -> DataPreview:
@@ -213,10 +216,13 @@ def preview(cfg: DataConfig) -> DataPreview:
     digits = f"digits: {cfg.digits}, {digit_source(cfg.digits).what}"
     if cache_file("megapixel", generation_fields(cfg), cfg.cache_dir).exists():
         return DataPreview(what, cached=True, detail=digits)
-    train_pool, _ = digit_pools(cfg.digits, cfg.digit_size, cfg.seed, cfg.cache_dir, cfg.download)
-    start = time.perf_counter()
-    _generate_split(train_pool, PREVIEW_CANVASES, cfg, np.random.default_rng([cfg.seed, 2]), "preview")
-    per_canvas = (time.perf_counter() - start) / PREVIEW_CANVASES
+    key = cache_key(generation_fields(cfg))
+    if key not in _PER_CANVAS:
+        train_pool, _ = digit_pools(cfg.digits, cfg.digit_size, cfg.seed, cfg.cache_dir, cfg.download)
+        start = time.perf_counter()
+        _generate_split(train_pool, PREVIEW_CANVASES, cfg, np.random.default_rng([cfg.seed, 2]), "preview")
+        _PER_CANVAS[key] = (time.perf_counter() - start) / PREVIEW_CANVASES
+    per_canvas = _PER_CANVAS[key]
     n = cfg.n_train + cfg.n_test
     return DataPreview(
         what, cached=False, disk_bytes=n * cfg.canvas_size**2, build_seconds=n * per_canvas, detail=digits
