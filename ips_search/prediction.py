@@ -188,6 +188,7 @@ _ESTIMATES: dict[str, MemoryEstimate] = {}  # per full config: a trial's repeate
 def clear_cache() -> None:
     """Forget every estimate and fake model of this process (the next estimate of each model starts cold)."""
     _ESTIMATES.clear()
+    _PHASES.clear()
     _TRAINERS.clear()
 
 
@@ -257,6 +258,80 @@ def step_patches(geometry: DataGeometry, memory_size: int) -> int:
     if geometry.item_counts is None or memory_size <= geometry.n_patches:
         return geometry.n_patches
     return min(memory_size, max(geometry.item_counts))
+
+
+@dataclass(frozen=True)
+class StepPhases:
+    """A training step's predicted peak split by phase, in MiB, as :func:`estimate_phases` finds it.
+
+    ``state_mb``: what the step finds alive (weights, gradients, optimiser state, the folded encoder copy), which
+    no IPS setting moves. Above it, ``selection_mb``: the peak of the no-grad pass over all N patches (the batch on
+    the device, ``encode_chunk`` patches through the encoder at a time, the scores): set by P, N, B and the chunk,
+    while M and I only size the small kept set. ``gradient_mb``: the peak of the rest (the B x M kept patches'
+    activations saved for backward, the new gradients, the optimiser step): the part that grows with M (and P).
+    The step's peak is ``state_mb + max(selection_mb, gradient_mb)``.
+    """
+
+    peak_mb: float
+    state_mb: float
+    selection_mb: float
+    gradient_mb: float
+    device: str
+
+    @property
+    def phase(self) -> str:
+        """Which phase sets the peak: ``selection`` or ``gradient``."""
+        return "selection" if self.selection_mb >= self.gradient_mb else "gradient"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "phase": self.phase}
+
+
+_PHASES: dict[str, StepPhases] = {}  # per full config, as _ESTIMATES
+
+
+def _phase_step(trainer: _FakeTrainer, model_cfg: IPSConfig, batch: int, n_patches: int) -> tuple[int, int, int]:
+    """(bytes alive at entry, selection peak, gradient peak) of one fake step: the meter's peak is read and
+    restarted when ``model.ips`` returns, so what follows (the kept patches, forward, backward, the optimiser step)
+    has its own peak."""
+    marks: dict[str, int] = {}
+    select = trainer.model.ips
+
+    def metered(*args: Any, **kwargs: Any) -> Any:
+        out = select(*args, **kwargs)
+        marks["selection"] = trainer.meter.peak_bytes
+        trainer.meter.reset_peak()
+        return out
+
+    trainer.model.ips = metered  # an instance attribute: train_step calls it in place of the method
+    try:
+        gradient, state = trainer.step(model_cfg, batch, n_patches)
+    finally:
+        del trainer.model.ips
+    return state, marks["selection"], gradient
+
+
+def estimate_phases(exp: ExperimentConfig, geometry: DataGeometry, device: str = "cuda") -> StepPhases:
+    """:func:`estimate_memory` split into the step's state, its no-grad selection pass and its gradient pass
+    (:class:`StepPhases`); the same fake step, cached per process like it."""
+    total = estimate_memory(exp, geometry, device)  # validates the device and builds the fake trainer
+    kind = total.device
+    model_cfg = dataclasses.replace(geometry.model_config(exp.model), pretrained=False)
+    n_patches, train = step_patches(geometry, model_cfg.memory_size), exp.train
+    key = json.dumps(
+        [dataclasses.asdict(model_cfg), train.batch_size, train.amp, train.grad_clip, kind, n_patches], default=str
+    )
+    if key not in _PHASES:
+        trainer = _TRAINERS[_structure_key(model_cfg, train, kind)]
+        state, selection, gradient = _phase_step(trainer, model_cfg, train.batch_size, n_patches)
+        _PHASES[key] = StepPhases(
+            peak_mb=max(selection, gradient) / MB,
+            state_mb=state / MB,
+            selection_mb=(selection - state) / MB,
+            gradient_mb=(gradient - state) / MB,
+            device=kind,
+        )
+    return _PHASES[key]
 
 
 def measure_step_memory(

