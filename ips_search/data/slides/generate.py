@@ -1,11 +1,16 @@
-"""Synthetic whole-slide images for tests, benchmarks and the ``slides`` search space.
+"""Generated whole-slide images for tests, benchmarks and the ``slides`` search space.
 
-A slide is a white background with a few tissue-like blobs (pink, textured with purple "nuclei", wavy borders)
-and, on *tumour* slides, a few small "lesions": dense, dark, large-nucleus discs inside the tissue, the only thing
-that tells the two classes apart (as in CAMELYON16 tumour vs normal). Everything is a pure function of the level-0
-position (:class:`SlideLayout` + :func:`render`), so any tile of any pyramid level can be drawn on its own:
-:func:`write_slide` writes a JPEG-tiled pyramidal TIFF tile by tile (``tifffile.TiffWriter`` with a tile iterator)
-and never holds more than one tile, which keeps writing a 64k x 64k slide memory-flat. Deterministic in ``seed``.
+A slide is a white background with a few tissue blobs (wavy borders) and, on *tumour* slides, a few small
+"lesions": discs inside the tissue, the only thing that tells the two classes apart (as in CAMELYON16 tumour vs
+normal). The layout is synthetic; the tissue's look is a *texture* (:data:`TEXTURES`): ``ihc``, the generated
+cohorts' (:func:`generate_cohort`), is real tissue, scikit-image's ``data.immunohistochemistry()`` (colonic glands
+with DAB and haematoxylin) turned, flipped and re-stained per slide, with hyperchromatic DAB-negative lesions, so
+the readers, the foreground filter and the encoders see real colour statistics; ``synthetic`` (pink with purple
+nuclei, dense dark lesions) is tissue exactly where the outline is, which tests of the foreground filter compare
+against. Everything is a pure function of the level-0 position (:class:`SlideLayout` + :func:`render`), so any
+tile of any pyramid level can be drawn on its own: :func:`write_slide` writes a JPEG-tiled pyramidal TIFF tile by
+tile (``tifffile.TiffWriter`` with a tile iterator) and never holds more than one tile, which keeps writing a
+64k x 64k slide memory-flat. Deterministic in ``seed``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,15 @@ BACKGROUND = 244  # near-white glass
 MPP = 0.5  # microns per pixel at level 0 (a 20x scan)
 MIN_LEVEL_SIDE = 256  # the pyramid halves until the longer side is below twice this
 
+# texture "ihc": real tissue, scikit-image's ``data.immunohistochemistry()`` (a 512 x 512 IHC image of colonic
+# glands, DAB and haematoxylin, shipped in the scikit-image wheel), each slide's copy turned, flipped and re-stained
+# within the stains' range; lesions are the same tissue hyperchromatic and DAB-negative
+STAIN_JITTER = 0.08  # per-slide stain amounts scaled by 1 +- this (HED colour augmentation, as in Tellez et al. 2018)
+STAIN_SHIFT = 0.005  # and shifted by +- this, in scikit-image's stain units (the tile's haematoxylin is about 0.02)
+LESION_STAIN = np.array([2.5, 1.0, 0.4])  # lesions: haematoxylin, eosin, DAB amounts times these, plus
+LESION_SHIFT = np.array([0.05, 0.0, 0.0])  # this: dark and saturated, so a lesion over pale stroma passes Otsu
+_STAIN_UNIT = -math.log(1e-6)  # scikit-image's stain amounts are optical densities divided by this
+# texture "synthetic": flat colours with grain and round nuclei (tissue = the outline, exactly: the foreground oracle)
 _TISSUE = np.array([228.0, 160.0, 196.0])  # eosin pink
 _NUCLEUS = np.array([118.0, 62.0, 150.0])  # haematoxylin purple
 _LESION = np.array([178.0, 104.0, 182.0])
@@ -39,14 +53,23 @@ class SlideLayout:
     blobs: np.ndarray  # (k, 6) float: centre x, centre y, radius x, radius y, angle, border phase
     lesions: np.ndarray  # (m, 3) float: centre x, centre y, radius
     seed: int
+    texture: str = "synthetic"  # a key of TEXTURES: how the tissue looks
 
 
 def make_layout(
-    size: int, seed: int, tumour: bool, tissue_fraction: float = 0.35, lesion_radius: float | None = None
+    size: int,
+    seed: int,
+    tumour: bool,
+    tissue_fraction: float = 0.35,
+    lesion_radius: float | None = None,
+    texture: str = "synthetic",
 ) -> SlideLayout:
     """A square ``size`` slide with blobs covering about ``tissue_fraction`` of it and, if ``tumour``, 1-3 lesions.
 
-    ``lesion_radius`` (level-0 px) defaults to 2.5% of the side, at least 24 px."""
+    ``lesion_radius`` (level-0 px) defaults to 2.5% of the side, at least 24 px; ``texture`` is a key of
+    :data:`TEXTURES` (``synthetic``, or ``ihc``: real tissue)."""
+    if texture not in TEXTURES:
+        raise ValueError(f"texture must be one of {', '.join(TEXTURES)}, got {texture!r}")
     rng = np.random.default_rng([seed, 17])
     k = int(rng.integers(2, 5))
     share = rng.dirichlet(np.full(k, 3.0)) * tissue_fraction * size * size  # area of each blob
@@ -69,7 +92,11 @@ def make_layout(
             c, s = math.cos(angle), math.sin(angle)
             lesions.append((cx + c * u - s * v, cy + s * u + c * v, radius * rng.uniform(0.8, 1.2)))
     lesion_array = np.array(lesions, dtype=np.float64).reshape(-1, 3)
-    return SlideLayout(size, size, np.array(blobs, dtype=np.float64), lesion_array, seed)
+    return SlideLayout(size, size, np.array(blobs, dtype=np.float64), lesion_array, seed, texture)
+
+
+BANK = 1024  # side of the periodic textures (level-0 pixels), far larger than any patch
+MASK_CELL = 4  # the tissue outline is evaluated once per 4 x 4 pixels of the level being drawn
 
 
 def _hash(ix: np.ndarray, iy: np.ndarray, salt: int) -> np.ndarray:
@@ -95,22 +122,78 @@ def _dots(X: np.ndarray, Y: np.ndarray, period: float, radius: float, keep: floa
     return (_uniform(h, 32) < keep) & ((X - cx) ** 2 + (Y - cy) ** 2 < radius**2)
 
 
-BANK = 1024  # side of the periodic tissue texture (level-0 pixels); a multiple of the nucleus period would tile
-MASK_CELL = 4  # the tissue outline is evaluated once per 4 x 4 pixels of the level being drawn
+def synthetic_texture(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(BANK, BANK, 3)`` uint8 periodic tissue and lesion textures: pink stroma with grain and purple nuclei;
+    paler lesions dense with dark nuclei (the dot periods, 16 and 8, divide ``BANK``: seamless)."""
+    Y, X = np.mgrid[0:BANK, 0:BANK].astype(np.float64) + 0.5
+    grain = _uniform(_hash(np.floor(X).astype(np.int64), np.floor(Y).astype(np.int64), seed), 8) - 0.5
+    tissue = _TISSUE + 14.0 * grain[..., None]  # (B, B, 3)
+    nuclei = _dots(X, Y, period=16.0, radius=3.2, keep=0.4, salt=seed + 1)
+    tissue[nuclei] = _NUCLEUS + 10.0 * grain[nuclei, None]
+    lesion = _LESION + 10.0 * grain[..., None]
+    dense = _dots(X, Y, period=8.0, radius=3.4, keep=0.9, salt=seed + 2)
+    lesion[dense] = _LESION_NUCLEUS + 8.0 * grain[dense, None]
+    return np.clip(tissue, 0, 255).astype(np.uint8), np.clip(lesion, 0, 255).astype(np.uint8)
+
+
+@functools.cache
+def _real_tile() -> tuple[np.ndarray, np.ndarray]:
+    """The real tissue: ``(512, 512, 3)`` float32 RGB in [0, 1] and its ``(512, 512, 3)`` stain amounts
+    (haematoxylin, eosin, DAB: scikit-image's ``rgb2hed``)."""
+    from skimage.color import rgb2hed  # scikit-image takes about a second to import; only generating needs it
+    from skimage.data import immunohistochemistry
+
+    rgb = immunohistochemistry()
+    return rgb.astype(np.float32) / 255.0, rgb2hed(rgb).astype(np.float32)
+
+
+def restain(rgb: np.ndarray, hed: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """``rgb`` ``(h, w, 3)`` float in [0, 1] with its stain amounts ``hed`` made ``hed * scale + shift`` (``(3,)``
+    each), as float in [0, 1].
+
+    The change is applied as a change of optical density (Beer-Lambert, scikit-image's stain matrix) to the
+    original pixels, so whatever colour deconvolution cannot represent (its clipped negative amounts, the JPEG
+    noise) stays as it was, and ``scale`` 1, ``shift`` 0 gives ``rgb`` back."""
+    from skimage.color import rgb_from_hed
+
+    target = np.maximum(hed * scale + shift, 0.0)
+    density = (target - hed) @ rgb_from_hed.astype(np.float32)  # (h, w, 3) extra optical density / _STAIN_UNIT
+    return np.clip(rgb * np.exp(-_STAIN_UNIT * density), 0.0, 1.0)
+
+
+def ihc_texture(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(BANK, BANK, 3)`` uint8 periodic tissue and lesion textures cut from real tissue.
+
+    The real tile is turned and flipped (one of the square's 8 symmetries) and re-stained (each stain's amount
+    scaled by ``1 +- STAIN_JITTER`` and shifted by ``+- STAIN_SHIFT``), laid 2 x 2 with its mirror images
+    (periodic and seamless modulo ``BANK``) and rolled by a random offset. Lesions are the same pixels with
+    ``LESION_STAIN`` times the stains plus ``LESION_SHIFT``: they differ from the tissue in colour, not in form."""
+    rng = np.random.default_rng([seed, 29])
+    turns, flip = int(rng.integers(4)), bool(rng.integers(2))
+    scale = rng.uniform(1 - STAIN_JITTER, 1 + STAIN_JITTER, 3).astype(np.float32)
+    shift = rng.uniform(-STAIN_SHIFT, STAIN_SHIFT, 3).astype(np.float32)
+    offset = tuple(int(o) for o in rng.integers(BANK, size=2))
+    banks = []
+    for factor, extra in ((np.ones(3), np.zeros(3)), (LESION_STAIN, LESION_SHIFT)):
+        tile = restain(*_real_tile(), scale * factor.astype(np.float32), shift + extra.astype(np.float32))
+        tile = np.rot90(tile, turns)  # (512, 512, 3)
+        tile = tile[:, ::-1] if flip else tile
+        row = np.concatenate([tile, tile[:, ::-1]], axis=1)
+        bank = np.roll(np.concatenate([row, row[::-1]], axis=0), offset, axis=(0, 1))  # (BANK, BANK, 3)
+        banks.append(np.round(bank * 255.0).astype(np.uint8))
+    return banks[0], banks[1]
+
+
+# how a slide's tissue looks: seed -> (tissue, lesion) periodic (BANK, BANK, 3) uint8 textures
+TEXTURES = {"synthetic": synthetic_texture, "ihc": ihc_texture}
+COHORT_TEXTURE = "ihc"  # what generated cohorts (the slides space) are drawn with
 
 
 @functools.lru_cache(maxsize=8)
-def _texture(seed: int) -> np.ndarray:
-    """``(BANK, BANK, 3)`` uint8 periodic tissue texture: pink stroma with grain and purple nuclei.
-
-    Drawing from one precomputed bank (indexed modulo its size) instead of hashing every pixel makes a 64k slide
-    about ten times quicker to write; the bank is 1024 px, far larger than any patch, so no patch sees it repeat."""
-    Y, X = np.mgrid[0:BANK, 0:BANK].astype(np.float64) + 0.5
-    grain = _uniform(_hash(np.floor(X).astype(np.int64), np.floor(Y).astype(np.int64), seed), 8) - 0.5
-    colour = _TISSUE + 14.0 * grain[..., None]  # (B, B, 3)
-    nuclei = _dots(X, Y, period=16.0, radius=3.2, keep=0.4, salt=seed + 1)  # 16 divides BANK: seamless
-    colour[nuclei] = _NUCLEUS + 10.0 * grain[nuclei, None]
-    return np.clip(colour, 0, 255).astype(np.uint8)
+def _texture(texture: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One slide's textures, drawn once: indexing a precomputed bank modulo its size instead of computing every
+    pixel makes a 64k slide about ten times quicker to write."""
+    return TEXTURES[texture](seed)
 
 
 def _tissue_mask(layout: SlideLayout, near: list, x0: int, y0: int, width: int, height: int, scale: float):
@@ -151,19 +234,16 @@ def render(layout: SlideLayout, x0: int, y0: int, width: int, height: int, scale
         return out
     xs = (x0 + np.arange(width) + 0.5) * scale  # (w,) level-0 x of each pixel
     ys = (y0 + np.arange(height) + 0.5) * scale  # (h,)
-    bank = _texture(layout.seed)
-    colour = bank.take(ys.astype(np.int64) % BANK, axis=0).take(xs.astype(np.int64) % BANK, axis=1)  # (h, w, 3)
+    bank, lesion_bank = _texture(layout.texture, layout.seed)
+    rows, cols = ys.astype(np.int64) % BANK, xs.astype(np.int64) % BANK
+    colour = bank.take(rows, axis=0).take(cols, axis=1)  # (h, w, 3)
     for lx, ly, lr in layout.lesions:
         if lx + lr < lo_x or lx - lr > hi_x or ly + lr < lo_y or ly - lr > hi_y:
             continue
-        X, Y = np.broadcast_arrays(xs[None, :], ys[:, None])
-        inside = (X - lx) ** 2 + (Y - ly) ** 2 < lr * lr
+        inside = (xs[None, :] - lx) ** 2 + (ys[:, None] - ly) ** 2 < lr * lr  # (h, w)
         if inside.any():
-            grain = _uniform(_hash(np.floor(X).astype(np.int64), np.floor(Y).astype(np.int64), layout.seed), 8)
-            lesion = np.clip(_LESION + 10.0 * (grain[..., None] - 0.5), 0, 255)  # (h, w, 3)
-            dense = _dots(X, Y, period=9.0, radius=3.8, keep=0.9, salt=layout.seed + 2)
-            lesion[dense] = np.clip(_LESION_NUCLEUS + 8.0 * (grain[dense, None] - 0.5), 0, 255)
-            np.copyto(colour, lesion.astype(np.uint8), where=inside[..., None])
+            lesion = lesion_bank.take(rows, axis=0).take(cols, axis=1)  # (h, w, 3)
+            np.copyto(colour, lesion, where=inside[..., None])
     if tissue.all():  # tiles inside the tissue: no outline to cut
         return colour
     np.copyto(out, colour, where=tissue[..., None])
@@ -228,9 +308,16 @@ def write_slide(path: str | Path, layout: SlideLayout, quality: int = 90, flavou
 
 
 def generate_cohort(
-    folder: str | Path, n: int, size: int, seed: int = 0, test_fraction: float = 0.25, tumour_fraction: float = 0.5
+    folder: str | Path,
+    n: int,
+    size: int,
+    seed: int = 0,
+    test_fraction: float = 0.25,
+    tumour_fraction: float = 0.5,
+    texture: str = COHORT_TEXTURE,
 ) -> Path:
-    """Write ``n`` synthetic slides of side ``size`` into ``folder`` and return ``folder/manifest.csv``.
+    """Write ``n`` slides of side ``size`` with real tissue (``texture``, :data:`TEXTURES`) into ``folder`` and
+    return ``folder/manifest.csv``.
 
     The manifest has columns ``path,label,split`` (labels ``normal``/``tumor``, paths relative to the folder);
     ``tumour_fraction`` of the slides carry lesions and ``test_fraction`` of each class is the test split."""
@@ -250,7 +337,8 @@ def generate_cohort(
     for i, label, _split in tqdm(rows, desc="generating slides", delay=2.0, leave=False):
         name = f"slide_{i:04d}.tif"
         if not (folder / name).exists():
-            write_slide(folder / name, make_layout(size, seed * 100_003 + i, tumour=label == "tumor"))
+            layout = make_layout(size, seed * 100_003 + i, tumour=label == "tumor", texture=texture)
+            write_slide(folder / name, layout)
     manifest = folder / "manifest.csv"
     tmp = folder / "manifest.csv.part"
     with open(tmp, "w", newline="") as f:
