@@ -60,7 +60,7 @@ from ips_search.errors import ConfigError
 __all__ = ["SlideDataset", "SlidePatchSource", "build", "open_slide", "slide_entries", "make_source"]
 
 COORDS_VERSION = 1  # bump when the foreground rule changes so old coordinate files are not reused
-COHORT_VERSION = 2  # 2: real tissue (generate.COHORT_TEXTURE); a new cache key, so old cohorts are not reused
+COHORT_VERSION = 3  # 3: real tissue, DAB-positive lesions (generate.COHORT_TEXTURE); old cohorts are not reused
 TEST_FRACTION = 0.2
 SPLITS = ("train", "test")
 

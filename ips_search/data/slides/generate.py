@@ -4,13 +4,13 @@ A slide is a white background with a few tissue blobs (wavy borders) and, on *tu
 "lesions": discs inside the tissue, the only thing that tells the two classes apart (as in CAMELYON16 tumour vs
 normal). The layout is synthetic; the tissue's look is a *texture* (:data:`TEXTURES`): ``ihc``, the generated
 cohorts' (:func:`generate_cohort`), is real tissue, scikit-image's ``data.immunohistochemistry()`` (colonic glands
-with DAB and haematoxylin) turned, flipped and re-stained per slide, with hyperchromatic DAB-negative lesions, so
-the readers, the foreground filter and the encoders see real colour statistics; ``synthetic`` (pink with purple
-nuclei, dense dark lesions) is tissue exactly where the outline is, which tests of the foreground filter compare
-against. Everything is a pure function of the level-0 position (:class:`SlideLayout` + :func:`render`), so any
-tile of any pyramid level can be drawn on its own: :func:`write_slide` writes a JPEG-tiled pyramidal TIFF tile by
-tile (``tifffile.TiffWriter`` with a tile iterator) and never holds more than one tile, which keeps writing a
-64k x 64k slide memory-flat. Deterministic in ``seed``.
+with DAB and haematoxylin) turned, flipped and re-stained per slide: the counterstain alone, with DAB-positive
+(brown) lesions, as in a cytokeratin-stained sentinel node, so the readers, the foreground filter and the encoders
+see real tissue's colour statistics; ``synthetic`` (pink with purple nuclei, dense dark lesions) is tissue exactly
+where the outline is, which tests of the foreground filter compare against. Everything is a pure function of the
+level-0 position (:class:`SlideLayout` + :func:`render`), so any tile of any pyramid level can be drawn on its own:
+:func:`write_slide` writes a JPEG-tiled pyramidal TIFF tile by tile (``tifffile.TiffWriter`` with a tile iterator)
+and never holds more than one tile, which keeps writing a 64k x 64k slide memory-flat. Deterministic in ``seed``.
 """
 
 from __future__ import annotations
@@ -29,14 +29,15 @@ BACKGROUND = 244  # near-white glass
 MPP = 0.5  # microns per pixel at level 0 (a 20x scan)
 MIN_LEVEL_SIDE = 256  # the pyramid halves until the longer side is below twice this
 
-# texture "ihc": real tissue, scikit-image's ``data.immunohistochemistry()`` (a 512 x 512 IHC image of colonic
-# glands, DAB and haematoxylin, shipped in the scikit-image wheel), each slide's copy turned, flipped and re-stained
-# within the stains' range; lesions are the same tissue hyperchromatic and DAB-negative
+# texture "ihc": real tissue, scikit-image's ``data.immunohistochemistry()`` (a 512 x 512 photograph of colonic
+# glands stained with DAB and haematoxylin, shipped in the scikit-image wheel), turned, flipped and re-stained per
+# slide. As in a sentinel lymph node stained for cytokeratin (CAMELYON16's IHC), the tissue shows the counterstain
+# alone and the lesions are DAB-positive (brown)
 STAIN_JITTER = 0.08  # per-slide stain amounts scaled by 1 +- this (HED colour augmentation, as in Tellez et al. 2018)
 STAIN_SHIFT = 0.005  # and shifted by +- this, in scikit-image's stain units (the tile's haematoxylin is about 0.02)
-LESION_STAIN = np.array([2.5, 1.0, 0.4])  # lesions: haematoxylin, eosin, DAB amounts times these, plus
-LESION_SHIFT = np.array([0.05, 0.0, 0.0])  # this: dark and saturated, so a lesion over pale stroma passes Otsu
-_STAIN_UNIT = -math.log(1e-6)  # scikit-image's stain amounts are optical densities divided by this
+TISSUE_STAIN = np.array([1.0, 1.0, 0.0])  # haematoxylin, eosin, DAB amounts times these: no DAB
+LESION_STAIN = np.array([1.0, 1.0, 1.0])  # lesions: the photograph's stains, plus
+LESION_SHIFT = np.array([0.0, 0.0, 0.03])  # this much DAB, so a disc over the photograph's stroma is brown too
 # texture "synthetic": flat colours with grain and round nuclei (tissue = the outline, exactly: the foreground oracle)
 _TISSUE = np.array([228.0, 160.0, 196.0])  # eosin pink
 _NUCLEUS = np.array([118.0, 62.0, 150.0])  # haematoxylin purple
@@ -137,47 +138,37 @@ def synthetic_texture(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.cache
-def _real_tile() -> tuple[np.ndarray, np.ndarray]:
-    """The real tissue: ``(512, 512, 3)`` float32 RGB in [0, 1] and its ``(512, 512, 3)`` stain amounts
-    (haematoxylin, eosin, DAB: scikit-image's ``rgb2hed``)."""
+def _real_stains() -> np.ndarray:
+    """The real tissue's ``(512, 512, 3)`` float32 stain amounts (haematoxylin, eosin, DAB), by scikit-image's
+    colour deconvolution (``rgb2hed``) of its ``data.immunohistochemistry()``."""
     from skimage.color import rgb2hed  # scikit-image takes about a second to import; only generating needs it
     from skimage.data import immunohistochemistry
 
-    rgb = immunohistochemistry()
-    return rgb.astype(np.float32) / 255.0, rgb2hed(rgb).astype(np.float32)
-
-
-def restain(rgb: np.ndarray, hed: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """``rgb`` ``(h, w, 3)`` float in [0, 1] with its stain amounts ``hed`` made ``hed * scale + shift`` (``(3,)``
-    each), as float in [0, 1].
-
-    The change is applied as a change of optical density (Beer-Lambert, scikit-image's stain matrix) to the
-    original pixels, so whatever colour deconvolution cannot represent (its clipped negative amounts, the JPEG
-    noise) stays as it was, and ``scale`` 1, ``shift`` 0 gives ``rgb`` back."""
-    from skimage.color import rgb_from_hed
-
-    target = np.maximum(hed * scale + shift, 0.0)
-    density = (target - hed) @ rgb_from_hed.astype(np.float32)  # (h, w, 3) extra optical density / _STAIN_UNIT
-    return np.clip(rgb * np.exp(-_STAIN_UNIT * density), 0.0, 1.0)
+    return rgb2hed(immunohistochemistry()).astype(np.float32)
 
 
 def ihc_texture(seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``(BANK, BANK, 3)`` uint8 periodic tissue and lesion textures cut from real tissue.
 
-    The real tile is turned and flipped (one of the square's 8 symmetries) and re-stained (each stain's amount
-    scaled by ``1 +- STAIN_JITTER`` and shifted by ``+- STAIN_SHIFT``), laid 2 x 2 with its mirror images
-    (periodic and seamless modulo ``BANK``) and rolled by a random offset. Lesions are the same pixels with
-    ``LESION_STAIN`` times the stains plus ``LESION_SHIFT``: they differ from the tissue in colour, not in form."""
+    The real tile's stain amounts are turned and flipped (one of the square's 8 symmetries), jittered (each stain
+    scaled by ``1 +- STAIN_JITTER`` and shifted by ``+- STAIN_SHIFT``, as HED colour augmentation does), multiplied
+    by ``TISSUE_STAIN`` (the tissue: DAB removed) or ``LESION_STAIN`` plus ``LESION_SHIFT`` (the lesions: DAB
+    kept and added), and drawn back to RGB by scikit-image's ``hed2rgb``; then laid 2 x 2 with their mirror images
+    (periodic and seamless modulo ``BANK``) and rolled by a random offset. Tissue and lesions differ in stain, not
+    in form."""
+    from skimage.color import hed2rgb
+
     rng = np.random.default_rng([seed, 29])
     turns, flip = int(rng.integers(4)), bool(rng.integers(2))
-    scale = rng.uniform(1 - STAIN_JITTER, 1 + STAIN_JITTER, 3).astype(np.float32)
-    shift = rng.uniform(-STAIN_SHIFT, STAIN_SHIFT, 3).astype(np.float32)
+    scale = rng.uniform(1 - STAIN_JITTER, 1 + STAIN_JITTER, 3)
+    shift = rng.uniform(-STAIN_SHIFT, STAIN_SHIFT, 3)
     offset = tuple(int(o) for o in rng.integers(BANK, size=2))
+    stains = np.rot90(_real_stains(), turns)  # (512, 512, 3)
+    stains = stains[:, ::-1] if flip else stains
     banks = []
-    for factor, extra in ((np.ones(3), np.zeros(3)), (LESION_STAIN, LESION_SHIFT)):
-        tile = restain(*_real_tile(), scale * factor.astype(np.float32), shift + extra.astype(np.float32))
-        tile = np.rot90(tile, turns)  # (512, 512, 3)
-        tile = tile[:, ::-1] if flip else tile
+    for factor, extra in ((TISSUE_STAIN, np.zeros(3)), (LESION_STAIN, LESION_SHIFT)):
+        amounts = np.maximum(stains * (scale * factor) + (shift + extra), 0.0)
+        tile = hed2rgb(amounts)  # (512, 512, 3) float in [0, 1]
         row = np.concatenate([tile, tile[:, ::-1]], axis=1)
         bank = np.roll(np.concatenate([row, row[::-1]], axis=0), offset, axis=(0, 1))  # (BANK, BANK, 3)
         banks.append(np.round(bank * 255.0).astype(np.uint8))
