@@ -333,8 +333,8 @@ def test_mnist_missing_without_download(tmp_path):
     cfg = DataConfig(dataset="mnist-resized", cache_dir=str(tmp_path), patch_size=100)
     with pytest.raises(ConfigError, match="MNIST is not on disk.*download: true"):
         build_datasets(cfg)
-    with pytest.raises(ConfigError, match="use digits: sklearn"):
-        build_datasets(DataConfig(digits="mnist", cache_dir=str(tmp_path), **SMALL))
+    with pytest.raises(ConfigError, match="use digits: mnist \\(5,000 packaged, offline\\)"):
+        build_datasets(DataConfig(digits="mnist-full", cache_dir=str(tmp_path), **SMALL))
 
 
 def test_mnist_offline_download_is_config_error(tmp_path, monkeypatch):
@@ -352,7 +352,7 @@ def test_mnist_offline_download_is_config_error(tmp_path, monkeypatch):
 
 
 def test_megapixel_from_mnist_digits(fake_mnist):
-    cfg = DataConfig(digits="mnist", cache_dir=fake_mnist, n_train=6, n_test=4, n_noise=0, tasks=("majority",))
+    cfg = DataConfig(digits="mnist-full", cache_dir=fake_mnist, n_train=6, n_test=4, n_noise=0, tasks=("majority",))
     s = build_datasets(cfg)
     train_ids = set(s.train.meta["source_ids"].flatten().tolist()) | set(s.val.meta["source_ids"].flatten().tolist())
     test_ids = set(s.test.meta["source_ids"].flatten().tolist())
