@@ -7,9 +7,9 @@ import dataclasses
 
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
 import torch.nn.functional as F
 from reference import bar_batch, bar_net
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from ips_search.config import Task, TrainConfig
