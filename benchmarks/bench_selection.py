@@ -176,11 +176,13 @@ def search_command(
     ]
 
 
-def run_search(cmd: list[str], folder: Path, log: Path) -> float:
-    """Run ``cmd`` (unless ``folder`` holds a finished run: its ``wall.json``); returns its wall seconds."""
+def run_search(cmd: list[str], folder: Path, log: Path, call: str) -> tuple[float, str]:
+    """Run ``cmd`` (unless ``folder`` holds a finished run: its ``wall.json``); returns its wall seconds and the
+    benchmark command (``call``) that ran it, this one or an earlier one with the same ``--work``."""
     done = folder / "wall.json"
     if done.is_file():
-        return float(json.loads(done.read_text())["wall_seconds"])
+        saved = json.loads(done.read_text())
+        return float(saved["wall_seconds"]), str(saved.get("call", "an earlier call"))
     start = time.perf_counter()
     with open(log, "a", encoding="utf-8") as out:
         out.write(f"$ {shlex.join(cmd)}\n")
@@ -189,8 +191,8 @@ def run_search(cmd: list[str], folder: Path, log: Path) -> float:
     if proc.returncode != 0:
         raise SystemExit(f"search failed (exit {proc.returncode}): {shlex.join(cmd)}; see {log}")
     wall = time.perf_counter() - start
-    done.write_text(json.dumps({"wall_seconds": wall}))
-    return wall
+    done.write_text(json.dumps({"wall_seconds": wall, "call": call}))
+    return wall, call
 
 
 def measure(folder: Path) -> dict:
@@ -225,6 +227,23 @@ def measure(folder: Path) -> dict:
     }
 
 
+def leakage(patient_level: Path, slide_level: Path) -> dict:
+    """Validation of the same configs under patient-level and slide-level folds (one seed): the trials both searches
+    drew with the same M, I and lr (TPE's first, random, draws are the same for one seed), their mean
+    ``val_score_mean`` (pruned trials: over their finished folds) in each, and the test AUC of each one's completed
+    trials."""
+    key = ["memory_size", "iteration_size", "lr"]
+    a, b = (coerce(pd.read_csv(f / TRIALS_CSV)) for f in (patient_level, slide_level))
+    shared = a.merge(b, on=key, suffixes=("_patient", "_slide"))
+    return {
+        "shared_configs": len(shared),
+        "val_patient_level": float(shared["val_score_mean_patient"].mean()),
+        "val_slide_level": float(shared["val_score_mean_slide"].mean()),
+        "test_patient_level": float(a.loc[a["status"] == "completed", "test_score"].mean()),
+        "test_slide_level": float(b.loc[b["status"] == "completed", "test_score"].mean()),
+    }
+
+
 def summarize(rows: pd.DataFrame) -> pd.DataFrame:
     """Per arm: medians over seeds, and the cost of 5 folds over 1 (trial-seconds, per seed, then the median)."""
     summary = rows.groupby("arm", sort=False).agg(
@@ -255,14 +274,23 @@ def verdicts(rows: pd.DataFrame) -> list[str]:
         arm["folds5"].set_index("seed")["trial_seconds"] / arm["folds1"].set_index("seed")["trial_seconds"]
     ).median()
     met = {True: "met", False: "missed"}
-    return [
-        f"Spearman (median over seeds) {rho5:.2f} with 5 folds, {rho1:.2f} with one split: target >= 0.7 and above "
-        f"one split: {met[bool(rho5 >= 0.7 and rho5 > rho1)]}",
+    seeds5 = int(arm["folds5"]["spearman"].notna().sum())
+    lines = [
+        f"Spearman (median over the {seeds5} seeds with 3 or more completed trials) {rho5:.2f} with 5 folds, "
+        f"{rho1:.2f} with one split: target >= 0.7 and above one split: {met[bool(rho5 >= 0.7 and rho5 > rho1)]}",
         f"regret (median over seeds) {regret5:.3f} with 5 folds ({regret1:.3f} with one split): target <= 0.02: "
         f"{met[bool(regret5 <= 0.02)]}",
         f"cost, trial-seconds 5 folds / one split (median over seeds) {cost:.2f}x: target <= 2.5x: "
         f"{met[bool(cost <= 2.5)]}",
     ]
+    if "folds5-noprune" in arm:
+        free = arm["folds5-noprune"].set_index("seed")
+        ratio = (free["trial_seconds"] / arm["folds1"].set_index("seed")["trial_seconds"]).dropna().median()
+        lines.append(
+            f"without pruning (seeds {', '.join(map(str, free.index))}): Spearman {free['spearman'].median():.2f}, "
+            f"regret {free['regret'].median():.3f}, cost {ratio:.2f}x (medians)"
+        )
+    return lines
 
 
 def machine() -> str:
@@ -275,7 +303,7 @@ def machine() -> str:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"{cpu}, {os.cpu_count()} CPUs, {mem:.0f} GiB, no GPU; load average at the end {load}"
+    return f"{cpu} ({platform.machine()}), {os.cpu_count()} CPUs, {mem:.0f} GiB, no GPU; load average at the end {load}"
 
 
 def to_markdown(res: dict, rows: pd.DataFrame, summary: pd.DataFrame) -> str:
@@ -286,7 +314,10 @@ def to_markdown(res: dict, rows: pd.DataFrame, summary: pd.DataFrame) -> str:
         "",
         f"Machine: {res['machine']}. torch {res['torch']}, Python {res['python']}, commit {res['commit']}.",
         "",
-        f"Command: `{res['command']}` ({res['wall_minutes']:.0f} min wall).",
+        f"Command: `{res['command']}` ({res['wall_minutes']:.0f} min wall). The searches were run by "
+        + "; ".join(f"`{call}` ({n})" for call, n in res["calls"].items())
+        + " (one `--work` folder: a later call reads back the searches an earlier one finished; each search's wall "
+        "seconds are below).",
         "",
         f"Cohort: {res['cohort']['slides']} slides of {res['cohort']['patients']} patients "
         f"({res['cohort']['positive_patients']} positive), N {res['cohort']['n_min']}-{res['cohort']['n_max']} "
@@ -304,6 +335,18 @@ def to_markdown(res: dict, rows: pd.DataFrame, summary: pd.DataFrame) -> str:
         "## Per arm",
         "",
         summary.reset_index().to_markdown(index=False, floatfmt=".3f"),
+        "",
+        "## Leakage: the same configs under slide-level and patient-level folds",
+        "",
+        "Trials both searches of a seed drew with the same M, I and lr; their mean validation AUC (a pruned trial's "
+        "over its finished folds), and the mean test AUC of each search's completed trials.",
+        "",
+        pd.DataFrame.from_dict(res["leakage"], orient="index")
+        .rename_axis("seed")
+        .reset_index()
+        .to_markdown(index=False, floatfmt=".3f")
+        if res["leakage"]
+        else "(no seed ran both the folds5 and the leaky arm)",
         "",
         "## Per search",
         "",
@@ -339,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     spaces = {manifest: write_space(work, manifest, args.epochs) for _, manifest, _ in ARMS.values()}
     only = {"leaky": args.leaky_seeds, "folds5-noprune": args.noprune_seeds}
     log = work / "searches.log"
+    call = shlex.join(["python", "benchmarks/bench_selection.py", *(sys.argv[1:] if argv is None else argv)])
     start = time.perf_counter()
     rows = []
     for seed in args.seeds:
@@ -349,8 +393,9 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{arm}-s{seed}-t{args.trials}-e{args.epochs}"
             cmd = search_command(spaces[manifest], folds, args.trials, seed, work, name, extra)
             print(f"{arm} seed {seed}: {shlex.join(cmd)}", flush=True)
-            wall = run_search(cmd, work / "experiments" / name, log)
+            wall, ran_by = run_search(cmd, work / "experiments" / name, log, call)
             row = {"arm": arm, "seed": seed, **measure(work / "experiments" / name), "wall_seconds": wall}
+            row["call"] = ran_by
             rows.append(row)
             print(
                 f"  {row['completed']} completed, {row['pruned']} pruned, Spearman {row['spearman']:.2f}, chosen "
@@ -360,6 +405,13 @@ def main(argv: list[str] | None = None) -> int:
             )
     table = pd.DataFrame(rows)
     summary = summarize(table)
+    leaks = {
+        seed: leakage(work / "experiments" / f"folds5-{tail}", work / "experiments" / f"leaky-{tail}")
+        for seed in args.seeds
+        for tail in [f"s{seed}-t{args.trials}-e{args.epochs}"]
+        if (work / "experiments" / f"folds5-{tail}" / "wall.json").is_file()
+        and (work / "experiments" / f"leaky-{tail}" / "wall.json").is_file()
+    }
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
     test = cohort[cohort["split"] == "test"]
     res = {
@@ -368,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "commit": commit.stdout.strip() or "unknown",
-        "command": shlex.join(["python", "benchmarks/bench_selection.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": call,
+        "calls": table.groupby("call", sort=False)["arm"].count().to_dict(),
         "wall_minutes": (time.perf_counter() - start) / 60,
         "epochs": args.epochs,
         "prune_margin": "0.05 (the default; the folds5-noprune arm: 1.0, which never prunes)",
@@ -385,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": "shift 8, patient offset sd 0.3, 3-8 signal patches, seed " + str(args.cohort_seed),
         },
         "verdicts": verdicts(table),
+        "leakage": leaks,
         "summary": summary.reset_index().to_dict(orient="records"),
         "searches": rows,
     }
