@@ -107,6 +107,10 @@ def run_confirm(settings: SearchSettings, trainable: Any) -> pd.DataFrame:
     trials = coerce(pd.read_csv(folder / TRIALS_CSV, dtype={"trial_id": str}))
     stage = folder / CONFIRM_DIR
     runs = confirm_runs(settings, trials.drop(columns=["confirm_val_mean"], errors="ignore"))
+    if runs and _finished_runs(stage / TRIALS_CSV) >= len(runs):
+        # a finished stage is recorded again, not restored: Ray's restored state names the folder the experiment
+        # ran in, which a copied or moved experiment must not write to
+        return record(settings, trials)
     if tune.Tuner.can_restore(str(stage)):  # interrupted during the stage: finished runs are kept
         tuner = tune.Tuner.restore(
             str(stage),
@@ -134,6 +138,13 @@ def intervals(summary: pd.DataFrame, runs: pd.DataFrame, metric: str) -> dict[st
         low.append(bounds[0])
         high.append(bounds[1])
     return {"confirm_test_ci_low": low, "confirm_test_ci_high": high}
+
+
+def _finished_runs(csv: Path) -> int:
+    """How many of the stage's runs completed (0 before the stage)."""
+    if not csv.is_file():
+        return 0
+    return int((pd.read_csv(csv, usecols=["status"])["status"].astype(str) == Status.COMPLETED).sum())
 
 
 def record(settings: SearchSettings, trials: pd.DataFrame) -> pd.DataFrame:

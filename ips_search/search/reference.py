@@ -29,7 +29,16 @@ from ray.tune.schedulers import FIFOScheduler
 
 from ips_search.config import DataConfig, IPSConfig
 from ips_search.data import DataGeometry, dataset_kind
-from ips_search.experiment import PARAMS_FILE, REFERENCE_DIR, TRIALS_CSV, SearchSettings, best, coerce, sampled
+from ips_search.experiment import (
+    PARAMS_FILE,
+    REFERENCE_DIR,
+    TRIALS_CSV,
+    SearchSettings,
+    Status,
+    best,
+    coerce,
+    sampled,
+)
 from ips_search.experiment.settings import trial_fixed
 from ips_search.extraction import built_geometry
 from ips_search.prediction import estimate_memory
@@ -113,30 +122,38 @@ def make_reference_tuner(settings: SearchSettings, run: dict[str, Any], trainabl
 def run_reference(
     settings: SearchSettings, space: SearchSpace, trainable: Any, file: TextIO | None = None
 ) -> pd.DataFrame | None:
-    """Run (or resume) the reference with ``trainable`` (the search's ``search.trainable.train_ips``, unwrapped: the
+    """Run the reference with ``trainable`` (the search's ``search.trainable.train_ips``, unwrapped: the
     resources are set here) and return ``reference/trials.csv``'s table; ``None``, with a one-line note on ``file``
     (stdout by default), when no trial completed or its prediction is over the budget."""
     out = file or sys.stdout
     folder = settings.experiment_dir
     stage = folder / REFERENCE_DIR
-    if tune.Tuner.can_restore(str(stage)):  # interrupted (or finished) before: a finished run is not trained again
-        tuner = tune.Tuner.restore(
-            str(stage), trainable=_trainable(settings, trainable), resume_unfinished=True, resume_errored=True
+    done = _finished(stage / TRIALS_CSV)
+    if done is not None:  # a resumed search keeps its reference run: never trained again, nothing rewritten
+        return done
+    # An unfinished reference run starts over rather than restoring Ray's state: that state names the folder the
+    # experiment ran in, which a copied or moved experiment must not write to (and the run is one trial)
+    top = best(coerce(pd.read_csv(folder / TRIALS_CSV, dtype={"trial_id": str})))
+    if top is None:
+        print("reference run skipped: no trial completed, so there is no config to run with M = N", file=out)
+        return None
+    run = reference_run(space, settings, json.loads((Path(str(top["path"])) / PARAMS_FILE).read_text()))
+    peak = predicted_peak_mb(run)
+    if settings.max_memory_mb is not None and peak is not None and peak > settings.max_memory_mb:
+        print(
+            f"reference run skipped: M = N = {run['memory_size']} (every patch) is predicted at {peak:.0f} MB, "
+            f"over the {settings.max_memory_mb:g} MB budget",
+            file=out,
         )
-    else:
-        top = best(coerce(pd.read_csv(folder / TRIALS_CSV, dtype={"trial_id": str})))
-        if top is None:
-            print("reference run skipped: no trial completed, so there is no config to run with M = N", file=out)
-            return None
-        run = reference_run(space, settings, json.loads((Path(str(top["path"])) / PARAMS_FILE).read_text()))
-        peak = predicted_peak_mb(run)
-        if settings.max_memory_mb is not None and peak is not None and peak > settings.max_memory_mb:
-            print(
-                f"reference run skipped: M = N = {run['memory_size']} (every patch) is predicted at {peak:.0f} MB, "
-                f"over the {settings.max_memory_mb:g} MB budget",
-                file=out,
-            )
-            return None
-        tuner = make_reference_tuner(settings, run, trainable)
+        return None
+    tuner = make_reference_tuner(settings, run, trainable)
     tuner.fit()
     return pd.read_csv(stage / TRIALS_CSV, dtype={"trial_id": str})
+
+
+def _finished(csv: Path) -> pd.DataFrame | None:
+    """The reference stage's table when its run completed, else None."""
+    if not csv.is_file():
+        return None
+    table = pd.read_csv(csv, dtype={"trial_id": str})
+    return table if (table.get("status", pd.Series(dtype=str)).astype(str) == Status.COMPLETED).any() else None
