@@ -123,12 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)  # the same model, and figure, each run
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tissue_figure(slide, work).savefig(args.out / "real_slide_tissue.png")
+        tissue_figure(slide, work).savefig(args.out / "real_slide_tissue.png", dpi=72)  # docs-sized files
         if args.trial:
             figure = trial_attention_figure(slide, args.trial, work)
         else:
             figure = attention_figure(slide, work)
-        figure.savefig(args.out / "real_slide_attention.png")
+        figure.savefig(args.out / "real_slide_attention.png", dpi=80)
     for name in ("real_slide_tissue.png", "real_slide_attention.png"):
         print(args.out / name)
     return 0
