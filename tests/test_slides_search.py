@@ -11,7 +11,7 @@ from ips_search import run
 
 SPACE = """\
 description: a tiny generated slide cohort
-data: {dataset: slides, cohort_size: 8, slide_size: 768, level: 0, min_foreground: 0.3, n_chan: 3, n_test: 2}
+data: {dataset: slides, cohort_size: 12, slide_size: 768, level: 0, min_foreground: 0.3, n_chan: 3, n_test: 2}
 model: {encoder: small-cnn, dim: 16, heads: 2, d_k: 8, d_v: 8, d_inner: 32, orient_scores: false}
 train: {epochs: 1, batch_size: 4, warm_start: false}
 search:
@@ -47,7 +47,7 @@ description: the tiny cohort's patch embeddings (a seeded frozen CNN), extracted
 data:
   dataset: features
   extract:
-    from: {dataset: slides, cohort_size: 8, slide_size: 768, level: 1, min_foreground: 0.3, n_chan: 3, n_test: 2,
+    from: {dataset: slides, cohort_size: 12, slide_size: 768, level: 1, min_foreground: 0.3, n_chan: 3, n_test: 2,
            patch_size: 32}
     encoder: random-init
     model: {encoder: small-cnn, dim: 16}

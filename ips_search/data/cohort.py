@@ -106,7 +106,7 @@ def _check_patients(pool: pd.DataFrame, folds: int, where: str) -> None:
 def check_splits(table: pd.DataFrame, evaluation: EvaluationConfig, where: str) -> None:
     """One ConfigError line for a table no search should use: a blank patient, a patient in train and test, a
     patient in two folds, a fold missing, a fold whose training items hold one class, or whose validation items do
-    (where the metric needs both classes: AUC, balanced accuracy; for accuracy, a validation of two or more items)."""
+    (where the metric needs both classes: AUC, balanced accuracy; for accuracy, a fold of two or more items)."""
     folds = evaluation.folds
     if table["patient"].isna().any() or (table["patient"].astype(str).str.strip() == "").any():
         slide = table.loc[table["patient"].isna() | (table["patient"].astype(str).str.strip() == ""), "slide"].iloc[0]
@@ -140,8 +140,8 @@ def check_splits(table: pd.DataFrame, evaluation: EvaluationConfig, where: str) 
     held = train["fold"].fillna(-1).astype(int)
     for fold in range(folds):
         for role, rows in (("validation", train[held == fold]), ("training", train[held != fold])):
-            if role == "validation" and evaluation.metric == "accuracy" and len(rows) < 2:
-                continue  # one validation item: its accuracy is defined
+            if role == "validation" and evaluation.metric == "accuracy" and (folds == 1 or len(rows) < 2):
+                continue  # accuracy is defined on one class; the kinds check a validation split a user gave
             if rows["label"].nunique() < 2:
                 raise ConfigError(
                     f"{where}: fold {fold}'s {role} slides are all of class {rows['label'].iloc[0]!r}, so AUC and "
