@@ -95,7 +95,7 @@ RANGE_CASES = [
     ("data", "val_fraction", 1.0, "data.val_fraction must be a number in (0, 1), got 1.0"),
     ("data", "test_fraction", 0, "data.test_fraction must be a number in (0, 1)"),
     ("data", "download", "yes", "data.download must be true or false, got 'yes'"),
-    ("data", "digits", "emnist", "data.digits must be one of sklearn, mnist, got 'emnist'"),
+    ("data", "digits", "emnist", "data.digits must be one of sklearn, mnist, mnist-full, got 'emnist'"),
     ("data", "tasks", "majority", "data.tasks must be a list, got 'majority'; write [majority]"),
     ("data", "n_noise", -1, "data.n_noise must be 0 or a positive integer"),
     ("data", "seed", -1, "data.seed must be an integer from 0 to 2**32 - 1"),
