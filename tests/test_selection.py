@@ -194,12 +194,23 @@ def test_the_pruner_stops_a_clearly_worse_trial_after_a_fold_but_never_the_last_
     pruner = FoldPruner(folds=5, margin=0.05)
     assert not pruner("first", _fold_report(0, [0.5]))  # nothing to compare with yet
     assert not pruner("best", _fold_report(4, [0.9, 0.8, 0.85, 0.9, 0.8], status="completed"))
-    assert pruner("bad", _fold_report(0, [0.7]))  # 0.70 < 0.90 - 0.05 after fold 0
+    assert pruner("bad", _fold_report(0, [0.7]))  # 0.70 < 0.90 - 0.05 - sd 0.05 after fold 0
     assert not pruner("close", _fold_report(0, [0.86]))
     assert not pruner("close", _fold_report(1, [0.86, 0.78]))  # mean 0.82 vs the best's 0.85 over the same folds
     assert pruner("close", _fold_report(2, [0.86, 0.78, 0.6]))
     assert not pruner("mid", {**_fold_report(1, [0.6]), "folds_done": 1})  # a report inside fold 1: no decision
     assert pruner.pruned == {"bad", "close"}
+
+
+def test_the_pruner_widens_its_bar_by_the_best_trials_fold_spread():
+    """Where one fold's score swings by luck (AUC 1.0 or 0.3 on a few patients), a trial one fold behind the best
+    by more than the margin but less than that swing goes on; by its third fold the bar has narrowed."""
+    pruner = FoldPruner(folds=5, margin=0.05)
+    pruner("best", _fold_report(4, [1.0, 0.3, 1.0, 1.0, 0.4], status="completed"))  # sd 0.36
+    assert not pruner("unlucky", _fold_report(0, [0.7]))  # 1.0 - 0.05 - 0.36 = 0.59 after one fold
+    assert pruner("chance", _fold_report(0, [0.5]))
+    assert not pruner("unlucky", _fold_report(1, [0.7, 0.3]))  # 0.50 vs 0.65 - 0.05 - 0.26
+    assert pruner("unlucky", _fold_report(2, [0.7, 0.3, 0.4]))  # 0.47 vs 0.77 - 0.05 - 0.21
 
 
 def test_the_test_score_never_changes_the_ranking():

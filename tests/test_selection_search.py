@@ -55,12 +55,14 @@ def test_each_trial_trains_every_fold_and_reports_their_mean_and_spread(ray_clus
         assert row["val_score_mean"] == pytest.approx(np.mean(folds))
         assert row["val_score_std"] == pytest.approx(np.std(folds, ddof=1))
         assert row["metric"] == "balanced_accuracy" and row["folds"] == 3 and row["epochs"] == 3  # 3 folds x 1
-        assert 0 <= row["test_score"] <= 1
+        tests = [row[f"test_score_fold{k}"] for k in range(3)]  # each fold's model scored test once, at its end
+        assert row["test_score"] == pytest.approx(np.mean(tests)) and all(0 <= t <= 1 for t in tests)
         predictions = pd.read_csv(predictions_file(row["path"]))
         assert sorted(predictions["slide"]) == sorted(table.loc[table["split"] == "test", "slide"])
         lines = [json.loads(x) for x in open(f"{row['path']}/result.json") if x.strip()]
         assert [r["fold"] for r in lines] == [0, 1, 2] and [r["folds_done"] for r in lines] == [1, 2, 3]
-        assert all("test_score" not in r for r in lines[:-1])  # the test set is scored once, at the end
+        assert all("test_score" not in r for r in lines[:-1])  # the mean, once, at the end
+        assert [len([k for k in r if k.startswith("test_score_fold")]) for r in lines] == [1, 2, 3]
 
     before = (folder / SPLITS_FILE).read_bytes()
     resumed = ["--resume", "cv", "--results-dir", str(results_dir), "--trials", "3", "--no-dashboard"]

@@ -35,6 +35,8 @@ RUNG_METRICS = {
 }
 FOLD_SCORE = "val_score_fold"  # + k: fold k's validation score, once the fold has finished
 FOLD_SCORE_PATTERN = re.compile(rf"{FOLD_SCORE}\d+")
+TEST_FOLD_SCORE = "test_score_fold"  # + k: the test set's score by fold k's model, at that fold's end; never ranks
+TEST_FOLD_SCORE_PATTERN = re.compile(rf"{TEST_FOLD_SCORE}\d+")
 MEMORY_METRIC = "peak_memory_mb"  # the second objective, and what the memory budget limits
 SEARCHED_IN_RESULT = ("memory_size", "iteration_size", "patch_size")  # M and I are derived from N: read from the result
 QUANTILE_SUFFIX = "_quantile"  # M and I are sampled as quantiles (memory_size_quantile): the value used is the column
@@ -88,7 +90,7 @@ class EpochReport:
     train_seconds: float | None = None
     images_per_s: float | None = None
     test_accuracy: float | None = None  # after the last epoch only
-    test_score: float | None = None  # scored once, after the last fold; never ranks
+    test_score: float | None = None  # mean over the fold models' test scores, after the last fold; never ranks
     test_auc: float | None = None
     test_balanced_accuracy: float | None = None
     test_loss: float | None = None
@@ -96,15 +98,17 @@ class EpochReport:
     error: str | None = None
     per_task: dict[str, float] = field(default_factory=dict)  # val_<task>/accuracy, test_<task>/auc, ...
     fold_scores: list[float] = field(default_factory=list)  # each finished fold's validation score
+    test_fold_scores: list[float] = field(default_factory=list)  # each finished fold's model's test score
 
     def to_metrics(self) -> dict[str, Any]:
         """The flat dict ``tune.report`` takes; unset fields are left out."""
-        nested = ("per_task", "fold_scores")
+        nested = ("per_task", "fold_scores", "test_fold_scores")
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in nested}
         out["status"] = Status(self.status).value
         out = {k: v for k, v in out.items() if v is not None}
         out.update(self.per_task)
         out.update({f"{FOLD_SCORE}{k}": v for k, v in enumerate(self.fold_scores)})
+        out.update({f"{TEST_FOLD_SCORE}{k}": v for k, v in enumerate(self.test_fold_scores)})
         return out
 
 
@@ -208,7 +212,7 @@ def trial_record(
     row.update(sampled(config))
     row.update({k: last[k] for k in SEARCHED_IN_RESULT if k in last})
     row.update({k: last.get(k) for k in _FROM_REPORT})
-    row.update({k: v for k, v in last.items() if FOLD_SCORE_PATTERN.fullmatch(k)})
+    row.update({k: v for k, v in last.items() if _is_fold_column(k)})
     row["val_accuracy_best"] = val_accuracy_best
     row["epochs"] = last.get("training_iteration", last.get("epoch"))
     row["path"] = path
@@ -238,7 +242,8 @@ def coerce(df: pd.DataFrame) -> pd.DataFrame:
     for new, old in FILLED_FROM.items():
         if old in df and (new not in df or df[new].isna().all()):
             df[new] = df[old]
-    kinds = {c.name: c.kind for c in COLUMNS} | PARAM_KINDS | {c: "float" for c in fold_columns(df)}
+    folds = [c for c in df.columns if _is_fold_column(str(c))]
+    kinds = {c.name: c.kind for c in COLUMNS} | PARAM_KINDS | {c: "float" for c in folds}
     for name in COLUMN_NAMES:
         if name not in df:
             df[name] = None
@@ -256,10 +261,15 @@ def coerce(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def fold_columns(df: pd.DataFrame) -> list[str]:
-    """The per-fold score columns of ``df`` (``val_score_fold0`` ..), in fold order."""
-    found = [c for c in df.columns if FOLD_SCORE_PATTERN.fullmatch(str(c))]
-    return sorted(found, key=lambda c: int(c[len(FOLD_SCORE) :]))
+def fold_columns(df: pd.DataFrame, prefix: str = FOLD_SCORE) -> list[str]:
+    """The per-fold score columns of ``df`` (``val_score_fold0`` ..; ``prefix`` :data:`TEST_FOLD_SCORE`: the fold
+    models' test scores), in fold order."""
+    found = [c for c in df.columns if re.fullmatch(rf"{prefix}\d+", str(c))]
+    return sorted(found, key=lambda c: int(c[len(prefix) :]))
+
+
+def _is_fold_column(name: str) -> bool:
+    return bool(FOLD_SCORE_PATTERN.fullmatch(name) or TEST_FOLD_SCORE_PATTERN.fullmatch(name))
 
 
 def as_bool(value: Any) -> Any:

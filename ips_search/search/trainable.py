@@ -5,8 +5,9 @@ epoch with validation metrics, peak memory and speed, and a checkpoint (model,
 optimiser, scheduler, fold and epoch), so a paused, early-stopped-then-resumed or
 restored trial continues where it was. With ``evaluation.folds`` K > 1 it trains
 once per patient-level fold of ``splits.csv`` (the data built once) and reports
-the mean and spread of the folds' validation scores. The last report adds the
-test set's figures, scored once, and its predictions in the last checkpoint.
+the mean and spread of the folds' validation scores. Each fold's model scores
+the test set once, at the fold's end; the last report adds the mean of those
+test figures, and the last model's test predictions in the last checkpoint.
 
 Statuses a trial can end with (the ``status`` metric): ``running`` (an epoch
 report), ``completed`` (all epochs of all folds), ``infeasible`` (the predicted CUDA peak of a training step is
@@ -72,6 +73,7 @@ def _save_checkpoint(directory: str, run: Training, progress: Progress, epoch: i
         "next_fold": progress.fold,
         "next_epoch": progress.epoch,
         "fold_scores": list(progress.fold_scores),
+        "fold_tests": [dict(t) for t in progress.fold_tests],
         "running_score": progress.running,
         "peak_memory_mb": progress.peak_mb,
         "host_rss_mb": progress.host_rss_mb,
@@ -106,7 +108,8 @@ def train_ips(config: dict[str, Any]) -> None:
     With ``evaluation.folds`` K > 1 the config trains K times, once per patient-level fold of the non-test items
     (the data built once), reporting after every epoch; ``val_score_mean`` is the mean over the finished folds and
     the running one's latest epoch, so the last report's is the K-fold mean the searcher ranks by. The test set is
-    scored once, by the last fold's model (``evaluation.refit``: by the model trained on every non-test item)."""
+    scored once by each fold's model at the fold's end (``test_score_fold{k}``; ``evaluation.refit``: once, by the
+    model trained on every non-test item); ``test_score`` is their mean. Test never ranks."""
     exp = trial_config(config["fixed"], config)
     budget = config.get("max_memory_mb")
     cpus, gpus = _trial_resources()
@@ -201,16 +204,12 @@ def train_ips(config: dict[str, Any]) -> None:
             if val is not None:
                 progress.validated(val, fold_end)
                 progress.fill(report, val)
-            if last:
-                test = evaluate(run.model, run.test_loader, device, exp.train.amp, metric, keep_predictions=True)
-                report.test_accuracy, report.test_loss, report.test_seconds = (
-                    test["accuracy"],
-                    test["loss"],
-                    test["seconds"],
-                )
-                report.test_score, report.test_auc = test["score"], _defined(test["auc"])
-                report.test_balanced_accuracy = _defined(test["balanced_accuracy"])
-                report.per_task.update({f"test_{k}": v for k, v in test.items() if "/" in k})
+            if fold_end:  # each fold's model scores the test set once (CLAM's convention); never per epoch
+                test = evaluate(run.model, run.test_loader, device, exp.train.amp, metric, keep_predictions=last)
+                progress.tested(test)
+                report.test_fold_scores = [t["score"] for t in progress.fold_tests]
+                if last:
+                    progress.fill_test(report)
             progress.fold, progress.epoch = (fold + 1, 0) if fold_end else (fold, epoch + 1)
             with tempfile.TemporaryDirectory() as directory:
                 if last:
@@ -229,6 +228,7 @@ class Progress:
     fold: int = 0
     epoch: int = 0
     fold_scores: list[float] = field(default_factory=list)
+    fold_tests: list[dict[str, float]] = field(default_factory=list)  # each finished fold's model's test figures
     running: float | None = None
     peak_mb: float = 0.0
     host_rss_mb: float = 0.0
@@ -241,6 +241,7 @@ class Progress:
             fold=int(state.get("next_fold", fold)),
             epoch=int(state.get("next_epoch", epoch + 1)),
             fold_scores=[float(v) for v in state.get("fold_scores", [])],
+            fold_tests=[{k: float(v) for k, v in t.items()} for t in state.get("fold_tests", [])],
             running=state.get("running_score"),
             peak_mb=float(state["peak_memory_mb"]),
             host_rss_mb=float(state.get("host_rss_mb", 0.0)),
@@ -252,6 +253,23 @@ class Progress:
         self.running = None if fold_end else float(val["score"])
         if fold_end:
             self.fold_scores.append(float(val["score"]))
+
+    def tested(self, test: dict[str, Any]) -> None:
+        """Keep a fold model's test figures: the scalar ones (scores, loss, per-task metrics, seconds)."""
+        keep = ("score", "accuracy", "auc", "balanced_accuracy", "loss", "seconds")
+        figures = {k: v for k, v in test.items() if k in keep or "/" in k}
+        self.fold_tests.append({k: math.nan if v is None else float(v) for k, v in figures.items()})
+
+    def fill_test(self, report: EpochReport) -> None:
+        """The test figures of the last report: each the mean over the fold models (one model when refitting), so
+        a config's test score doesn't hang on one fold's luck; ``test_seconds`` is one scoring's."""
+        tests = pd.DataFrame(self.fold_tests)
+        mean = tests.mean(skipna=True)  # an undefined AUC (one class in a task) is NaN: left out of the mean
+        report.test_score, report.test_accuracy = float(mean["score"]), float(mean["accuracy"])
+        report.test_loss = float(mean["loss"])
+        report.test_seconds = float(tests["seconds"].iloc[-1])
+        report.test_auc, report.test_balanced_accuracy = _defined(mean["auc"]), _defined(mean["balanced_accuracy"])
+        report.per_task.update({f"test_{k}": float(v) for k, v in mean.items() if "/" in k})
 
     def scores(self) -> list[float]:
         """The finished folds' scores and the running fold's latest."""
