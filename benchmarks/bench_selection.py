@@ -437,7 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         "calls": table.groupby("call", sort=False)["arm"].count().to_dict(),
         "wall_minutes": (time.perf_counter() - start) / 60,
         "epochs": args.epochs,
-        "prune_margin": "0.05 plus one standard error of the best trial's fold scores (the default rule; the folds5-noprune arm: 1.0, which never prunes)",
+        "prune_margin": (
+            "0.05 plus one standard error of the best trial's fold scores (the default rule; "
+            "the folds5-noprune arm: 1.0, which never prunes)"
+        ),
         "space_file": "space-labels.yaml, written by the script",
         "space": space(work / "cohort", "labels.csv", args.epochs),
         "cohort": {
