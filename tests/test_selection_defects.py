@@ -4,12 +4,20 @@ tensor feature items of unequal N."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ips_search import IPSConfig, IPSNet
+from ips_search.config import DataConfig
+from ips_search.data import build_datasets, preview_datasets
+from ips_search.data.features import H5FeatureSource
+from ips_search.errors import ConfigError
 from ips_search.model.encoders import Projector
 
 
@@ -53,3 +61,35 @@ def test_a_training_step_with_one_kept_patch_of_one_slide(B):
         logits = net(mem_patch, mem_idx)  # (batch, n_class)
         nn.functional.cross_entropy(logits, torch.zeros(batch, dtype=torch.long)).backward()
         assert logits.shape[0] == batch and torch.isfinite(logits).all()
+
+
+def write_slides(root: Path, sizes: list[int], dim: int = 8) -> None:
+    """Feature files of ``sizes`` patches and a manifest whose train, val and test splits each hold both labels."""
+    rng = np.random.default_rng(0)
+    lines = ["slide,label,split"]
+    for i, n in enumerate(sizes):
+        with h5py.File(root / f"s{i}.h5", "w") as f:
+            f.create_dataset("features", data=rng.standard_normal((n, dim)).astype(np.float32))
+        lines.append(f"s{i},{i % 2},{('train', 'val', 'test')[i // 2 % 3]}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_tensor_items_of_unequal_n_are_one_config_error_when_the_data_are_built(tmp_path):
+    write_slides(tmp_path, [120, 1500, 300, 300, 700, 400])
+    cfg = DataConfig(dataset="features", root=str(tmp_path), feature_items="tensor")
+    with pytest.raises(ConfigError) as info:
+        build_datasets(cfg)
+    message = str(info.value)
+    assert "\n" not in message and "N 120..1500" in message and "feature_items: source" in message
+    with pytest.raises(ConfigError, match="N 120..1500"):
+        preview_datasets(cfg)  # the dry run says it too
+    for items in ("source", "auto"):  # the fix named: every slide a lazy source, of any N
+        splits = build_datasets(DataConfig(dataset="features", root=str(tmp_path), feature_items=items))
+        assert len(splits.train) == 2 and isinstance(splits.train[0][0], H5FeatureSource)
+
+
+def test_tensor_items_of_one_n_still_batch(tmp_path):
+    write_slides(tmp_path, [50] * 6)
+    splits = build_datasets(DataConfig(dataset="features", root=str(tmp_path), feature_items="tensor"))
+    patches, target = next(iter(DataLoader(splits.train, batch_size=2)))
+    assert patches.shape == (2, 50, 8) and target["label"].tolist() == [0, 1]

@@ -18,10 +18,11 @@ non-negative integer, else class names (sorted).
 
 Items are ``(source, {"label": int64 scalar})``: a :class:`H5FeatureSource` (lazy, reads only the
 rows asked for) or, with ``feature_items: tensor`` (``auto`` picks it when every slide has the same,
-small N), the slide's ``(N, D)`` float32 tensor. The dataset holds file names and patch counts, plus the
-tensor items it has read, up to ``KEEP_BYTES`` per split (a small cohort is read once per trial, not
-once per epoch; a large one stays on disk), and opens no file it keeps: each source opens its file on
-first read, in the process that reads (DataLoader workers included), and closes it when dropped.
+small N; given for slides of different N it is a ConfigError), the slide's ``(N, D)`` float32 tensor.
+The dataset holds file names and patch counts, plus the tensor items it has read, up to ``KEEP_BYTES``
+per split (a small cohort is read once per trial, not once per epoch; a large one stays on disk), and opens
+no file it keeps: each source opens its file on first read, in the process that reads (DataLoader workers
+included), and closes it when dropped.
 
 Checks (:mod:`ips_search.data.checks`): a ``slide`` name must stay inside ``root`` (no ``../x``, no absolute
 path); a patient cell may not be blank, and a split column may not put one patient's slides in two splits; the
@@ -344,6 +345,12 @@ def read_splits(cfg: DataConfig) -> tuple[FeatureDataset, FeatureDataset, Featur
     patients = read_patients(rows, [row["slide"] for row in rows], f"manifest {manifest}")
     splits = _assign_splits(rows, labels, patients, cfg, manifest)
     dim, sizes = files[0].dim, {f.n for f in files}
+    if cfg.feature_items == "tensor" and len(sizes) > 1:
+        # said here, before training: the DataLoader would otherwise fail deep in its collate (torch.stack) in a worker
+        raise ConfigError(
+            f"data.feature_items: tensor batches every slide's (N, D) features, but the slides have different patch "
+            f"counts (N {min(sizes)}..{max(sizes)}); set data.feature_items: source (or auto), which takes any N"
+        )
     as_tensors = cfg.feature_items == "tensor" or (
         cfg.feature_items == "auto" and len(sizes) == 1 and next(iter(sizes)) * dim <= TENSOR_ITEM_LIMIT
     )
