@@ -78,6 +78,7 @@ class EpochReport:
     patch_size: int | None = None  # P
     n_patches: int | None = None  # N
     predicted_memory_mb: float | None = None  # the estimator's CUDA peak, beside a measured one
+    predicted_gradient_mb: float | None = None  # its gradient pass over the B x M kept patches: the part M moves
     host_rss_mb: float | None = None  # host memory the trial process grew by while training
     device: str | None = None
     node_id: str | None = None  # which Ray node ran it: how a slow or failing node is found
@@ -142,6 +143,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("peak_memory_mb", "float"),
     Column("memory_kind", "str"),
     Column("predicted_memory_mb", "float"),
+    Column("predicted_gradient_mb", "float"),
     Column("host_rss_mb", "float"),
     Column("feasible", "bool"),
     Column("epochs", "int"),

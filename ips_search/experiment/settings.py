@@ -179,9 +179,9 @@ class SearchSettings:
     )
     prune_margin: float = setting(
         0.05,
-        "with folds above 1: stop a trial after a fold when its mean score over the folds so far is more than this "
-        "below the best finished trial's mean over the same folds (0: stop whenever it is below; single-objective "
-        "searches only)",
+        "with folds above 1: stop a trial after a fold when its mean score over the folds so far is more than this, "
+        "plus one standard error of the best finished trial's fold scores, below that trial's mean over the same "
+        "folds (single-objective searches only)",
         rules=NON_NEGATIVE,
     )
 

@@ -155,7 +155,7 @@ def best_config_markdown(
         figures = (
             f"- {ev.score_label}: {_score(row.get(SCORE), spread)}"
             f"{' (mean ± standard deviation over the folds)' if _number(spread) is not None else ''}; "
-            f"test {ev.metric_name} {_score(row.get(TEST_SCORE))} (scored once, not used for ranking); {memory}"
+            f"test {ev.metric_name} {_score(row.get(TEST_SCORE))} (held out, not used for ranking); {memory}"
         )
     lines += [
         f"Trial {escape(row['trial_id'])} ({escape(row.get('status'))}), the {what}{of} {budget} by "
@@ -241,7 +241,8 @@ def folds_markdown(folds: pd.DataFrame, ev: Evaluation, heading: str = "##") -> 
     lines += [
         f"Each config's validation {ev.metric_name} on each of its {ev.folds} patient-level folds (no patient of a "
         "fold's validation slides is among its training slides), their mean (what ranks) and standard deviation. "
-        "The test column is scored once per trial, after the last fold, and **is not used for ranking**.",
+        "The test column is the mean over the fold models, each scoring test once at its fold's end, and **is not "
+        "used for ranking**.",
         "",
         to_markdown(folds.rename(columns=readable)),
         "",

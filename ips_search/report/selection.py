@@ -3,8 +3,9 @@ each top trial's per-fold scores, the confirm stage's test figures and the full-
 
 A search with ``evaluation: {metric: auc, folds: 5}`` scores every config on K patient-level folds of the non-test
 slides and ranks by the mean (``val_score_mean``), then by the spread (``val_score_std``); the test set is scored once
-per trial (``test_score``) and never ranks. An experiment written before that has none of these columns: its last
-epoch's validation accuracy is its score (:func:`with_scores`), so it reports as it always did.
+by each fold's model (``test_score``: their mean) and never ranks. An experiment written before that has none of
+these columns: its last epoch's validation accuracy is its score (:func:`with_scores`), so it reports as it always
+did.
 
 Pandas only: no plotting here.
 """
@@ -23,7 +24,7 @@ from ips_search.report.axes import param_columns
 
 SCORE = "val_score_mean"  # what ranks configs: the chosen metric's mean over the finished folds
 SCORE_STD = "val_score_std"  # its standard deviation over the folds (empty with one fold)
-TEST_SCORE = "test_score"  # the chosen metric on the held-out test set, scored once after the last fold
+TEST_SCORE = "test_score"  # the chosen metric on the held-out test set: the mean over the fold models, never ranks
 LEGACY_SCORE = "val_accuracy"  # the score of an experiment written before cross-validation
 FOLD_PREFIX = "val_score_fold"
 FOLD_COLUMN = re.compile(rf"^{FOLD_PREFIX}(\d+)$")

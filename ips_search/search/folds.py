@@ -44,5 +44,5 @@ def splits_line(table: pd.DataFrame, settings: SearchSettings) -> str:
     )
     return (
         f"evaluation   {settings.metric} on {how}; test {len(test)} slides ({test['patient'].nunique()} patients), "
-        "scored once per trial, never ranks"
+        "scored once per fold model, never ranks"
     )

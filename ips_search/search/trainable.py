@@ -40,7 +40,7 @@ from ips_search.data.cohort import cohort_splits, fold_splits, test_items
 from ips_search.experiment import CHECKPOINT_FILE, PREDICTIONS_FILE, EpochReport, MemoryKind, SearchSettings, Status
 from ips_search.experiment.confirmation import RUN
 from ips_search.extraction import resolve_data
-from ips_search.prediction import estimate_memory
+from ips_search.prediction import estimate_memory, estimate_phases
 from ips_search.space import trial_config
 from ips_search.train import NonFiniteLossError, Training, evaluate, resolve_device, setup, train_one_epoch
 
@@ -125,6 +125,7 @@ def train_ips(config: dict[str, Any]) -> None:
     folds = fold_splits(splits, table, exp.evaluation)
     data_seconds = time.perf_counter() - data_start
     predicted = predict_peak_mb(exp, splits)
+    gradient = predict_gradient_mb(exp, splits) if predicted is not None else None
     base = {
         "n_patches": splits.n_patches,
         "memory_size": exp.model.memory_size,
@@ -133,6 +134,7 @@ def train_ips(config: dict[str, Any]) -> None:
         "device": device.type,
         "node_id": _node_id(),
         "predicted_memory_mb": predicted,
+        "predicted_gradient_mb": gradient,
         "data_seconds": data_seconds,
         "metric": exp.evaluation.metric,
         "folds": len(folds),
@@ -313,6 +315,16 @@ def predict_peak_mb(exp: ExperimentConfig, splits: DataSplits) -> float | None:
         return estimate_memory(exp, splits.geometry, "cuda").peak_mb
     except Exception as exc:  # noqa: BLE001 - an estimator gap must not cost the trial
         warnings.warn(f"no memory estimate for this config ({type(exc).__name__}: {exc}); measuring", stacklevel=2)
+        return None
+
+
+def predict_gradient_mb(exp: ExperimentConfig, splits: DataSplits) -> float | None:
+    """The part of the predicted peak that M (and P) move: the gradient pass over the kept patches, above the model
+    state (:func:`ips_search.prediction.estimate_phases`); ``None`` where the phases can't be split."""
+    try:
+        return estimate_phases(exp, splits.geometry, "cuda").gradient_mb
+    except Exception as exc:  # noqa: BLE001 - a plot's extra panel must not cost the trial
+        warnings.warn(f"no phase split for this config ({type(exc).__name__}: {exc})", stacklevel=2)
         return None
 
 
