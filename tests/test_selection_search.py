@@ -55,6 +55,7 @@ def test_each_trial_trains_every_fold_and_reports_their_mean_and_spread(ray_clus
         assert row["val_score_mean"] == pytest.approx(np.mean(folds))
         assert row["val_score_std"] == pytest.approx(np.std(folds, ddof=1))
         assert row["metric"] == "balanced_accuracy" and row["folds"] == 3 and row["epochs"] == 3  # 3 folds x 1
+        assert row["predicted_gradient_mb"] > 0  # the part of the predicted peak M moves, for the report's plot
         tests = [row[f"test_score_fold{k}"] for k in range(3)]  # each fold's model scored test once, at its end
         assert row["test_score"] == pytest.approx(np.mean(tests)) and all(0 <= t <= 1 for t in tests)
         predictions = pd.read_csv(predictions_file(row["path"]))
