@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -17,6 +22,7 @@ import pandas as pd
 import pytest
 
 from ips_search import run
+from ips_search.experiment import predictions_file
 
 pytestmark = pytest.mark.ray
 
@@ -86,3 +92,70 @@ def test_resume_by_path_of_a_moved_folder_writes_only_there(original, tmp_path, 
     assert not first.exists()
     assert tree(original) == before
     assert not (tmp_path / "results").exists()
+
+
+def kill_during_confirm(cluster, results: Path, name: str) -> set[str]:
+    """A search (2 trials, then 3 confirm runs one at a time) killed once its first confirm run finished; the ids of
+    the confirm runs that finished."""
+    argv = ["--space", "smoke", "--trials", "2", "--epochs", "1", "--confirm", "3", "--confirm-top", "1"]
+    argv += ["--concurrency", "1", "--no-reference", "--results-dir", str(results), "--name", name, "--no-dashboard"]
+    argv += ["--address", cluster.address_info["gcs_address"]]
+    log = results.parent / f"{name}.log"
+    with open(log, "wb") as out:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "ips_search.run", *argv],
+            env={**os.environ, "RAY_AUTH_MODE": "token"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    csv = results / name / "confirm" / "trials.csv"
+    deadline = time.time() + 400
+    while time.time() < deadline and driver.poll() is None:
+        if csv.exists() and (pd.read_csv(csv)["status"] == "completed").sum() >= 1:
+            break
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert csv.exists(), log.read_text()[-3000:]
+    runs = pd.read_csv(csv, dtype={"trial_id": str})
+    done = set(runs.loc[runs["status"] == "completed", "trial_id"])
+    assert 1 <= len(done) < 3, "the confirm stage must be killed unfinished"
+    return done
+
+
+def check_confirmed_in(folder: Path, kept: set[str]) -> None:
+    """``folder``'s confirm stage finished there: all 3 runs inside it, the ones ``kept`` not trained again, its
+    interval bootstrapped from the predictions inside it."""
+    stage = (folder / "confirm").resolve()
+    runs = pd.read_csv(folder / "confirm" / "trials.csv", dtype={"trial_id": str})
+    assert len(runs) == 3 and (runs["status"] == "completed").all(), runs
+    assert kept <= set(runs["trial_id"])
+    assert all(Path(p).parent == stage and predictions_file(p) is not None for p in runs["path"]), list(runs["path"])
+    for path in runs.loc[runs["trial_id"].isin(kept), "path"]:
+        lines = [json.loads(x) for x in (Path(path) / "result.json").read_text().splitlines() if x.strip()]
+        assert [r["training_iteration"] for r in lines] == [1], "a finished confirm run ran again"
+    for path in runs.loc[~runs["trial_id"].isin(kept), "path"]:  # the runs started here read this folder's splits
+        splits = json.loads((Path(path) / "params.json").read_text())["run"]["fixed"]["evaluation"]["splits"]
+        assert Path(splits).resolve() == (folder / "splits.csv").resolve()
+    summary = pd.read_csv(folder / "confirm.csv")
+    assert summary["confirm_runs"].tolist() == [3] and summary["confirm_test_ci_low"].notna().all()
+
+
+def test_resume_of_a_copy_killed_during_its_confirm_stage_finishes_the_stage_in_the_copy(ray_cluster, tmp_path, capsys):
+    """An unfinished confirm stage of a copy (its original still there), then of a moved experiment (its original
+    gone): its finished runs are kept, the rest run in the resumed folder, and the original is never written."""
+    results = tmp_path / "results"
+    kept = kill_during_confirm(ray_cluster, results, "halt")
+    original = results / "halt"
+    shutil.copytree(original, results / "copy")
+    shutil.copytree(original, results / "moved")
+    before = tree(original)
+    assert run.main(["--resume", "copy", "--results-dir", str(results), "--no-dashboard"]) == 0, capsys.readouterr()
+    assert tree(original) == before
+    check_confirmed_in(results / "copy", kept)
+
+    away = tmp_path / "away"
+    original.rename(away)  # the moved copy's saved state names a folder that no longer exists
+    assert run.main(["--resume", "moved", "--results-dir", str(results), "--no-dashboard"]) == 0, capsys.readouterr()
+    assert not original.exists() and tree(away) == before
+    check_confirmed_in(results / "moved", kept)
