@@ -61,6 +61,8 @@ def check_extended_in(folder: Path, trials: int) -> None:
     saved = json.loads((folder / "experiment.json").read_text())["settings"]
     assert saved["name"] == folder.name and saved["trials"] == trials
     assert Path(saved["results_dir"]).resolve() == folder.parent.resolve()
+    newest = json.loads((Path(df["path"].iloc[-1]) / "params.json").read_text())
+    assert newest["fixed"]["evaluation"]["splits"] == str(folder.resolve() / "splits.csv")  # not the original's
 
 
 def test_resume_of_a_copy_by_name_writes_only_into_the_copy(original, capsys):

@@ -34,6 +34,7 @@ from ips_search.experiment import (
     MEMORY_METRIC,
     METRIC,
     RUNG_METRICS,
+    SPLITS_FILE,
     TRIALS_CSV,
     SearchSettings,
     Status,
@@ -177,13 +178,17 @@ class ExtendableSearch(SearchGenerator):
         Ray's saved state names the folder the experiment was started in: the storage new trials are created in,
         and the searcher's Optuna journal (its pickled ``JournalStorage``, and the study and trials bound to it).
         Ray re-roots the trials it restores; without this, new trials and the study of a copied or moved experiment
-        would go to the original folder.
+        would go to the original folder. New trials also read this folder's ``splits.csv``: the saved config names
+        the original's, which a moved experiment no longer has.
         """
         folder = Path(folder).resolve()
         if self._experiment is not None:
             storage = copy.copy(self._experiment.storage)
             storage.storage_fs_path, storage.experiment_dir_name = folder.parent.as_posix(), folder.name
             self._experiment.storage = self._experiment.spec["storage"] = storage
+            evaluation = self._experiment.spec.get("config", {}).get("fixed", {}).get("evaluation") or {}
+            if evaluation.get("splits") and (folder / SPLITS_FILE).is_file():
+                evaluation["splits"] = str(folder / SPLITS_FILE)
         base = self.searcher
         while hasattr(base, "searcher"):  # ConcurrencyLimiter wraps the Optuna searcher
             base = base.searcher
