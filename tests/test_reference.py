@@ -57,8 +57,8 @@ def test_a_batch_of_two_images_with_one_below_m_is_still_an_error():
     assert "batch_size 1" in str(info.value) and "\n" not in str(info.value)
 
 
-def features_space(tmp_path: Path, batch_size: int = 4):
-    make_cohort(tmp_path, FEATURE_SIZES, dim=16)
+def features_space(tmp_path: Path, batch_size: int = 4, sizes: list[int] = FEATURE_SIZES):
+    make_cohort(tmp_path, sizes, dim=16)
     raw = {
         "data": {"dataset": "features", "root": str(tmp_path)},
         "model": {"dim": 16, "heads": 2, "d_k": 8, "d_v": 8, "d_inner": 32, "memory_size": 6, "fold_bn": False},
@@ -77,8 +77,15 @@ def test_reference_config_keeps_every_patch_and_a_batch_of_one_where_n_varies(tm
     assert whole["train"]["batch_size"] == 16  # every image has N patches: the batch size stays
     assert whole["data"] == smoke["data"] and "memory_size" not in smoke.get("model", {})  # a copy
     assert reference_config({**smoke, "model": {"iteration_size": 40}}, 16)["model"]["iteration_size"] == 16
-    slides = reference_config(features_space(tmp_path).fixed, 60)
+    slides = reference_config(features_space(tmp_path).fixed, 60, varies=True)
     assert slides["model"]["memory_size"] == 60 and slides["train"]["batch_size"] == 1
+
+
+def test_features_of_equal_n_keep_the_searchs_batch_in_the_reference(tmp_path):
+    space = features_space(tmp_path, sizes=[24] * 12)  # embeddings of same-size images: N = 24 for every item
+    run = reference_run(space, settings(tmp_path), {"fixed": space.fixed, "lr": 1e-3})
+    exp = trial_config(run["fixed"], run)
+    assert exp.model.memory_size == 24 and exp.train.batch_size == 4
 
 
 def settings(tmp_path: Path, budget: float | None = None, seed: int = 3) -> SearchSettings:

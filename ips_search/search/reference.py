@@ -3,8 +3,8 @@ aggregator and none selected.
 
 It answers what the selection costs or gains: the reference differs from the winner only in M (same sampled
 values, same fixed sections, same seed). For whole images N is the same for every image, so M = N keeps them all.
-Where every item has its own N (slides, features) the reference trains with batch size 1 and M = the largest N: a
-batch of one image keeps all of a smaller image's patches (``IPSNet._ips_sources``), so every image of every split
+Where the items' N differ (slides, features of different sizes) the reference trains with batch size 1 and M = the
+largest N: a batch of one image keeps all of a smaller image's patches (``IPSNet._ips_sources``), so every image of every split
 goes whole through the aggregator.
 
 Its predicted CUDA peak (:func:`ips_search.prediction.estimate_memory`, at the largest image) is checked first: over
@@ -27,8 +27,8 @@ import ray
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 
-from ips_search.config import DataConfig, IPSConfig
-from ips_search.data import DataGeometry, dataset_kind
+from ips_search.config import IPSConfig
+from ips_search.data import DataGeometry
 from ips_search.experiment import (
     PARAMS_FILE,
     REFERENCE_DIR,
@@ -47,22 +47,24 @@ from ips_search.search.results import TrialsCsvCallback, trial_dirname
 from ips_search.space import SearchSpace, trial_config
 
 
-def reference_config(fixed: Mapping[str, Any], n_max: int) -> dict[str, dict[str, Any]]:
+def reference_config(fixed: Mapping[str, Any], n_max: int, varies: bool = False) -> dict[str, dict[str, Any]]:
     """The fixed sections of the reference run: ``fixed`` with model.memory_size = ``n_max`` (the largest N) and, where
-    N varies per item (slides, features), train.batch_size 1. model.iteration_size is kept (at most ``n_max``): with
-    M = N nothing is iterated, so it is never used."""
+    the items' N differ (``varies``: slides, features of different sizes), train.batch_size 1. model.iteration_size
+    is kept (at most ``n_max``): with M = N nothing is iterated, so it is never used."""
     sections = copy.deepcopy({k: dict(v or {}) for k, v in fixed.items()})
     model = sections.setdefault("model", {})
     model["memory_size"] = int(n_max)
     model["iteration_size"] = min(int(model.get("iteration_size", IPSConfig.iteration_size)), int(n_max))
-    if n_varies(sections):
+    if varies:
         sections.setdefault("train", {})["batch_size"] = 1
     return sections
 
 
-def n_varies(fixed: Mapping[str, Any]) -> bool:
-    """Every item of the data has its own N (slides, features): a batch of several would need M <= the smallest."""
-    return dataset_kind(DataConfig(**fixed.get("data", {}))).variable_n
+def n_varies(geometry: DataGeometry) -> bool:
+    """The items' N differ (slides, features of different sizes): a batch of several would need M <= the smallest.
+    Features of equal N (embeddings of same-size images) keep the search's batch: batch 1 would make the reference
+    several times slower than the trials it is drawn beside."""
+    return geometry.item_counts is not None and len(set(geometry.item_counts)) > 1
 
 
 def largest_n(geometry: DataGeometry) -> int:
@@ -76,10 +78,11 @@ def reference_run(space: SearchSpace, settings: SearchSettings, params: Mapping[
     patch size (and batch size 1 where N varies, also where the search sampled the batch size)."""
     values = sampled(params)
     fixed = trial_fixed(space.fixed, settings)
-    n_max = largest_n(built_geometry(trial_config(fixed, values).data))
-    fixed = reference_config(fixed, n_max)
+    geometry = built_geometry(trial_config(fixed, values).data)
+    n_max, varies = largest_n(geometry), n_varies(geometry)
+    fixed = reference_config(fixed, n_max, varies)
     values["memory_size"] = n_max  # a sampled value outranks the fixed sections
-    if n_varies(fixed) and "batch_size" in values:
+    if varies and "batch_size" in values:
         values["batch_size"] = 1
     return {"fixed": fixed, "max_memory_mb": settings.max_memory_mb, **values}
 
