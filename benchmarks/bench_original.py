@@ -9,7 +9,7 @@ names; ours is ``ips_search.train.setup`` / ``train_one_epoch`` / ``evaluate``. 
 
     git clone https://github.com/benbergner/ips /path/to/ips
 
-    python benchmarks/bench_original.py --original /path/to/ips                         # seeds 0 1 2, both codes
+    python benchmarks/bench_original.py --original /path/to/ips                         # seeds 0 1 2: ~10 min idle
     python benchmarks/bench_original.py --original /path/to/ips --seeds 0 --epochs 1    # time one short run
     python benchmarks/bench_original.py --original /path/to/ips --paper-geometry        # one step at 1500 px
 
@@ -672,8 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--canvas-size", type=int, default=500)
     p.add_argument("--n-noise", type=int, default=6, help="noise strokes (50 on 1500 px is 6 on 500 px)")
-    p.add_argument("--n-train", type=int, default=300, help="training canvases incl. our 20%% validation share")
-    p.add_argument("--n-test", type=int, default=100)
+    p.add_argument("--n-train", type=int, default=75, help="training canvases incl. our 20%% validation share")
+    p.add_argument("--n-test", type=int, default=50)
     p.add_argument("--patch-size", type=int, default=50)
     p.add_argument("--memory-size", type=int, default=None, help="M (default N / 9, as the original's 100 of 900)")
     p.add_argument("--iteration-size", type=int, default=None, help="I (default M)")
