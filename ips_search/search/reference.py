@@ -4,8 +4,8 @@ aggregator and none selected.
 It answers what the selection costs or gains: the reference differs from the winner only in M (same sampled
 values, same fixed sections, same seed). For whole images N is the same for every image, so M = N keeps them all.
 Where the items' N differ (slides, features of different sizes) the reference trains with batch size 1 and M = the
-largest N: a batch of one image keeps all of a smaller image's patches (``IPSNet._ips_sources``), so every image of every split
-goes whole through the aggregator.
+largest N: a batch of one image keeps all of a smaller image's patches (``IPSNet._ips_sources``), so every image of
+every split goes whole through the aggregator.
 
 Its predicted CUDA peak (:func:`ips_search.prediction.estimate_memory`, at the largest image) is checked first: over
 ``--max-memory-mb``, the run is skipped with a one-line note. Otherwise it is one trial of its own Tune experiment in
