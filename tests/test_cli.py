@@ -48,6 +48,13 @@ def test_bad_input_and_ctrl_c_are_one_line_each(capsys):
     assert capsys.readouterr().err.strip() == "stopped: nothing was written"
 
 
+def as_in_a_terminal() -> None:
+    """The child starts with SIGINT's default action, as a command started in a terminal does. A test suite run in
+    the background of a non-interactive shell (``make test &``) inherits SIGINT ignored, and Python then installs
+    no KeyboardInterrupt handler: the signal would be dropped, as it is for any background job."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_in_a_running_command_is_one_line_and_130(tmp_path, cache_dir):
     """A real SIGINT, as a terminal's Ctrl-C sends it, into ``estimate`` while it predicts a grid (about 25 s).
 
@@ -57,7 +64,13 @@ def test_ctrl_c_in_a_running_command_is_one_line_and_130(tmp_path, cache_dir):
     argv = ["--space", "default", "--sample", "60", "--device", "cpu"]
     code = f"import sys; from ips_search import estimate; print('ready', flush=True); sys.exit(estimate.main({argv!r}))"
     proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        preexec_fn=as_in_a_terminal,
     )
     assert proc.stdout.readline().strip() == "ready", proc.communicate()
     time.sleep(3)  # into the grid
@@ -74,7 +87,8 @@ def test_ctrl_c_while_the_command_loads_is_one_line_and_130(tmp_path, cache_dir)
     checks the space): the same one line and exit 130, never a traceback or an aborted interpreter."""
     env = {**os.environ, "IPS_SEARCH_CACHE": cache_dir}
     cmd = [sys.executable, "-m", "ips_search.run", "--space", "smoke", "--dry-run"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    proc = subprocess.Popen(cmd, **pipes, env=env, cwd=tmp_path, preexec_fn=as_in_a_terminal)
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
