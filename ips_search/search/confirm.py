@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ from ips_search.experiment import (
 from ips_search.experiment.confirmation import RUN, SEED, SOURCE
 from ips_search.experiment.settings import trial_fixed
 from ips_search.scores import bootstrap_interval
-from ips_search.search.results import TrialsCsvCallback, trial_dirname, trial_row
+from ips_search.search.results import TrialsCsvCallback, trial_dirname
 
 
 def confirm_runs(settings: SearchSettings, trials: pd.DataFrame) -> list[dict[str, Any]]:
@@ -94,18 +93,10 @@ class KeptRunsCsvCallback(TrialsCsvCallback):
         super().__init__(path)
         self.kept = kept
 
-    def _write(self, trials: list) -> None:
-        own = pd.DataFrame([trial_row(t) for t in trials])
+    def table(self, trials: list) -> pd.DataFrame:
+        own = super().table(trials)
         table = pd.concat([self.kept, own], ignore_index=True)
-        table = table[[*self.kept.columns, *(c for c in own.columns if c not in self.kept.columns)]]
-        tmp = Path(f"{self.path}.tmp")
-        try:
-            table.to_csv(tmp, index=False)
-            os.replace(tmp, self.path)
-        except OSError as exc:  # as the search's callback: a full disk must not stop the stage
-            if not self.warned:
-                print(f"warning: cannot write {self.path} ({exc.strerror}); it is rewritten later", file=sys.stderr)
-                self.warned = True
+        return table[[*self.kept.columns, *(c for c in own.columns if c not in self.kept.columns)]]
 
 
 def make_confirm_tuner(

@@ -32,13 +32,23 @@ def trial_row(trial: Any) -> dict[str, Any]:
     )
 
 
-def write_trials_csv(trials: list[Any], path: str | os.PathLike) -> pd.DataFrame:
-    """Atomically (re)write ``trials.csv`` so a crash never leaves a half-written file."""
+def trials_table(trials: list[Any]) -> pd.DataFrame:
+    """One row per trial (:func:`trial_row`), the columns in the record's order."""
     rows = [trial_row(t) for t in trials]
-    df = pd.DataFrame(rows, columns=_ordered(rows))
+    return pd.DataFrame(rows, columns=_ordered(rows))
+
+
+def write_table(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Atomically (re)write ``path`` so a crash never leaves a half-written file."""
     tmp = Path(f"{path}.tmp")
     df.to_csv(tmp, index=False)
     os.replace(tmp, path)
+
+
+def write_trials_csv(trials: list[Any], path: str | os.PathLike) -> pd.DataFrame:
+    """Atomically (re)write ``trials.csv`` from ``trials``."""
+    df = trials_table(trials)
+    write_table(df, path)
     return df
 
 
@@ -49,9 +59,13 @@ class TrialsCsvCallback(Callback):
         self.path = path
         self.warned = False
 
+    def table(self, trials: list) -> pd.DataFrame:
+        """What the file holds: a row per trial of this experiment."""
+        return trials_table(trials)
+
     def _write(self, trials: list) -> None:
         try:
-            write_trials_csv(trials, self.path)
+            write_table(self.table(trials), self.path)
         except OSError as exc:  # a full disk must not stop the search: Tune re-raises callback errors
             if not self.warned:
                 print(
