@@ -36,6 +36,7 @@ rebuilt here as ``main.py`` does it, and ``evaluate`` runs once after the last e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -45,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -287,21 +289,42 @@ def task_accuracy(prob_or_pred: np.ndarray, labels: np.ndarray, multi_label: boo
 
 
 # -- one run (in its own subprocess) --------------------------------------------------------------------------------
+class Clock:
+    """Wall and CPU seconds of each timed block. With one thread, CPU seconds are what the block computed, which
+    other jobs on a shared machine do not stretch; wall seconds are kept beside them."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        start, cpu = time.perf_counter(), time.process_time()
+        yield
+        self.wall.append(time.perf_counter() - start)
+        self.cpu.append(time.process_time() - cpu)
+
+    def epochs(self) -> dict[str, list[float]]:
+        return {"epoch_seconds": self.wall, "epoch_cpu_seconds": self.cpu}
+
+    def step(self) -> dict[str, Any]:
+        """The last block is the timed step (the ones before it warm up)."""
+        return {**self.epochs(), "step_seconds": self.wall[-1], "step_cpu_seconds": self.cpu[-1]}
+
+
 def run_ours(args: argparse.Namespace, seed: int, splits: Any) -> dict[str, Any]:
     exp = our_experiment(args, seed)
     device = torch.device("cpu")
     run = setup(exp, splits, device)
-    epoch_seconds, epoch_cpu = [], []
+    clock = Clock()
     for _ in range(args.epochs):
-        start, cpu = time.perf_counter(), time.process_time()
-        train_one_epoch(run.model, run.train_loader, run.optimizer, run.scheduler, exp.train, device)
-        epoch_seconds.append(time.perf_counter() - start)
-        epoch_cpu.append(time.process_time() - cpu)
+        with clock.timed():
+            train_one_epoch(run.model, run.train_loader, run.optimizer, run.scheduler, exp.train, device)
     out = evaluate(run.model, run.test_loader, device, keep_predictions=True)
     accuracy = {
         TASK_NAMES[task]: task_accuracy(prob, y, task in MULTI_LABEL) for task, (prob, y) in out["predictions"].items()
     }
-    return {"epoch_seconds": epoch_seconds, "epoch_cpu_seconds": epoch_cpu, "test_accuracy": accuracy}
+    return {**clock.epochs(), "test_accuracy": accuracy}
 
 
 def _original_setup(orig: dict[str, Any], args: argparse.Namespace, seed: int, n_patches: int):
@@ -322,12 +345,10 @@ def run_original(args: argparse.Namespace, seed: int, splits: Any) -> dict[str, 
     conf, net, criterions, optimizer, log_train = _original_setup(orig, args, seed, splits.geometry.n_patches)
     device = torch.device("cpu")
     train_loader = original_loader(splits.train, conf.B_seq, shuffle=True, seed=seed)
-    epoch_seconds, epoch_cpu = [], []
+    clock = Clock()
     for epoch in range(conf.n_epoch):
-        start, cpu = time.perf_counter(), time.process_time()
-        orig["train_one_epoch"](net, criterions, train_loader, optimizer, device, epoch, log_train, conf)
-        epoch_seconds.append(time.perf_counter() - start)
-        epoch_cpu.append(time.process_time() - cpu)
+        with clock.timed():
+            orig["train_one_epoch"](net, criterions, train_loader, optimizer, device, epoch, log_train, conf)
         log_train.compute_metric()
     log_test = orig["Logger"](conf.tasks)
     test_loader = original_loader(splits.test, conf.B_seq, shuffle=False, seed=seed)
@@ -340,8 +361,7 @@ def run_original(args: argparse.Namespace, seed: int, splits: Any) -> dict[str, 
     log_test.compute_metric()  # its own numbers, kept beside ours as a check of the shared definitions
     own = {task["name"]: float(log_test.metrics[task["name"]][-1]) for task in conf.tasks.values()}
     return {
-        "epoch_seconds": epoch_seconds,
-        "epoch_cpu_seconds": epoch_cpu,
+        **clock.epochs(),
         "test_accuracy": accuracy,
         "logger_accuracy": own,
     }
@@ -358,41 +378,27 @@ def step_ours(args: argparse.Namespace, seed: int, splits: Any) -> dict[str, Any
     model = build_model(exp, splits, device, warm_start=False)
     optimizer = make_optimizer(model, exp.train)
     scheduler = make_scheduler(optimizer, exp.train, 2)
-    seconds, cpu = [], []
+    clock = Clock()
     for batch in (WARMUP_BATCH, args.batch_size):
         cfg = dataclasses.replace(exp.train, batch_size=batch)
         loader = make_loader(Subset(splits.train, range(batch)), cfg, shuffle=True, device=device)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        train_one_epoch(model, loader, optimizer, scheduler, cfg, device)
-        seconds.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - cpu_start)
-    return {
-        "epoch_seconds": seconds,
-        "epoch_cpu_seconds": cpu,
-        "step_seconds": seconds[-1],
-        "step_cpu_seconds": cpu[-1],
-    }
+        with clock.timed():
+            train_one_epoch(model, loader, optimizer, scheduler, cfg, device)
+    return clock.step()
 
 
 def step_original(args: argparse.Namespace, seed: int, splits: Any) -> dict[str, Any]:
     """The same for the original: its ``train_one_epoch`` over one batch of 2, then over one batch of B."""
     orig = import_original(Path(args.original))
     conf, net, criterions, optimizer, log_train = _original_setup(orig, args, seed, splits.geometry.n_patches)
-    seconds, cpu = [], []
+    clock = Clock()
     for epoch, batch in enumerate((WARMUP_BATCH, args.batch_size)):
         conf.B = conf.B_seq = batch  # its batch buffers are sized from conf.B
         conf.n_epoch = 2
         loader = original_loader(Subset(splits.train, range(batch)), batch, shuffle=True, seed=seed)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        orig["train_one_epoch"](net, criterions, loader, optimizer, torch.device("cpu"), epoch, log_train, conf)
-        seconds.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - cpu_start)
-    return {
-        "epoch_seconds": seconds,
-        "epoch_cpu_seconds": cpu,
-        "step_seconds": seconds[-1],
-        "step_cpu_seconds": cpu[-1],
-    }
+        with clock.timed():
+            orig["train_one_epoch"](net, criterions, loader, optimizer, torch.device("cpu"), epoch, log_train, conf)
+    return clock.step()
 
 
 STEPPERS = {"ours": step_ours, "original": step_original}
