@@ -242,13 +242,19 @@ def estimate_memory(exp: ExperimentConfig, geometry: DataGeometry, device: str =
     kind = device.split(":")[0] if isinstance(device, str) else device
     if kind not in ("cuda", "cpu"):
         raise ConfigError(f"device must be cuda or cpu, got {device!r}")
+    key, model_cfg, n_patches = _step_of(exp, geometry, kind)
+    return _estimate(key, model_cfg, exp.train, kind, n_patches)
+
+
+def _step_of(exp: ExperimentConfig, geometry: DataGeometry, kind: str) -> tuple[str, IPSConfig, int]:
+    """The step an estimate fakes: its cache key, its model config and its N."""
     # the values don't matter, and ImageNet weights would be downloaded
     model_cfg = dataclasses.replace(geometry.model_config(exp.model), pretrained=False)
     n_patches, train = step_patches(geometry, model_cfg.memory_size), exp.train  # lr, seed...: one key
     key = json.dumps(
         [dataclasses.asdict(model_cfg), train.batch_size, train.amp, train.grad_clip, kind, n_patches], default=str
     )
-    return _estimate(key, model_cfg, exp.train, kind, n_patches)
+    return key, model_cfg, n_patches
 
 
 def step_patches(geometry: DataGeometry, memory_size: int) -> int:
@@ -315,12 +321,8 @@ def estimate_phases(exp: ExperimentConfig, geometry: DataGeometry, device: str =
     """:func:`estimate_memory` split into the step's state, its no-grad selection pass and its gradient pass
     (:class:`StepPhases`); the same fake step, cached per process like it."""
     total = estimate_memory(exp, geometry, device)  # validates the device and builds the fake trainer
-    kind = total.device
-    model_cfg = dataclasses.replace(geometry.model_config(exp.model), pretrained=False)
-    n_patches, train = step_patches(geometry, model_cfg.memory_size), exp.train
-    key = json.dumps(
-        [dataclasses.asdict(model_cfg), train.batch_size, train.amp, train.grad_clip, kind, n_patches], default=str
-    )
+    kind, train = total.device, exp.train
+    key, model_cfg, n_patches = _step_of(exp, geometry, kind)
     if key not in _PHASES:
         trainer = _TRAINERS[_structure_key(model_cfg, train, kind)]
         state, selection, gradient = _phase_step(trainer, model_cfg, train.batch_size, n_patches)
