@@ -13,12 +13,12 @@ outside Ray, as a trial does.
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import tifffile
 import torch
+from repo_scripts import load_script
 
 from ips_search.config import DataConfig, ExperimentConfig, IPSConfig, TrainConfig
 from ips_search.data import build_datasets
@@ -28,9 +28,7 @@ from ips_search.report.attention import TrialModel
 from ips_search.train import evaluate, setup, train_one_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("fetch_test_slide", ROOT / "scripts" / "fetch_test_slide.py")
-fetch_test_slide = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fetch_test_slide)
+fetch_test_slide = load_script("scripts/fetch_test_slide.py")
 
 WIDTH, HEIGHT = 2220, 2967  # level 0, the only level
 MPP = 0.499  # openslide.mpp-x, from the Aperio description's MPP = 0.4990

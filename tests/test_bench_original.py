@@ -4,26 +4,19 @@ canvas order as our loader feeds ours; the multi-label accuracy is the original'
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from repo_scripts import load_script
 
 from ips_search.config import DataConfig, TrainConfig
 from ips_search.data import build_datasets
 from ips_search.train import make_loader
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_original.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_original", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_original.py")
 
 
 @pytest.fixture(scope="module")

@@ -3,28 +3,24 @@ balanced as asked, the weak signal and the patient likeness present, and readabl
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from repo_scripts import load_script
 from sklearn.metrics import roc_auc_score
 
 from ips_search.config import DataConfig
 from ips_search.data import build_datasets
 from ips_search.space import load_space
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_selection.py"
 N_PATIENTS = 20
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_selection", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_selection.py")
 
 
 @pytest.fixture(scope="module")
