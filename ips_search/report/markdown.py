@@ -10,10 +10,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ips_search.experiment import MEMORY_METRIC, METRIC, Status, best
+from ips_search.experiment import FOLD_SCORE, FOLD_SCORE_PATTERN, MEMORY_METRIC, METRIC, Status, best
 from ips_search.report.axes import AXES, axis_spec, describe, param_columns
 from ips_search.report.selection import (
-    FOLD_COLUMN,
     SCORE,
     SCORE_STD,
     TEST_SCORE,
@@ -237,7 +236,7 @@ def folds_markdown(folds: pd.DataFrame, ev: Evaluation, heading: str = "##") -> 
                 "",
             ]
         )
-    readable = {c: f"fold {m.group(1)}" for c in folds.columns if (m := FOLD_COLUMN.match(str(c)))}
+    readable = {c: f"fold {str(c)[len(FOLD_SCORE) :]}" for c in folds.columns if FOLD_SCORE_PATTERN.fullmatch(str(c))}
     lines += [
         f"Each config's validation {ev.metric_name} on each of its {ev.folds} patient-level folds (no patient of a "
         "fold's validation slides is among its training slides), their mean (what ranks) and standard deviation. "

@@ -12,22 +12,19 @@ Pandas only: no plotting here.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
-from ips_search.experiment import rank
+from ips_search.experiment import FOLD_SCORE_PATTERN, fold_columns, rank
 from ips_search.report.axes import param_columns
 
 SCORE = "val_score_mean"  # what ranks configs: the chosen metric's mean over the finished folds
 SCORE_STD = "val_score_std"  # its standard deviation over the folds (empty with one fold)
 TEST_SCORE = "test_score"  # the chosen metric on the held-out test set: the mean over the fold models, never ranks
 LEGACY_SCORE = "val_accuracy"  # the score of an experiment written before cross-validation
-FOLD_PREFIX = "val_score_fold"
-FOLD_COLUMN = re.compile(rf"^{FOLD_PREFIX}(\d+)$")
 TEST_NOT_RANKED = "test (not used for ranking)"  # the fold table's heading of test_score: never read it as a ranking
 # the columns cross-validated selection adds to a trial's row (besides val_score_fold0 .. val_score_fold{K-1})
 NUMBER_COLUMNS = (
@@ -108,19 +105,18 @@ def _numbers(df: pd.DataFrame, column: str) -> pd.Series:
 
 def is_selection_column(name: str) -> bool:
     """Whether ``name`` is a column of cross-validated selection (a score, a fold's score, the metric)."""
-    return name in SELECTION_COLUMNS or FOLD_COLUMN.match(name) is not None
+    return name in SELECTION_COLUMNS or FOLD_SCORE_PATTERN.fullmatch(name) is not None
 
 
 def typed_scores(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` with its score columns as numbers (a CSV cell or a JSON value that is not a number reads as empty)."""
-    cols = [c for c in df.columns if c in NUMBER_COLUMNS or FOLD_COLUMN.match(str(c))]
+    cols = [c for c in df.columns if c in NUMBER_COLUMNS or FOLD_SCORE_PATTERN.fullmatch(str(c))]
     return df.assign(**{c: pd.to_numeric(df[c], errors="coerce") for c in cols}) if cols else df
 
 
-def fold_columns(df: pd.DataFrame) -> list[str]:
+def filled_fold_columns(df: pd.DataFrame) -> list[str]:
     """The per-fold score columns (``val_score_fold0`` ..) that hold a value, in fold order."""
-    found = [(int(m.group(1)), c) for c in df.columns if (m := FOLD_COLUMN.match(str(c))) and df[c].notna().any()]
-    return [c for _, c in sorted(found)]
+    return [c for c in fold_columns(df) if df[c].notna().any()]
 
 
 def evaluation_of(df: pd.DataFrame, settings: Mapping[str, Any] | None = None) -> Evaluation:
@@ -132,8 +128,8 @@ def evaluation_of(df: pd.DataFrame, settings: Mapping[str, Any] | None = None) -
     folds = _numbers(df, "folds")
     metric = metrics.mode().iloc[0] if not metrics.empty else settings.get("metric") or section.get("metric")
     k = folds.max() if not folds.empty else settings.get("folds") or section.get("folds")
-    if k is None and fold_columns(df):
-        k = len(fold_columns(df))
+    if k is None and filled_fold_columns(df):
+        k = len(filled_fold_columns(df))
     if metric is None and k is None:
         return Evaluation()
     return Evaluation(metric=str(metric or "accuracy"), folds=max(1, int(k or 1)), legacy=False)
@@ -154,7 +150,7 @@ def with_scores(df: pd.DataFrame) -> pd.DataFrame:
 def fold_table(df: pd.DataFrame, n: int = 10) -> pd.DataFrame:
     """The ``n`` best trials' scores on each fold, their mean and spread, and their test score under a heading that
     says it takes no part in the ranking; empty unless the experiment has more than one fold."""
-    folds = fold_columns(df)
+    folds = filled_fold_columns(df)
     if not evaluation_of(df).cross_validated or not folds:
         return pd.DataFrame()
     top = rank(df, provisional=True).head(n)
