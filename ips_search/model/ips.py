@@ -72,6 +72,10 @@ class IPSNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = build_encoder(cfg)
+        # oneDNN's (and cuDNN's) convolutions run faster on NHWC: ~20% of a ResNet-18 training pass on CPU
+        self._channels_last = any(isinstance(m, nn.Conv2d) for m in self.encoder.modules())
+        if self._channels_last:
+            self.encoder.to(memory_format=torch.channels_last)
         self.transf = Transformer(
             len(cfg.tasks), cfg.heads, cfg.dim, cfg.d_k, cfg.d_v, cfg.d_inner, cfg.attn_dropout, cfg.dropout
         )
@@ -87,6 +91,8 @@ class IPSNet(nn.Module):
     # -- building blocks ---------------------------------------------------------------------------------------------
     def encode(self, patches: torch.Tensor) -> torch.Tensor:
         """Embed a flat batch of patches: ``(n, C, P, P) -> (n, D)``."""
+        if self._channels_last:
+            patches = patches.contiguous(memory_format=torch.channels_last)
         return self.encoder(patches)
 
     def _embed(self, emb: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -101,7 +107,7 @@ class IPSNet(nn.Module):
     # -- selection ---------------------------------------------------------------------------------------------------
     def _no_grad_encoder(self):
         if not self.cfg.fold_bn:
-            return self.encoder
+            return self.encode
         if not self._fold_tried:
             dtype = torch.bfloat16 if self.cfg.ips_dtype == "bfloat16" else torch.float32
             # built outside inference mode (ips runs in it): parameters created there are inference tensors, and a
@@ -110,7 +116,7 @@ class IPSNet(nn.Module):
             with torch.inference_mode(False):
                 self._folded, self._fold_tried = try_fold(self.encoder, dtype), True
         if self._folded is None:
-            return self.encoder
+            return self.encode
         self._folded.refresh()
         return self._folded
 
