@@ -2,7 +2,7 @@
 
 A generated cohort (:func:`make_cohort`): ~40 patients with 2-4 slides each, one binary label per patient (~35%
 positive), TRIDENT-layout ``.h5`` features (``features`` (N, D = 32) float32, N 100-400 per slide, ``coords``). The
-signal is weak: a positive slide holds 3-8 patches shifted along one direction; every patch of a patient's slides
+signal is weak: a positive slide holds 8-16 patches shifted along one direction; every patch of a patient's slides
 also carries that patient's random offset, so slides of one patient look alike (what makes slide-level splits leak).
 The manifest is ``slide,label,patient,split``: a third of the patients are held out as test (the same test slides
 for every search), a fifth of the rest are the one-split searches' validation patients.
@@ -75,7 +75,7 @@ def make_cohort(
     slides_per_patient: tuple[int, int] = (2, 4),
     positive: float = 0.35,
     n_patches: tuple[int, int] = (100, 400),
-    signal_patches: tuple[int, int] = (3, 8),
+    signal_patches: tuple[int, int] = (8, 16),
     shift: float = 8.0,
     patient_scale: float = 0.3,
     test_fraction: float = 0.33,
@@ -122,11 +122,27 @@ def make_cohort(
     return cohort
 
 
+COHORT_SETTINGS = "shift 8, patient offset sd 0.3, 8-16 signal patches, seed {seed}"  # make_cohort's defaults
+
+
+def cohort_once(root: Path, seed: int) -> pd.DataFrame:
+    """The cohort of :func:`make_cohort` with its defaults and ``seed``, generated once: a later call (another seed's
+    searches, run beside this one) reads it back instead of rewriting files that running trials read."""
+    table, settings = root / "cohort.csv", {"settings": COHORT_SETTINGS.format(seed=seed)}
+    if table.is_file() and (root / "settings.json").is_file():
+        if json.loads((root / "settings.json").read_text()) == settings:
+            return pd.read_csv(table)
+    cohort = make_cohort(root, seed=seed)
+    cohort.to_csv(table, index=False)
+    (root / "settings.json").write_text(json.dumps(settings))
+    return cohort
+
+
 # -- the space --------------------------------------------------------------------------------------------------------
 def space(root: Path, manifest: str, epochs: int) -> dict:
     """The search space over the cohort: the projector and a small transformer; M, I and the learning rate searched.
 
-    M reaches down to 2: with the scorer untrained, 2 of a slide's 100-400 patches rarely hold one of its 3-8 signal
+    M reaches down to 2: with the scorer untrained, 2 of a slide's 100-400 patches rarely hold one of its 8-16 signal
     patches (M = 1 is left out: a last training batch of one slide gives the projector's BatchNorm a single value).
     I starts at 8 (I = 2 makes a trial several times slower). The learning rate is held (no warm-up, no decay): with
     a few epochs, a decaying rate stops more configs before they find the signal."""
@@ -380,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--noprune-seeds", type=int, nargs="*", default=None, help="seeds of the folds5-noprune arm (default all)"
     )
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per fold (default 5; --quick: 2)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per fold (default 12; --quick: 2)")
     parser.add_argument("--cohort-seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 4 trials, 5 folds only, 2 epochs")
     parser.add_argument("--tag", default="", help="appended to the results files' names")
@@ -388,10 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.trials, args.seeds, args.arms = 4, args.seeds[:1], ["folds5"]
         args.epochs, args.tag = args.epochs or 2, args.tag or "quick"
-    args.epochs = args.epochs or 5
+    args.epochs = args.epochs or 12
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    cohort = make_cohort(work / "cohort", seed=args.cohort_seed)
+    cohort = cohort_once(work / "cohort", args.cohort_seed)
     spaces = {manifest: write_space(work, manifest, args.epochs) for _, manifest, _ in ARMS.values()}
     only = {"leaky": args.leaky_seeds, "folds5-noprune": args.noprune_seeds}
     log = work / "searches.log"
@@ -451,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             "n_max": int(cohort["n"].max()),
             "test_slides": len(test),
             "test_patients": test["patient"].nunique(),
-            "settings": "shift 8, patient offset sd 0.3, 3-8 signal patches, seed " + str(args.cohort_seed),
+            "settings": COHORT_SETTINGS.format(seed=args.cohort_seed),
         },
         "verdicts": verdicts(table),
         "leakage": leaks,
