@@ -20,6 +20,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+from ray_snapshot import trial_statuses
 
 from ips_search import run
 from ips_search.experiment import predictions_file
@@ -161,3 +162,40 @@ def test_resume_of_a_copy_killed_during_its_confirm_stage_finishes_the_stage_in_
     assert run.main(["--resume", "moved", "--results-dir", str(results), "--no-dashboard"]) == 0, capsys.readouterr()
     assert not original.exists() and tree(away) == before
     check_confirmed_in(results / "moved", kept)
+
+
+def test_resume_of_a_moved_folder_finishes_its_unfinished_trials_there(ray_cluster, tmp_path, capsys):
+    """A search killed while Ray's snapshot holds an unfinished trial, its folder then moved (the original gone):
+    the restored trial, whose saved config names the original's ``splits.csv``, trains on the moved folder's."""
+    results = tmp_path / "results"
+    argv = ["--space", "smoke", "--trials", "2", "--epochs", "3", "--concurrency", "1", "--no-reference"]
+    argv += ["--results-dir", str(results), "--name", "halt", "--no-dashboard"]
+    argv += ["--address", ray_cluster.address_info["gcs_address"]]
+    log = tmp_path / "halt.log"
+    with open(log, "wb") as out:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "ips_search.run", *argv],
+            env={**os.environ, "RAY_AUTH_MODE": "token"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    folder = results / "halt"
+    deadline = time.time() + 300
+    while time.time() < deadline and driver.poll() is None:
+        if any(status != "TERMINATED" for status in trial_statuses(folder).values()):
+            break
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    unfinished = {t for t, status in trial_statuses(folder).items() if status != "TERMINATED"}
+    assert unfinished, log.read_text()[-3000:]
+
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    folder.rename(moved)
+    assert run.main(["--resume", str(moved), "--no-dashboard"]) == 0, capsys.readouterr()
+    df = pd.read_csv(moved / "trials.csv", dtype={"trial_id": str})
+    assert len(df) == 2 and (df["status"] == "completed").all(), df[["trial_id", "status"]]
+    assert unfinished <= set(df["trial_id"])
+    assert all(Path(p).parent == moved.resolve() for p in df["path"]), list(df["path"])
+    assert not folder.exists()

@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+from ray_snapshot import trial_statuses
 
 from ips_search import run
 from ips_search.experiment import METRIC
@@ -103,17 +104,7 @@ def _terminated_in_ray_snapshot(folder: Path) -> set[str]:
     """Trials Ray's experiment snapshot records as finished. A resume restores trials from that snapshot: a trial
     killed after its last report but before the snapshot caught up resumes from its last snapshotted checkpoint and
     reports its last epoch again (its earlier lines stay in result.json)."""
-    ids = set()
-    for path in folder.glob("experiment_state-*.json"):
-        try:
-            entries = json.loads(path.read_text())["trial_data"]
-        except (OSError, ValueError, KeyError):  # being rewritten right now
-            continue
-        for entry in entries:
-            trial = json.loads(entry[0])
-            if trial.get("status") == "TERMINATED":
-                ids.add(str(trial["trial_id"]))
-    return ids
+    return {trial for trial, status in trial_statuses(folder).items() if status == "TERMINATED"}
 
 
 def test_killed_driver_resumes_without_rerunning_finished_trials(ray_cluster, results_dir):

@@ -18,6 +18,7 @@ ranks it last; the ``status`` column says why.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -37,7 +38,15 @@ from ray import tune
 from ips_search.config import ExperimentConfig
 from ips_search.data import DataSplits, build_datasets
 from ips_search.data.cohort import cohort_splits, fold_splits, test_items
-from ips_search.experiment import CHECKPOINT_FILE, PREDICTIONS_FILE, EpochReport, MemoryKind, SearchSettings, Status
+from ips_search.experiment import (
+    CHECKPOINT_FILE,
+    PREDICTIONS_FILE,
+    SPLITS_FILE,
+    EpochReport,
+    MemoryKind,
+    SearchSettings,
+    Status,
+)
 from ips_search.experiment.confirmation import RUN
 from ips_search.extraction import resolve_data
 from ips_search.prediction import estimate_memory, estimate_phases
@@ -102,15 +111,16 @@ def _one_line_reason(exc: Exception) -> str:
     return next((line for line in lines if "unsupported global" in line.lower()), lines[0])[:200]
 
 
-def train_ips(config: dict[str, Any]) -> None:
-    """Tune trainable. ``config``: ``fixed`` (the space's fixed sections), ``max_memory_mb`` and sampled values.
+def train_ips(config: dict[str, Any], experiment_dir: str | None = None) -> None:
+    """Tune trainable. ``config``: ``fixed`` (the space's fixed sections), ``max_memory_mb`` and sampled values;
+    ``experiment_dir``: the search's folder, whose ``splits.csv`` the trial reads (:func:`follow_splits`).
 
     With ``evaluation.folds`` K > 1 the config trains K times, once per patient-level fold of the non-test items
     (the data built once), reporting after every epoch; ``val_score_mean`` is the mean over the finished folds and
     the running one's latest epoch, so the last report's is the K-fold mean the searcher ranks by. The test set is
     scored once by each fold's model at the fold's end (``test_score_fold{k}``; ``evaluation.refit``: once, by the
     model trained on every non-test item); ``test_score`` is their mean. Test never ranks."""
-    exp = trial_config(config["fixed"], config)
+    exp = follow_splits(trial_config(config["fixed"], config), experiment_dir)
     budget = config.get("max_memory_mb")
     cpus, gpus = _trial_resources()
     torch.set_num_threads(cpus)
@@ -352,10 +362,23 @@ def _kind(device: torch.device) -> str:
     return (MemoryKind.CUDA if device.type == "cuda" else MemoryKind.CPU_RSS).value
 
 
+def follow_splits(exp: ExperimentConfig, experiment_dir: str | None) -> ExperimentConfig:
+    """``exp`` reading the ``splits.csv`` of ``experiment_dir`` (the folder the search runs in) when it has one.
+
+    A trial's saved config names the splits file of the folder the search was started in; a trial Ray restores in
+    a copied or moved experiment keeps that config, and the original may be gone or differ."""
+    if experiment_dir is None or not exp.evaluation.splits or not (Path(experiment_dir) / SPLITS_FILE).is_file():
+        return exp
+    here = str(Path(experiment_dir) / SPLITS_FILE)
+    return dataclasses.replace(exp, evaluation=dataclasses.replace(exp.evaluation, splits=here))
+
+
 def make_trainable(settings: SearchSettings) -> Any:
-    """``train_ips`` with the resources a trial asks Ray for (one bundle of CPUs and GPUs)."""
+    """``train_ips`` bound to the search's folder, with the resources a trial asks Ray for (one bundle of CPUs and
+    GPUs). A resume binds the folder it resumes, so restored trials read that folder's splits."""
     resources = {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
-    return tune.with_resources(train_ips, resources)
+    bound = tune.with_parameters(train_ips, experiment_dir=str(settings.experiment_dir))
+    return tune.with_resources(bound, resources)
 
 
 def confirm_ips(config: dict[str, Any]) -> None:
