@@ -1,5 +1,5 @@
-"""Defects found while building cross-validated selection: a training batch of one embedding in the projector, and
-tensor feature items of unequal N."""
+"""Defects found while building cross-validated selection: a training batch of one patch (BatchNorm with one value
+per channel), and tensor feature items of unequal N."""
 
 from __future__ import annotations
 
@@ -18,46 +18,65 @@ from ips_search.config import DataConfig
 from ips_search.data import build_datasets, preview_datasets
 from ips_search.data.features import H5FeatureSource
 from ips_search.errors import ConfigError
-from ips_search.model.encoders import Projector
+
+ONE_PATCH = {  # encoder -> (IPSConfig extras, the shape of one patch): one value per channel at some BatchNorm
+    "projector": ({"n_chan": 24}, (24,)),
+    "resnet18": ({"n_chan": 3, "patch_size": 32, "patch_stride": 32}, (3, 32, 32)),  # layer4 runs on 1 x 1 maps
+    "small-cnn": ({"n_chan": 1, "patch_size": 8, "patch_stride": 8}, (1, 8, 8)),
+}
 
 
-def test_projector_trains_on_a_single_embedding_with_the_running_statistics():
-    """M = 1 and a batch of one slide give the projector's BatchNorm one value per channel."""
+def one_patch_net(encoder: str, **extra) -> tuple[IPSNet, tuple[int, ...]]:
+    settings, shape = ONE_PATCH[encoder]
+    cfg = IPSConfig(encoder=encoder, dim=16, heads=2, d_k=8, d_v=8, d_inner=32, **settings, **extra)
+    return IPSNet(cfg).train(), shape
+
+
+def norms(encoder: nn.Module) -> list[nn.Module]:
+    return [m for m in encoder.modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]
+
+
+@pytest.mark.parametrize("encoder", list(ONE_PATCH))
+def test_a_training_batch_of_one_patch_is_normalized_with_the_running_statistics(encoder):
+    """M = 1 and a batch of one image give the encoder's BatchNorms one value per channel (the projector's, a
+    ResNet's 1 x 1 maps), where torch raises: that one patch is normalized as evaluation does it."""
     torch.manual_seed(0)
-    proj = Projector(24, 16).train()
-    proj(torch.randn(32, 24) * 3 + 1)  # running statistics away from their init (0, 1)
-    stats = (proj.bn.running_mean.clone(), proj.bn.running_var.clone(), int(proj.bn.num_batches_tracked))
-    x = torch.randn(1, 24, requires_grad=True)  # (n = 1, D_in)
-    out = proj(x)  # (1, D)
+    net, shape = one_patch_net(encoder)
+    net.encode(torch.randn(16, *shape) * 3 + 1)  # running statistics away from their init (0, 1)
+    before = [copy.deepcopy(m.state_dict()) for m in norms(net.encoder)]
+    x = torch.randn(1, *shape, requires_grad=True)
+    out = net.encode(x)  # (1, D)
     out.sum().backward()
-    assert out.shape == (1, 16) and x.grad is not None and proj.linear.weight.grad is not None
-    assert torch.equal(proj.bn.running_mean, stats[0]) and torch.equal(proj.bn.running_var, stats[1])
-    assert int(proj.bn.num_batches_tracked) == stats[2]
+    assert out.shape == (1, 16) and x.grad is not None
+    assert all(p.grad is not None for p in net.encoder.parameters() if p.requires_grad)
+    for m, state in zip(norms(net.encoder), before, strict=True):
+        assert m.training, "the BatchNorms train again after the one-patch batch"
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in state.items()), "running statistics moved"
     with torch.no_grad():
-        assert torch.allclose(out, copy.deepcopy(proj).eval()(x))  # normalized as evaluation normalizes it
+        assert torch.allclose(out, copy.deepcopy(net).eval().encode(x), atol=1e-5)
 
 
-def test_projector_normalizes_batches_of_two_or_more_as_batchnorm_does():
+@pytest.mark.parametrize("encoder", ["projector", "resnet18"])
+def test_batches_of_two_or_more_patches_are_normalized_with_their_own_statistics(encoder):
     torch.manual_seed(1)
-    proj = Projector(24, 16).train()
-    plain = nn.Sequential(copy.deepcopy(proj.norm), copy.deepcopy(proj.linear), copy.deepcopy(proj.bn), nn.ReLU())
+    net, shape = one_patch_net(encoder)
+    plain = copy.deepcopy(net.encoder)  # the encoder as torch runs it in training mode
     for n in (2, 5):
-        x = torch.randn(n, 24)
-        assert torch.allclose(proj(x), plain(x))
-    assert torch.equal(proj.bn.running_mean, plain[2].running_mean)
-    assert torch.equal(proj.bn.running_var, plain[2].running_var)
+        x = torch.randn(n, *shape)
+        assert torch.allclose(net.encode(x), plain(x), atol=1e-5)
+    for mine, theirs in zip(norms(net.encoder), norms(plain), strict=True):
+        assert torch.allclose(mine.running_mean, theirs.running_mean)
+        assert torch.allclose(mine.running_var, theirs.running_var)
 
 
+@pytest.mark.parametrize("encoder", list(ONE_PATCH))
 @pytest.mark.parametrize("B", [1, 3])
-def test_a_training_step_with_one_kept_patch_of_one_slide(B):
-    """M = 1: a batch of one slide (B = 1), or the last batch of an epoch whose train set size % B == 1."""
+def test_a_training_step_with_one_kept_patch_of_one_image(encoder, B):
+    """M = 1: a batch of one image (B = 1), or the last batch of an epoch whose train set size % B == 1."""
     torch.manual_seed(2)
-    cfg = IPSConfig(
-        encoder="projector", n_chan=24, dim=16, heads=2, d_k=8, d_v=8, d_inner=32, memory_size=1, iteration_size=1
-    )
-    net = IPSNet(cfg).train()
-    for batch in (B, 1):  # a full batch, then the epoch's last one of one slide
-        mem_patch, mem_idx = net.ips(torch.randn(batch, 7, 24))  # (batch, N = 7, D_in) -> (batch, M = 1, D_in)
+    net, shape = one_patch_net(encoder, memory_size=1, iteration_size=1)
+    for batch in (B, 1):  # a full batch, then the epoch's last one of one image
+        mem_patch, mem_idx = net.ips(torch.randn(batch, 7, *shape))  # (batch, N = 7, *shape) -> (batch, M = 1, ...)
         logits = net(mem_patch, mem_idx)  # (batch, n_class)
         nn.functional.cross_entropy(logits, torch.zeros(batch, dtype=torch.long)).backward()
         assert logits.shape[0] == batch and torch.isfinite(logits).all()

@@ -60,8 +60,8 @@ class Projector(nn.Module):
     """LayerNorm(D_in) -> Linear(D_in, D) -> BatchNorm1d(D) -> ReLU: ``(n, D_in) -> (n, D)``.
 
     The IPS paper's CAMELYON16 encoder over frozen embeddings; the embeddings come from
-    the feature files, so this is all that trains besides the transformer and heads. A training
-    batch of one embedding (n = 1) is normalized with the running statistics (see :meth:`forward`).
+    the feature files, so this is all that trains besides the transformer and heads. (A training
+    batch of one embedding: :meth:`ips_search.model.ips.IPSNet.encode`.)
     """
 
     def __init__(self, in_dim: int, dim: int) -> None:
@@ -77,17 +77,7 @@ class Projector(nn.Module):
         # BatchNorm1d has nothing to fold into a conv, and the folded copy's Linear fails under inference_mode.
         if x.shape[-1] != self.norm.normalized_shape[0]:
             raise ValueError(f"projector expects {self.norm.normalized_shape[0]}-wide features, got {x.shape[-1]}")
-        h = self.linear(self.norm(x))  # (n, D)
-        if self.training and h.shape[0] == 1:
-            # One embedding in a training batch (M = 1 and a batch of one slide: B = 1, or an epoch's last batch when
-            # the train set size % B == 1) has no batch variance, so BatchNorm1d would raise. It is normalized with
-            # the running statistics, which it leaves as they are; every batch of two or more is normalized as
-            # before. Dropping that batch instead would skip its slide for the epoch (all of a one-slide train set).
-            bn = self.bn
-            h = nn.functional.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-        else:
-            h = self.bn(h)
-        return self.act(h)
+        return self.act(self.bn(self.linear(self.norm(x))))  # (n, D)
 
 
 def _load_imagenet_weights(model: nn.Module, arch: str) -> None:

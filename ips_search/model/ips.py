@@ -41,6 +41,22 @@ PREFETCH_DEPTH = 2  # chunks a source's reader thread may run ahead of the encod
 ORIENT_PATCHES = 4096  # at most this many patches per source image in orient_scores (evenly spaced)
 
 
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@contextlib.contextmanager
+def _running_statistics(norms: list[nn.Module]) -> Iterator[None]:
+    """BatchNorm layers ``norms`` normalizing with (and not updating) their running statistics, then as before."""
+    modes = [m.training for m in norms]
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(norms, modes, strict=True):
+            m.train(mode)
+
+
 class _EmbeddingStream:
     """Hands out the embeddings of patches ``0..N-1`` in order, encoding a chunk at a time."""
 
@@ -76,6 +92,7 @@ class IPSNet(nn.Module):
         self._channels_last = any(isinstance(m, nn.Conv2d) for m in self.encoder.modules())
         if self._channels_last:
             self.encoder.to(memory_format=torch.channels_last)
+        self._norms = [m for m in self.encoder.modules() if isinstance(m, BATCH_NORMS)]
         self.transf = Transformer(
             len(cfg.tasks), cfg.heads, cfg.dim, cfg.d_k, cfg.d_v, cfg.d_inner, cfg.attn_dropout, cfg.dropout
         )
@@ -90,9 +107,18 @@ class IPSNet(nn.Module):
 
     # -- building blocks ---------------------------------------------------------------------------------------------
     def encode(self, patches: torch.Tensor) -> torch.Tensor:
-        """Embed a flat batch of patches: ``(n, C, P, P) -> (n, D)``."""
+        """Embed a flat batch of patches: ``(n, C, P, P) -> (n, D)``.
+
+        A training batch of one patch (M = 1 with a batch of one image, or an epoch's last batch when the train set
+        size % B == 1) goes through the encoder's BatchNorms with their running statistics, as evaluation does, and
+        leaves those as they are: one value per channel (the projector's, a ResNet's 1 x 1 maps) has no batch
+        variance, and BatchNorm would raise. Dropping the batch instead would skip its image for the epoch (every
+        image of a one-image train set)."""
         if self._channels_last:
             patches = patches.contiguous(memory_format=torch.channels_last)
+        if self.training and patches.shape[0] == 1 and self._norms:
+            with _running_statistics(self._norms):
+                return self.encoder(patches)
         return self.encoder(patches)
 
     def _embed(self, emb: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
