@@ -94,6 +94,8 @@ SETTING_DIFFERENCES = [
     "AdamW: ours fused (torch's one-kernel step), the original torch's default; the same update",
     "no-grad pass: ours folds BatchNorm into the convs (the same eval-mode function) and encodes 256 patches per "
     "call instead of I per iteration; the same selection rule",
+    "memory layout: ours channels-last for the encoder's weights and patches in both passes, the original "
+    "contiguous (NCHW); the same convolutions",
     "positional encoding: ours a 100,000-row sinusoid table, the original N rows; the same rows for indices < N",
     "validation canvases: our dataset carves 20% of n_train canvases for validation; neither code uses them here",
 ]
