@@ -88,7 +88,7 @@ class IPSNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = build_encoder(cfg)
-        # oneDNN's (and cuDNN's) convolutions run faster on NHWC: ~20% of a ResNet-18 training pass on CPU
+        # oneDNN's convolutions run faster on NHWC: ~20% of a ResNet-18 training pass on CPU (bench_original.py)
         self._channels_last = any(isinstance(m, nn.Conv2d) for m in self.encoder.modules())
         if self._channels_last:
             self.encoder.to(memory_format=torch.channels_last)
