@@ -92,7 +92,6 @@ class IPSNet(nn.Module):
         self._channels_last = any(isinstance(m, nn.Conv2d) for m in self.encoder.modules())
         if self._channels_last:
             self.encoder.to(memory_format=torch.channels_last)
-        self._norms = [m for m in self.encoder.modules() if isinstance(m, BATCH_NORMS)]
         self.transf = Transformer(
             len(cfg.tasks), cfg.heads, cfg.dim, cfg.d_k, cfg.d_v, cfg.d_inner, cfg.attn_dropout, cfg.dropout
         )
@@ -114,10 +113,11 @@ class IPSNet(nn.Module):
         leaves those as they are: one value per channel (the projector's, a ResNet's 1 x 1 maps) has no batch
         variance, and BatchNorm would raise. Dropping the batch instead would skip its image for the epoch (every
         image of a one-image train set)."""
-        if self._channels_last:
+        if self._channels_last and patches.dim() == 4:
             patches = patches.contiguous(memory_format=torch.channels_last)
-        if self.training and patches.shape[0] == 1 and self._norms:
-            with _running_statistics(self._norms):
+        if self.training and patches.shape[0] == 1:
+            norms = [m for m in self.encoder.modules() if isinstance(m, BATCH_NORMS)]  # of the encoder as it is now
+            with _running_statistics(norms):
                 return self.encoder(patches)
         return self.encoder(patches)
 
