@@ -24,6 +24,7 @@ from ips_search.experiment.files import (
     TRIALS_CSV,
     predictions_file,
     read_experiment,
+    splits_file,
     update_settings,
     write_experiment,
 )
@@ -115,6 +116,7 @@ __all__ = [
     "pareto_front",
     "rank",
     "read_experiment",
+    "splits_file",
     "renamed",
     "sampled",
     "settings_from_saved",

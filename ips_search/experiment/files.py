@@ -53,6 +53,13 @@ def predictions_file(trial_dir: str | os.PathLike[str]) -> Path | None:
     return folder / PREDICTIONS_FILE if (folder / PREDICTIONS_FILE).is_file() else None
 
 
+def splits_file(folder: str | os.PathLike[str]) -> Path | None:
+    """An experiment folder's own :data:`SPLITS_FILE`, or None when it has none. A copied or moved experiment's saved
+    configs name the splits file of the folder the search started in; its runs read this one instead."""
+    path = Path(folder) / SPLITS_FILE
+    return path if path.is_file() else None
+
+
 def write_experiment(folder: Path, settings: dict[str, Any], space: dict[str, Any], **extra: Any) -> Path:
     """Atomically write ``folder/experiment.json`` (settings, the space as run, and ``extra`` such as argv)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,6 @@ from ips_search.experiment import (
     CONFIRM_DIR,
     JOURNAL_FILE,
     PARAMS_FILE,
-    SPLITS_FILE,
     TRIALS_CSV,
     SearchSettings,
     Status,
@@ -39,6 +38,7 @@ from ips_search.experiment import (
     coerce,
     predictions_file,
     rank,
+    splits_file,
     summarize,
 )
 from ips_search.experiment.confirmation import RUN, SEED, SOURCE
@@ -52,8 +52,8 @@ def confirm_runs(settings: SearchSettings, trials: pd.DataFrame) -> list[dict[st
     runs = []
     # the experiment's own splits file: a trial's config names the folder the search ran in, which a copied or moved
     # experiment must not depend on (moved, it is gone)
-    splits = settings.experiment_dir / SPLITS_FILE
-    own = {"splits": str(splits)} if splits.is_file() else {}
+    splits = splits_file(settings.experiment_dir)
+    own = {"splits": str(splits)} if splits is not None else {}
     for row in rank(trials).head(settings.confirm_top).to_dict("records"):
         config = json.loads((Path(str(row["path"])) / PARAMS_FILE).read_text())
         for seed in confirm_seeds(settings):

@@ -41,11 +41,11 @@ from ips_search.data.cohort import cohort_splits, fold_splits, test_items
 from ips_search.experiment import (
     CHECKPOINT_FILE,
     PREDICTIONS_FILE,
-    SPLITS_FILE,
     EpochReport,
     MemoryKind,
     SearchSettings,
     Status,
+    splits_file,
 )
 from ips_search.experiment.confirmation import RUN
 from ips_search.extraction import resolve_data
@@ -367,10 +367,10 @@ def follow_splits(exp: ExperimentConfig, experiment_dir: str | None) -> Experime
 
     A trial's saved config names the splits file of the folder the search was started in; a trial Ray restores in
     a copied or moved experiment keeps that config, and the original may be gone or differ."""
-    if experiment_dir is None or not exp.evaluation.splits or not (Path(experiment_dir) / SPLITS_FILE).is_file():
+    here = splits_file(experiment_dir) if experiment_dir is not None and exp.evaluation.splits else None
+    if here is None:
         return exp
-    here = str(Path(experiment_dir) / SPLITS_FILE)
-    return dataclasses.replace(exp, evaluation=dataclasses.replace(exp.evaluation, splits=here))
+    return dataclasses.replace(exp, evaluation=dataclasses.replace(exp.evaluation, splits=str(here)))
 
 
 def make_trainable(settings: SearchSettings) -> Any:

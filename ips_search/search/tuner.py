@@ -34,12 +34,12 @@ from ips_search.experiment import (
     MEMORY_METRIC,
     METRIC,
     RUNG_METRICS,
-    SPLITS_FILE,
     TRIALS_CSV,
     SearchSettings,
     Status,
     asha_rungs,
     read_experiment,
+    splits_file,
 )
 from ips_search.search.pruner import FoldPruner
 from ips_search.search.results import TrialsCsvCallback, trial_dirname
@@ -187,8 +187,8 @@ class ExtendableSearch(SearchGenerator):
             storage.storage_fs_path, storage.experiment_dir_name = folder.parent.as_posix(), folder.name
             self._experiment.storage = self._experiment.spec["storage"] = storage
             evaluation = self._experiment.spec.get("config", {}).get("fixed", {}).get("evaluation") or {}
-            if evaluation.get("splits") and (folder / SPLITS_FILE).is_file():
-                evaluation["splits"] = str(folder / SPLITS_FILE)
+            if evaluation.get("splits") and (own := splits_file(folder)) is not None:
+                evaluation["splits"] = str(own)
         base = self.searcher
         while hasattr(base, "searcher"):  # ConcurrencyLimiter wraps the Optuna searcher
             base = base.searcher
