@@ -97,20 +97,25 @@ def test_resume_by_path_of_a_moved_folder_writes_only_there(original, tmp_path, 
     assert not (tmp_path / "results").exists()
 
 
+def start_driver(cluster, argv: list[str], log: Path) -> subprocess.Popen:
+    """``python -m ips_search.run argv`` on the shared test cluster as its own process (a test may SIGKILL it),
+    its output in ``log``."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ips_search.run", *argv, "--address", cluster.address_info["gcs_address"]],
+            env={**os.environ, "RAY_AUTH_MODE": "token"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def kill_during_confirm(cluster, results: Path, name: str) -> set[str]:
     """A search (2 trials, then 3 confirm runs one at a time) killed once its first confirm run finished; the ids of
     the confirm runs that finished."""
     argv = ["--space", "smoke", "--trials", "2", "--epochs", "1", "--confirm", "3", "--confirm-top", "1"]
     argv += ["--concurrency", "1", "--no-reference", "--results-dir", str(results), "--name", name, "--no-dashboard"]
-    argv += ["--address", cluster.address_info["gcs_address"]]
     log = results.parent / f"{name}.log"
-    with open(log, "wb") as out:
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "ips_search.run", *argv],
-            env={**os.environ, "RAY_AUTH_MODE": "token"},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    driver = start_driver(cluster, argv, log)
     csv = results / name / "confirm" / "trials.csv"
     deadline = time.time() + 400
     while time.time() < deadline and driver.poll() is None:
@@ -170,15 +175,8 @@ def test_resume_of_a_moved_folder_finishes_its_unfinished_trials_there(ray_clust
     results = tmp_path / "results"
     argv = ["--space", "smoke", "--trials", "2", "--epochs", "3", "--concurrency", "1", "--no-reference"]
     argv += ["--results-dir", str(results), "--name", "halt", "--no-dashboard"]
-    argv += ["--address", ray_cluster.address_info["gcs_address"]]
     log = tmp_path / "halt.log"
-    with open(log, "wb") as out:
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "ips_search.run", *argv],
-            env={**os.environ, "RAY_AUTH_MODE": "token"},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    driver = start_driver(ray_cluster, argv, log)
     folder = results / "halt"
     deadline = time.time() + 300
     while time.time() < deadline and driver.poll() is None:
