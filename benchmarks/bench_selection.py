@@ -9,8 +9,9 @@ for every search), a fifth of the rest are the one-split searches' validation pa
 
 Searches (``python -m ips_search.run`` subprocesses, TPE + FIFO, one trial at a time on 1 CPU, metric AUC), per search
 seed: ``folds=1`` and ``folds=5`` over the patient manifest, and ``leaky`` (5 folds over the same manifest without
-its patient column: slide-level folds); ``folds5-noprune`` (5 folds, ``--prune-margin 1.0``: no trial is pruned) on
-request. Per search, from its ``trials.csv``:
+its patient column: slide-level folds); on request ``folds5-noprune`` (5 folds, ``--prune-margin 1.0``: no trial is
+pruned) and ``folds5-foldends`` (5 folds, ``--prune-interval 0``: checked at fold ends only). Per search, from its
+``trials.csv``:
 
 * ``spearman``: rank correlation of the completed trials' ``val_score_mean`` with their ``test_score`` (test AUC:
   the mean over the trial's fold models, each scoring the test set once at its fold's end);
@@ -65,6 +66,8 @@ ARMS = {  # arm -> (folds, manifest, more flags)
     "leaky": (5, "labels-no-patient.csv", ()),
     # 5 folds without pruning (no fold mean is 1.0 below another's): every trial completes and has a test score
     "folds5-noprune": (5, "labels.csv", ("--prune-margin", "1.0")),
+    # 5 folds, pruned at fold ends only (no checks inside a fold)
+    "folds5-foldends": (5, "labels.csv", ("--prune-interval", "0")),
 }
 
 
@@ -454,8 +457,9 @@ def main(argv: list[str] | None = None) -> int:
         "wall_minutes": (time.perf_counter() - start) / 60,
         "epochs": args.epochs,
         "prune_margin": (
-            "0.05 plus one standard error of the best trial's fold scores (the default rule; "
-            "the folds5-noprune arm: 1.0, which never prunes)"
+            "0.05 plus one standard error of the best trial's fold scores, checked every 3 epochs of a fold and at "
+            "its end (the default rule; the folds5-foldends arm: at fold ends only; the folds5-noprune arm: margin "
+            "1.0, which never prunes)"
         ),
         "space_file": "space-labels.yaml, written by the script",
         "space": space(work / "cohort", "labels.csv", args.epochs),

@@ -185,32 +185,72 @@ def test_a_clam_splits_folder_is_read_as_the_folds(tmp_path):
 # -- pruning and ranking ---------------------------------------------------------------------------------------------
 
 
+EPOCHS = 12  # per fold
+
+
 def _fold_report(fold: int, scores: list[float], status: str = "running") -> dict:
+    """The report at the end of ``fold``, its finished folds' ``scores``."""
     done = {f"val_score_fold{k}": v for k, v in enumerate(scores)}
-    return {"status": status, "fold": fold, "folds_done": len(scores), "val_score_mean": np.mean(scores), **done}
+    return {
+        **dict(status=status, fold=fold, epoch=EPOCHS, folds_done=len(scores), val_score_mean=np.mean(scores)),
+        **done,
+    }
+
+
+def _epoch_report(fold: int, epoch: int, finished: list[float], now: float) -> dict:
+    """A report inside ``fold`` after ``epoch`` epochs: the finished folds' scores and the running fold's ``now``."""
+    done = {f"val_score_fold{k}": v for k, v in enumerate(finished)}
+    mean = np.mean([*finished, now])
+    return dict(status="running", fold=fold, epoch=epoch, folds_done=len(finished), val_score_mean=mean, **done)
+
+
+def _finish(pruner: FoldPruner, trial: str, scores: list[float], inside: list[float]) -> None:
+    """Report ``trial``'s whole run to ``pruner``: in each fold the ``inside`` scores, one per epoch before the
+    last, and at the fold's end that fold's score."""
+    for fold in range(len(scores)):
+        for epoch, now in enumerate(inside, start=1):
+            assert not pruner(trial, _epoch_report(fold, epoch, scores[:fold], now))
+        status = "completed" if fold == len(scores) - 1 else "running"
+        assert not pruner(trial, _fold_report(fold, scores[: fold + 1], status=status))
 
 
 def test_the_pruner_stops_a_clearly_worse_trial_after_a_fold_but_never_the_last_fold_or_a_close_one():
-    pruner = FoldPruner(folds=5, margin=0.05)
+    pruner = FoldPruner(folds=5, margin=0.05, epochs=EPOCHS)
     assert not pruner("first", _fold_report(0, [0.5]))  # nothing to compare with yet
-    assert not pruner("best", _fold_report(4, [0.9, 0.8, 0.85, 0.9, 0.8], status="completed"))
+    _finish(pruner, "best", [0.9, 0.8, 0.85, 0.9, 0.8], inside=[])
     assert pruner("bad", _fold_report(0, [0.7]))  # 0.70 < 0.90 - 0.05 - sd 0.05 after fold 0
     assert not pruner("close", _fold_report(0, [0.86]))
     assert not pruner("close", _fold_report(1, [0.86, 0.78]))  # mean 0.82 vs the best's 0.85 over the same folds
     assert pruner("close", _fold_report(2, [0.86, 0.78, 0.6]))
-    assert not pruner("mid", {**_fold_report(1, [0.6]), "folds_done": 1})  # a report inside fold 1: no decision
+    assert not pruner("mid", _epoch_report(1, 6, [0.6], 0.3))  # inside a fold, with no interval: no decision
     assert pruner.pruned == {"bad", "close"}
 
 
 def test_the_pruner_widens_its_bar_by_the_best_trials_fold_spread():
     """Where one fold's score swings by luck (AUC 1.0 or 0.3 on a few patients), a trial one fold behind the best
     by more than the margin but less than that swing goes on; by its third fold the bar has narrowed."""
-    pruner = FoldPruner(folds=5, margin=0.05)
-    pruner("best", _fold_report(4, [1.0, 0.3, 1.0, 1.0, 0.4], status="completed"))  # sd 0.36
+    pruner = FoldPruner(folds=5, margin=0.05, epochs=EPOCHS)
+    _finish(pruner, "best", [1.0, 0.3, 1.0, 1.0, 0.4], inside=[])  # sd 0.36
     assert not pruner("unlucky", _fold_report(0, [0.7]))  # 1.0 - 0.05 - 0.36 = 0.59 after one fold
     assert pruner("chance", _fold_report(0, [0.5]))
     assert not pruner("unlucky", _fold_report(1, [0.7, 0.3]))  # 0.50 vs 0.65 - 0.05 - 0.26
     assert pruner("unlucky", _fold_report(2, [0.7, 0.3, 0.4]))  # 0.47 vs 0.77 - 0.05 - 0.21
+
+
+def test_checks_inside_a_fold_stop_a_trial_that_has_not_learned_by_then_at_the_interval_only():
+    pruner = FoldPruner(folds=5, margin=0.05, epochs=EPOCHS, interval=3)
+    _finish(pruner, "best", [0.9, 0.8, 0.9, 0.9, 0.8], inside=[0.5, 0.6, 0.8, *[0.85] * 8])  # sd 0.055
+    assert not pruner("slow", _epoch_report(0, 2, [], 0.3))  # not a check: epoch 2 of 12
+    assert not pruner("slow", _epoch_report(0, 3, [], 0.7))  # 0.70 vs 0.80 - 0.05 - 0.055 at epoch 3: on
+    assert pruner("slow", _epoch_report(0, 6, [], 0.6))  # 0.60 vs 0.85 - 0.05 - 0.055 at epoch 6
+    # in a later fold the running mean counts the finished folds: (0.9 + 0.5) / 2 vs (0.9 + 0.85) / 2 - 0.05 - 0.039
+    assert pruner("later", _epoch_report(1, 9, [0.9], 0.5))
+    assert not pruner("last", _epoch_report(4, 3, [0.9, 0.8, 0.9, 0.9], 0.0))  # the last fold is never pruned
+    assert pruner.pruned == {"slow", "later"}
+    at_fold_ends = FoldPruner(folds=5, margin=0.05, epochs=EPOCHS, interval=0)
+    _finish(at_fold_ends, "best", [0.9, 0.8, 0.9, 0.9, 0.8], inside=[0.5, 0.6, 0.8, *[0.85] * 8])
+    assert not at_fold_ends("slow", _epoch_report(0, 6, [], 0.6))
+    assert at_fold_ends("slow", _fold_report(0, [0.6]))
 
 
 def test_the_test_score_never_changes_the_ranking():

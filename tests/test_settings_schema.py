@@ -82,6 +82,7 @@ def test_every_saved_setting_is_a_flag_and_every_flag_is_in_the_help():
         "--metric",
         "--no-reference",
         "--prune-margin",
+        "--prune-interval",
         *("-h", "--help", "--trials", "--space", "--name", "--results-dir", "--objective", "--max-memory-mb"),
         *("--sampler", "--scheduler", "--grace-period", "--reduction-factor", "--rung-metric", "--brackets"),
         *("--cpus-per-trial", "--gpus-per-trial", "--concurrency", "--address", "--num-gpus", "--no-dashboard"),

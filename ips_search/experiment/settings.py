@@ -179,10 +179,16 @@ class SearchSettings:
     )
     prune_margin: float = setting(
         0.05,
-        "with folds above 1: stop a trial after a fold when its mean score over the folds so far is more than this, "
-        "plus one standard error of the best finished trial's fold scores, below that trial's mean over the same "
-        "folds (single-objective searches only)",
+        "with folds above 1: stop a trial at a check (see --prune-interval) when its mean score over the folds so "
+        "far is more than this, plus one standard error of the best finished trial's fold scores, below that "
+        "trial's mean at the same point (single-objective searches only)",
         rules=NON_NEGATIVE,
+    )
+    prune_interval: int = setting(
+        3,
+        "with folds above 1: also check a trial every this many epochs inside a fold, against the best finished "
+        "trial at the same epoch of the same fold (0: at fold ends only; default %(default)s)",
+        rules=(at_least(0, "epochs"),),
     )
 
     @property

@@ -12,7 +12,7 @@ class Status(str, enum.Enum):
     rest follow from Ray's state. Compares equal to its value, so CSV cells and JSON values compare directly."""
 
     COMPLETED = "completed"  # all epochs
-    EARLY_STOPPED = "early-stopped"  # stopped by the scheduler, or pruned after a fold, before its last epoch
+    EARLY_STOPPED = "early-stopped"  # stopped by the scheduler, or by the fold pruner, before its last epoch
     INFEASIBLE = "infeasible"  # over the memory budget (predicted, or measured on the first step)
     NAN_LOSS = "nan-loss"
     OUT_OF_MEMORY = "out-of-memory"

@@ -258,7 +258,7 @@ def make_pruner(settings: SearchSettings) -> FoldPruner | None:
     a config below the best score may be on the Pareto front by its memory)."""
     if settings.folds < 2 or settings.multi_objective:
         return None
-    return FoldPruner(settings.folds, settings.prune_margin)
+    return FoldPruner(settings.folds, settings.prune_margin, settings.epochs, settings.prune_interval)
 
 
 def make_tuner(space: SearchSpace, settings: SearchSettings, trainable: Any, verbose: int = 1) -> tune.Tuner:
