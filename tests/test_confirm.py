@@ -4,11 +4,6 @@ and patient bootstrap interval; an older (validating) stage's figures still read
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -151,32 +146,3 @@ def test_confirm_stage_retrains_k_seeds_per_top_config_and_records_test_mean_std
     study = optuna.load_study(study_name="sure", storage=storage)
     assert set(study.user_attrs["confirm"]) == set(summary["trial_id"])
     assert "retrained on every non-test slide with 2 seeds" in capsys.readouterr().out
-
-
-@pytest.mark.ray
-def test_a_search_killed_during_its_confirm_stage_resumes_without_rerunning_finished_runs(ray_cluster, results_dir):
-    cmd = [sys.executable, "-m", "ips_search.run", *_search(results_dir, "halt")]
-    cmd += ["--address", ray_cluster.address_info["gcs_address"]]
-    driver = subprocess.Popen(
-        cmd, env={**os.environ, "RAY_AUTH_MODE": "token"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    csv = results_dir / "halt" / CONFIRM_DIR / TRIALS_CSV
-    deadline = time.time() + 400
-    while time.time() < deadline:
-        if csv.exists() and (pd.read_csv(csv)["status"] == "completed").sum() >= 1:
-            break
-        time.sleep(0.5)
-    else:
-        driver.kill()
-        pytest.fail("no confirm run finished in time")
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    before = set(pd.read_csv(csv, dtype={"trial_id": str}).query("status == 'completed'")["trial_id"])
-
-    assert run.main(["--resume", "halt", "--results-dir", str(results_dir), "--no-dashboard"]) == 0
-    runs = pd.read_csv(csv, dtype={"trial_id": str})
-    assert len(runs) == 4 and (runs["status"] == "completed").all() and before <= set(runs["trial_id"])
-    for path in runs[runs["trial_id"].isin(before)]["path"]:
-        lines = [json.loads(x) for x in (Path(path) / "result.json").read_text().splitlines() if x.strip()]
-        assert [r["training_iteration"] for r in lines] == [1], "a finished confirm run ran again"
-    assert (results_dir / "halt" / CONFIRM_CSV).is_file()

@@ -149,9 +149,12 @@ def check_confirmed_in(folder: Path, kept: set[str]) -> None:
     assert summary["confirm_runs"].tolist() == [3] and summary["confirm_test_ci_low"].notna().all()
 
 
-def test_resume_of_a_copy_killed_during_its_confirm_stage_finishes_the_stage_in_the_copy(ray_cluster, tmp_path, capsys):
-    """An unfinished confirm stage of a copy (its original still there), then of a moved experiment (its original
-    gone): its finished runs are kept, the rest run in the resumed folder, and the original is never written."""
+def test_a_search_killed_during_its_confirm_stage_finishes_it_in_place_in_a_copy_and_when_moved(
+    ray_cluster, tmp_path, capsys
+):
+    """An unfinished confirm stage resumed in a copy (its original still there), in place, and in a moved
+    experiment (its original gone): its finished runs are kept, the rest run in the resumed folder, and no other
+    folder is written."""
     results = tmp_path / "results"
     kept = kill_during_confirm(ray_cluster, results, "halt")
     original = results / "halt"
@@ -162,10 +165,15 @@ def test_resume_of_a_copy_killed_during_its_confirm_stage_finishes_the_stage_in_
     assert tree(original) == before
     check_confirmed_in(results / "copy", kept)
 
+    assert run.main(["--resume", "halt", "--results-dir", str(results), "--no-dashboard"]) == 0, capsys.readouterr()
+    check_confirmed_in(original, kept)
+    assert (original / "confirm.csv").is_file()
+
+    after = tree(original)
     away = tmp_path / "away"
     original.rename(away)  # the moved copy's saved state names a folder that no longer exists
     assert run.main(["--resume", "moved", "--results-dir", str(results), "--no-dashboard"]) == 0, capsys.readouterr()
-    assert not original.exists() and tree(away) == before
+    assert not original.exists() and tree(away) == after
     check_confirmed_in(results / "moved", kept)
 
 
