@@ -100,7 +100,7 @@ def start_interrupted_search(
         "-m",
         "ips_search.run",
         *("--space", str(space), "--trials", str(trials), "--concurrency", "1", "--scheduler", "fifo"),
-        *("--results-dir", str(results_dir), "--name", name, "--no-dashboard"),
+        *("--results-dir", str(results_dir), "--name", name, "--no-dashboard", "--no-reference"),
         *("--address", ray_cluster.address_info["gcs_address"]),
     ]
     driver = subprocess.Popen(
@@ -152,7 +152,7 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_cluster, results
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     argv = ["--space", str(slow_space(tmp_path)), "--trials", "2", "--concurrency", "1", "--scheduler", "fifo"]
-    rc = run.main([*argv, "--results-dir", str(results_dir), "--name", name, "--no-dashboard"])
+    rc = run.main([*argv, "--results-dir", str(results_dir), "--name", name, "--no-dashboard", "--no-reference"])
     thread.join(timeout=5)
     assert rc == 0
     assert killed and "error" not in killed, killed
@@ -200,7 +200,7 @@ def mixed_search(ray_cluster, tmp_path_factory) -> dict:
         mp.chdir(tmp)
         rc = run.main(
             ["--space", str(space), "--trials", "3", "--scheduler", "fifo", "--results-dir", str(results)]
-            + ["--name", "mixed", "--no-dashboard"]
+            + ["--name", "mixed", "--no-dashboard", "--no-reference"]
         )
     folder = results / "mixed"
     df = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str})
