@@ -3,6 +3,7 @@ splits kept by a resume; bad folds refused in one line before anything runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,7 +13,17 @@ import pandas as pd
 import pytest
 
 from ips_search import run
-from ips_search.experiment import EXPERIMENT_FILE, SPLITS_FILE, TRIALS_CSV, coerce, predictions_file
+from ips_search.experiment import (
+    EXPERIMENT_FILE,
+    SPLITS_FILE,
+    TRIALS_CSV,
+    coerce,
+    predictions_file,
+    settings_from_saved,
+)
+from ips_search.search.pruner import FoldPruner
+from ips_search.search.trainable import make_trainable
+from ips_search.search.tuner import restore_tuner
 
 pytestmark = pytest.mark.ray
 
@@ -71,6 +82,12 @@ def test_each_trial_trains_every_fold_and_reports_their_mean_and_spread(ray_clus
     assert (folder / SPLITS_FILE).read_bytes() == before  # an extended search keeps every trial on the same folds
     trials = pd.read_csv(folder / TRIALS_CSV, dtype={"trial_id": str})
     assert len(trials) == 3 and trials["val_score_fold2"].notna().all()
+
+    # a resume prunes with this code's pruner, made from the saved settings, never the one pickled at the start
+    saved = settings_from_saved(json.loads((folder / EXPERIMENT_FILE).read_text())["settings"])
+    wider = dataclasses.replace(saved, prune_interval=saved.prune_interval + 4)
+    stopper = restore_tuner(wider, make_trainable(wider))._local_tuner.get_run_config().stop
+    assert isinstance(stopper, FoldPruner) and stopper.interval == wider.prune_interval and not stopper.curves
 
 
 @pytest.mark.parametrize(

@@ -287,7 +287,8 @@ def restore_tuner(settings: SearchSettings, trainable: Any) -> tune.Tuner:
 
     Everything the search writes goes to ``settings.experiment_dir``, also when ``tuner.pkl`` names another folder
     (a copied, renamed or moved experiment): the ``trials.csv`` callback and the search generator (which points the
-    searcher's state there once Ray restores it: ``ExtendableSearch.follow_folder``) are pointed there here.
+    searcher's state there once Ray restores it: ``ExtendableSearch.follow_folder``) are pointed there here. The fold
+    pruner is made anew from ``settings`` (it starts empty: nothing is pruned before a resumed trial finishes).
     """
     tuner = tune.Tuner.restore(
         str(settings.experiment_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
@@ -299,6 +300,8 @@ def restore_tuner(settings: SearchSettings, trainable: Any) -> tune.Tuner:
         run_config.callbacks = [
             TrialsCsvCallback(csv) if isinstance(c, TrialsCsvCallback) else c for c in run_config.callbacks or []
         ]
+        # the pruner of this code and these settings, not the pickled one (an older version's has other fields)
+        run_config.stop = make_pruner(settings)
         search_alg = internal._tune_config.search_alg
         if isinstance(search_alg, ExtendableSearch):
             search_alg.experiment_file = settings.experiment_dir / EXPERIMENT_FILE
