@@ -46,7 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -406,6 +406,43 @@ def step_original(args: argparse.Namespace, seed: int, splits: Any) -> dict[str,
 STEPPERS = {"ours": step_ours, "original": step_original}
 
 
+# -- where an epoch's time goes ---------------------------------------------------------------------------------------
+PROFILE_ROWS = 8  # operators listed per code
+
+
+def _profiled(epoch: Callable[[int], None]) -> dict[str, Any]:
+    """Epoch 0 as a warm-up, then epoch 1 under torch's profiler: its operators by self CPU time."""
+    epoch(0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        epoch(1)
+    ops = sorted(prof.key_averages(), key=lambda op: op.self_cpu_time_total, reverse=True)
+    total = sum(op.self_cpu_time_total for op in ops) / 1e6
+    rows = [{"op": op.key, "self_cpu_s": op.self_cpu_time_total / 1e6, "calls": op.count} for op in ops]
+    return {"total_self_cpu_s": total, "ops": rows[:PROFILE_ROWS], "epoch_cpu_seconds": [], "epoch_seconds": []}
+
+
+def profile_ours(args: argparse.Namespace, seed: int, splits: Any) -> dict[str, Any]:
+    exp = our_experiment(args, seed)
+    device = torch.device("cpu")
+    run = setup(exp, splits, device)
+    return _profiled(
+        lambda _: train_one_epoch(run.model, run.train_loader, run.optimizer, run.scheduler, exp.train, device)
+    )
+
+
+def profile_original(args: argparse.Namespace, seed: int, splits: Any) -> dict[str, Any]:
+    orig = import_original(Path(args.original))
+    conf, net, criterions, optimizer, log_train = _original_setup(orig, args, seed, splits.geometry.n_patches)
+    loader = original_loader(splits.train, conf.B_seq, shuffle=True, seed=seed)
+    device = torch.device("cpu")
+    return _profiled(
+        lambda epoch: orig["train_one_epoch"](net, criterions, loader, optimizer, device, epoch, log_train, conf)
+    )
+
+
+PROFILERS = {"ours": profile_ours, "original": profile_original}
+
+
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One run: data and imports first, then the peak is reset and the run measured."""
     torch.set_num_threads(1)
@@ -417,7 +454,11 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     baseline_kb = _status_kb("VmRSS")
     _reset_peak()
     start = time.perf_counter()
-    out = (STEPPERS if spec["mode"] == "step" else RUNNERS)[spec["code"]](args, spec["seed"], splits)
+    out = {"step": STEPPERS, "profile": PROFILERS, "train": RUNNERS}[spec["mode"]][spec["code"]](
+        args, spec["seed"], splits
+    )
+    if spec["mode"] == "profile":
+        return {"code": spec["code"], "seed": spec["seed"], **out}
     return {
         "code": spec["code"],
         "seed": spec["seed"],
@@ -583,6 +624,32 @@ def side_by_side_markdown(res: dict[str, Any]) -> str:
 
 
 # -- the paper's geometry: one training step on the CPU ------------------------------------------------------------
+def profile_markdown(res: dict[str, Any]) -> str:
+    lines = [
+        f"# Where a training epoch's CPU time goes: ours and the original IPS code, {res['date']}",
+        "",
+        f"Command: `{res['command']}`",
+        "",
+        f"Machine: {res['machine']['platform']}, {res['machine']['cpu_count']} CPUs, Python "
+        f"{res['machine']['python']}, torch {res['machine']['torch']}; one torch thread. Commits: ips-search "
+        f"`{res['commits']['ours']}`, benbergner/ips `{res['commits']['original']}`.",
+        "",
+        "One training epoch (after a warm-up epoch) under `torch.profiler`, CPU activity; each code's operators by "
+        "self CPU time (the profiler's own overhead included, so the totals exceed the plain epoch times).",
+        "",
+    ]
+    for run in res["profiles"]:
+        total = run["total_self_cpu_s"]
+        lines += [f"## {run['code']} (seed {run['seed']}): {total:.1f} s self CPU in all", ""]
+        lines += ["| operator | self CPU s | share | calls |", "|---|---:|---:|---:|"]
+        lines += [
+            f"| `{op['op']}` | {op['self_cpu_s']:.2f} | {op['self_cpu_s'] / total:.0%} | {op['calls']} |"
+            for op in run["ops"]
+        ]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def paper_args(args: argparse.Namespace) -> argparse.Namespace:
     """Megapixel MNIST at 1500 px, P = 50 (N = 900), M = I = 100, B = 16: 16 training canvases, one epoch."""
     return argparse.Namespace(
@@ -690,6 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup-epochs", type=float, default=0.5)
     p.add_argument("--paper-geometry", action="store_true", help="one step at 1500 px, N = 900, M = I = 100")
+    p.add_argument("--profile", action="store_true", help="one epoch of each code (first seed) under torch's profiler")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--date", default=datetime.date.today().strftime("%Y%m%d"))
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -727,6 +795,14 @@ def main(argv: list[str] | None = None) -> int:
         print(paper_markdown(res))
         return 0
     build_datasets(data_config(args))  # canvases generated and cached once, before the timed runs
+    if args.profile:
+        res = {"date": args.date, "command": command, "machine": start_machine, "commits": commits}
+        res["profiles"] = [spawn(code, args.seeds[0], args, mode="profile") for code in args.codes]
+        stem = out_dir / f"original-profile-{args.date}"
+        stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(profile_markdown(res))
+        print(profile_markdown(res))
+        return 0
     runs = []
     for seed in args.seeds:
         for code in args.codes:
