@@ -334,6 +334,7 @@ def test_scheduler_compares_what_the_flags_say(metric, mode, brackets):
 
 def test_rung_metric_best_so_far_is_each_trials_running_best(ray_cluster, results_dir):
     args = ("--trials", "2", "--scheduler", "asha", "--rung-metric", "val_accuracy_best", "--reduction-factor", "2")
+    args += ("--no-reference",)
     assert _search(results_dir, "best-rung", *args) == 0
     saved = json.loads((results_dir / "best-rung" / "experiment.json").read_text())
     assert saved["settings"]["rung_metric"] == "val_accuracy_best"
