@@ -89,3 +89,23 @@ def test_manifest_reads_as_a_patient_level_features_dataset(bench, cohort, tmp_p
     (tmp_path / "cohort").symlink_to(root)
     space = load_space(str(bench.write_space(tmp_path, "labels.csv", epochs=2)))
     assert space.params["memory_size"].low == 2 and space.fixed["data"]["manifest"].endswith("labels.csv")
+
+
+def test_the_verdicts_pair_spearman_by_seed_and_skip_a_search_whose_trials_all_tie(bench):
+    def row(arm: str, seed: int, spearman: float, seconds: float) -> dict:
+        return dict(arm=arm, seed=seed, spearman=spearman, spearman_all=spearman, regret=0.0, trial_seconds=seconds)
+
+    rows = pd.DataFrame(
+        [
+            *(row("folds1", s, rho, 100.0) for s, rho in enumerate([0.9, 0.8, 0.7, 0.6])),
+            row("folds5", 0, 0.95, 200.0),
+            row("folds5", 1, 0.75, 220.0),
+            row("folds5", 2, float("nan"), 300.0),  # every completed trial at AUC 1.0: no rank correlation
+            row("folds5", 3, 0.8, 250.0),
+        ]
+    )
+    lines = bench.verdicts(rows)
+    assert lines[0].startswith("Spearman (median over the 3 seeds where it is defined")
+    assert "0.80 with 5 folds, 0.75 with one split: target >= 0.7 and above one split: met" in lines[0]
+    assert lines[1] == "Spearman, paired by seed: 5 folds above one split in 2 of 3 seeds (median difference +0.05)"
+    assert "2.35x: target <= 2.5x: met" in lines[3]
