@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import spearmanr
 
+from ips_search.experiment import METRIC, Status, best, coerce, completed
 from ips_search.search.pruner import FoldPruner
 
 
@@ -37,33 +37,36 @@ def reports(folder: Path) -> list[tuple[str, dict]]:
 
 def replay(folder: Path, folds: int, epochs: int, interval: int, margin: float) -> dict:
     pruner = FoldPruner(folds, margin, epochs, interval)
-    stopped: dict[str, dict] = {}
+    stopped: set[str] = set()
     last: dict[str, dict] = {}
     for trial, report in reports(folder):
         if trial in stopped:
             continue
         last[trial] = report
         if pruner(trial, report):
-            stopped[trial] = report
-    rows = [
-        {
-            "completed": trial not in stopped and report["status"] == "completed",
-            "seconds": report["time_total_s"],
-            "val": report.get("val_score_mean"),
-            "test": report.get("test_score"),
-        }
-        for trial, report in last.items()
-    ]
-    table = pd.DataFrame(rows)
-    done = table[table["completed"]]
-    chosen = done.sort_values("val", ascending=False).iloc[0]
-    rho = spearmanr(done["val"], done["test"]).statistic if len(done) > 2 else np.nan
+            stopped.add(trial)
+    # each trial's last report as a trials.csv row; one the replayed rule stopped is early-stopped there
+    table = coerce(
+        pd.DataFrame(
+            [
+                {
+                    **report,
+                    "trial_id": trial,
+                    "status": Status.EARLY_STOPPED.value if trial in stopped else report["status"],
+                }
+                for trial, report in last.items()
+            ]
+        ).drop(columns=["config"])
+    )
+    done = completed(table)
+    chosen = best(table)  # the search's own ranking: validation mean, then spread, memory, seconds
+    rho = done[METRIC].corr(done["test_score"], method="spearman") if len(done) >= 3 else np.nan
     return {
-        "seconds": table["seconds"].sum(),
+        "seconds": table["time_total_s"].sum(),
         "completed": len(done),
         "spearman": rho,
-        "chosen_test": chosen["test"],
-        "regret": done["test"].max() - chosen["test"],
+        "chosen_test": chosen["test_score"],
+        "regret": done["test_score"].max() - chosen["test_score"],
     }
 
 
