@@ -419,7 +419,7 @@ def _profiled(epoch: Callable[[int], None]) -> dict[str, Any]:
     ops = sorted(prof.key_averages(), key=lambda op: op.self_cpu_time_total, reverse=True)
     total = sum(op.self_cpu_time_total for op in ops) / 1e6
     rows = [{"op": op.key, "self_cpu_s": op.self_cpu_time_total / 1e6, "calls": op.count} for op in ops]
-    return {"total_self_cpu_s": total, "ops": rows[:PROFILE_ROWS], "epoch_cpu_seconds": [], "epoch_seconds": []}
+    return {"total_self_cpu_s": total, "ops": rows[:PROFILE_ROWS]}
 
 
 def profile_ours(args: argparse.Namespace, seed: int, splits: Any) -> dict[str, Any]:
@@ -442,6 +442,32 @@ def profile_original(args: argparse.Namespace, seed: int, splits: Any) -> dict[s
 
 
 PROFILERS = {"ours": profile_ours, "original": profile_original}
+
+
+def profile_markdown(res: dict[str, Any]) -> str:
+    lines = [
+        f"# Where a training epoch's CPU time goes: ours and the original IPS code, {res['date']}",
+        "",
+        f"Command: `{res['command']}`",
+        "",
+        f"Machine: {res['machine']['platform']}, {res['machine']['cpu_count']} CPUs, Python "
+        f"{res['machine']['python']}, torch {res['machine']['torch']}; one torch thread. Commits: ips-search "
+        f"`{res['commits']['ours']}`, benbergner/ips `{res['commits']['original']}`.",
+        "",
+        "One training epoch (after a warm-up epoch) under `torch.profiler`, CPU activity; each code's operators by "
+        "self CPU time (the profiler's own overhead included, so the totals exceed the plain epoch times).",
+        "",
+    ]
+    for run in res["profiles"]:
+        total = run["total_self_cpu_s"]
+        lines += [f"## {run['code']} (seed {run['seed']}): {total:.1f} s self CPU in all", ""]
+        lines += ["| operator | self CPU s | share | calls |", "|---|---:|---:|---:|"]
+        lines += [
+            f"| `{op['op']}` | {op['self_cpu_s']:.2f} | {op['self_cpu_s'] / total:.0%} | {op['calls']} |"
+            for op in run["ops"]
+        ]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -625,32 +651,6 @@ def side_by_side_markdown(res: dict[str, Any]) -> str:
 
 
 # -- the paper's geometry: one training step on the CPU ------------------------------------------------------------
-def profile_markdown(res: dict[str, Any]) -> str:
-    lines = [
-        f"# Where a training epoch's CPU time goes: ours and the original IPS code, {res['date']}",
-        "",
-        f"Command: `{res['command']}`",
-        "",
-        f"Machine: {res['machine']['platform']}, {res['machine']['cpu_count']} CPUs, Python "
-        f"{res['machine']['python']}, torch {res['machine']['torch']}; one torch thread. Commits: ips-search "
-        f"`{res['commits']['ours']}`, benbergner/ips `{res['commits']['original']}`.",
-        "",
-        "One training epoch (after a warm-up epoch) under `torch.profiler`, CPU activity; each code's operators by "
-        "self CPU time (the profiler's own overhead included, so the totals exceed the plain epoch times).",
-        "",
-    ]
-    for run in res["profiles"]:
-        total = run["total_self_cpu_s"]
-        lines += [f"## {run['code']} (seed {run['seed']}): {total:.1f} s self CPU in all", ""]
-        lines += ["| operator | self CPU s | share | calls |", "|---|---:|---:|---:|"]
-        lines += [
-            f"| `{op['op']}` | {op['self_cpu_s']:.2f} | {op['self_cpu_s'] / total:.0%} | {op['calls']} |"
-            for op in run["ops"]
-        ]
-        lines.append("")
-    return "\n".join(lines)
-
-
 def paper_args(args: argparse.Namespace) -> argparse.Namespace:
     """Megapixel MNIST at 1500 px, P = 50 (N = 900), M = I = 100, B = 16: 16 training canvases, one epoch."""
     return argparse.Namespace(

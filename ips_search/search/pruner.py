@@ -50,15 +50,15 @@ class FoldPruner(tune.Stopper):
         fold, epoch, mean = result.get("fold"), result.get("epoch"), result.get(METRIC)
         if fold is None or epoch is None or mean is None:
             return False
+        point = (int(fold), int(epoch))
         curve = self.curves.setdefault(trial_id, {})
-        curve[(int(fold), int(epoch))] = float(mean)
+        curve[point] = float(mean)
         if result.get("status") == Status.COMPLETED.value:
             self._finished(trial_id, result)
             return False
-        point = (int(fold), int(epoch))
-        if result.get("status") != Status.RUNNING.value or self.best is None or not self.is_check(*point):
+        if result.get("status") != Status.RUNNING.value or not self.is_check(*point):
             return False
-        if point not in self.best:
+        if self.best is None or point not in self.best:
             return False
         bar = self.best[point] - self.margin - self.best_sd / np.sqrt(point[0] + 1)
         if curve[point] < bar:
