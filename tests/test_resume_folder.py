@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
-from ray_snapshot import trial_statuses
+from ray_snapshot import start_driver, trial_statuses
 
 from ips_search import run
 from ips_search.experiment import predictions_file
@@ -95,18 +92,6 @@ def test_resume_by_path_of_a_moved_folder_writes_only_there(original, tmp_path, 
     assert not first.exists()
     assert tree(original) == before
     assert not (tmp_path / "results").exists()
-
-
-def start_driver(cluster, argv: list[str], log: Path) -> subprocess.Popen:
-    """``python -m ips_search.run argv`` on the shared test cluster as its own process (a test may SIGKILL it),
-    its output in ``log``."""
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "ips_search.run", *argv, "--address", cluster.address_info["gcs_address"]],
-            env={**os.environ, "RAY_AUTH_MODE": "token"},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
 
 
 def kill_during_confirm(cluster, results: Path, name: str) -> set[str]:

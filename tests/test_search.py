@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
-from ray_snapshot import trial_statuses
+from ray_snapshot import start_driver, trial_statuses
 
 from ips_search import run
 from ips_search.experiment import METRIC
@@ -108,29 +106,9 @@ def _terminated_in_ray_snapshot(folder: Path) -> set[str]:
 
 
 def test_killed_driver_resumes_without_rerunning_finished_trials(ray_cluster, results_dir):
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "ips_search.run",
-        "--space",
-        "smoke",
-        "--trials",
-        "3",
-        "--epochs",
-        "1",
-        "--concurrency",
-        "1",
-        "--results-dir",
-        str(results_dir),
-        "--name",
-        "killed",
-        "--no-dashboard",
-        "--no-reference",
-        "--address",
-        ray_cluster.address_info["gcs_address"],
-    ]
-    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = ["--space", "smoke", "--trials", "3", "--epochs", "1", "--concurrency", "1", "--no-reference"]
+    argv += ["--results-dir", str(results_dir), "--name", "killed", "--no-dashboard"]
+    driver = start_driver(ray_cluster, argv, results_dir.parent / "killed.log")
     csv = results_dir / "killed" / "trials.csv"
     deadline = time.time() + 240
     while time.time() < deadline:  # a trial completed in trials.csv and in Ray's snapshot, which a resume restores
