@@ -260,7 +260,6 @@ RULES: dict[str, dict[str, Rule]] = {
     "IPSConfig": {
         **{k: positive_int() for k in ("n_class", "n_chan", "memory_size", "iteration_size", "patch_size")},
         **{k: positive_int() for k in ("patch_stride", "dim", "heads", "d_k", "d_v", "d_inner", "encode_chunk")},
-        "max_patches": positive_int("set it to at least the largest patch count N"),
         "dropout": number(0, 1, open_high=True, fix=_DROPOUT_FIX),
         "attn_dropout": number(0, 1, open_high=True, fix=_DROPOUT_FIX),
         "loading": choice(LOADING_MODES, "loading mode"),
@@ -357,7 +356,6 @@ class IPSConfig:
     fold_bn: bool = True  # fold BatchNorm into convs for the no-grad pass (same result, faster)
     ips_dtype: str = "float32"  # float32 | bfloat16: autocast dtype of the no-grad pass
     ips_impl: str = "streaming"  # streaming (chunked encoding) | reference (the notebook's per-iteration loop)
-    max_patches: int = 100_000  # positional-encoding table size
 
     def __post_init__(self) -> None:
         self.tasks = _tasks(self.tasks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import urllib.error
 
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 from ips_search import IPSConfig, IPSNet, Task
 from ips_search.errors import ConfigError
 from ips_search.model.fold import FoldedEncoder, SmallMapConv2d
+from ips_search.model.transformer import PositionalEncoding
 
 
 def small_net(M: int, I: int, **kw) -> IPSNet:
@@ -62,6 +64,28 @@ def test_reference_impl_matches_streaming():
     net.cfg.ips_impl = "reference"
     _, ref = net.ips(patches)
     assert as_sets(fast) == as_sets(ref)
+
+
+def _sinusoid_table(dim: int, rows: int) -> torch.Tensor:
+    """The textbook table (Vaswani et al.), built as the original IPS code's ``pos_enc_1d`` builds it."""
+    position = torch.arange(rows).unsqueeze(1).float()
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float) * -(math.log(10000.0) / dim))
+    table = torch.zeros(rows, dim)
+    table[:, 0::2] = torch.sin(position * div)
+    table[:, 1::2] = torch.cos(position * div[: dim // 2])
+    return table
+
+
+@pytest.mark.parametrize("dim", [16, 7])
+def test_positional_encoding_is_the_sinusoid_table_row_of_each_index_without_a_table(dim):
+    enc = PositionalEncoding(dim)
+    idx = torch.tensor([[0, 5, 1, 299], [17, 17, 3, 42]])  # (B, L): any order, repeats
+    table = _sinusoid_table(dim, 300)
+    torch.testing.assert_close(enc(idx), table[idx], rtol=0, atol=1e-6)
+    # any index has an encoding (no table bounds N), and the module holds nothing that grows with it
+    far = enc(torch.tensor([[2_000_000]]))
+    assert far.shape == (1, 1, dim) and torch.isfinite(far).all()
+    assert sum(b.numel() for b in enc.buffers()) == (dim + 1) // 2
 
 
 def test_positional_encoding_changes_scores_and_is_used_consistently():

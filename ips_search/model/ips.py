@@ -95,7 +95,7 @@ class IPSNet(nn.Module):
         self.transf = Transformer(
             len(cfg.tasks), cfg.heads, cfg.dim, cfg.d_k, cfg.d_v, cfg.d_inner, cfg.attn_dropout, cfg.dropout
         )
-        self.pos_enc = PositionalEncoding(cfg.dim, cfg.max_patches) if cfg.use_pos else None
+        self.pos_enc = PositionalEncoding(cfg.dim) if cfg.use_pos else None
         self.heads = nn.ModuleDict({t.name: nn.Linear(cfg.dim, t.n_class) for t in cfg.tasks})
         self._folded: FoldedEncoder | None = None
         self._fold_tried = False

@@ -113,16 +113,21 @@ class Transformer(nn.Module):
 
 
 class PositionalEncoding(nn.Module):
-    """1-D sinusoidal encoding of a patch's index in the image (Vaswani et al.)."""
+    """1-D sinusoidal encoding of a patch's index in the image (Vaswani et al.), computed for the indices asked.
 
-    def __init__(self, dim: int, max_len: int):
+    No table: one of rows up to the largest N would hold N x D floats in every trial (51 MB at 100,000 x 128),
+    while IPS only ever encodes the M + I indices of one iteration; and any index has an encoding, so no setting
+    bounds N."""
+
+    def __init__(self, dim: int):
         super().__init__()
-        pos = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)
-        div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-        table = torch.zeros(max_len, dim)
-        table[:, 0::2] = torch.sin(pos * div)
-        table[:, 1::2] = torch.cos(pos * div[: dim // 2])
-        self.register_buffer("table", table, persistent=False)
+        self.dim = dim
+        freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))  # (ceil(D/2),)
+        self.register_buffer("freq", freq, persistent=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:  # (B, L) int64 -> (B, L, D)
-        return self.table[idx]
+        angle = idx.to(torch.float32).unsqueeze(-1) * self.freq  # (B, L, ceil(D/2))
+        out = torch.empty(*idx.shape, self.dim, device=idx.device)
+        out[..., 0::2] = torch.sin(angle)
+        out[..., 1::2] = torch.cos(angle[..., : self.dim // 2])
+        return out
