@@ -109,3 +109,23 @@ def test_the_verdicts_pair_spearman_by_seed_and_skip_a_search_whose_trials_all_t
     assert "0.80 with 5 folds, 0.75 with one split: target >= 0.7 and above one split: met" in lines[0]
     assert lines[1] == "Spearman, paired by seed: 5 folds above one split in 2 of 3 seeds (median difference +0.05)"
     assert "2.35x: target <= 2.5x: met" in lines[3]
+
+
+def test_the_cohort_is_generated_once_per_setting_and_regenerated_for_others(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "make_cohort", _small_cohort(bench.make_cohort))
+    first = bench.cohort_once(tmp_path, 1, shift=4.0, signal_patches=(2, 3))
+    assert first.loc[first["label"] == 1, "signal"].between(2, 3).all()
+    stamp = (tmp_path / "cohort.csv").stat().st_mtime_ns
+    again = bench.cohort_once(tmp_path, 1, shift=4.0, signal_patches=(2, 3))  # read back, files untouched
+    pd.testing.assert_frame_equal(first, again)
+    assert (tmp_path / "cohort.csv").stat().st_mtime_ns == stamp
+    other = bench.cohort_once(tmp_path, 1)  # the defaults: 8-16 signal patches, regenerated
+    assert other.loc[other["label"] == 1, "signal"].between(8, 16).all()
+    assert "shift 8, patient offset sd 0.3, 8-16 signal patches, seed 1" in (tmp_path / "settings.json").read_text()
+
+
+def _small_cohort(make):
+    def small(root, **kw):
+        return make(root, n_patients=N_PATIENTS, n_patches=(40, 60), **kw)
+
+    return small
