@@ -96,7 +96,7 @@ SETTING_DIFFERENCES = [
     "patches per call (default 256) instead of B x I per iteration; the same selection rule",
     "memory layout: ours channels-last for the encoder's weights and patches in both passes, the original "
     "contiguous (NCHW); the same convolutions",
-    "positional encoding: ours a 100,000-row sinusoid table, the original N rows; the same rows for indices < N",
+    "positional encoding: ours computed for the indices asked, the original an N-row table; the same values",
     "validation canvases: our dataset carves 20% of n_train canvases for validation; neither code uses them here",
 ]
 TARGETS = {
