@@ -102,6 +102,8 @@ def test_the_verdicts_pair_spearman_by_seed_and_skip_a_search_whose_trials_all_t
             row("folds5", 1, 0.75, 220.0),
             row("folds5", 2, float("nan"), 300.0),  # every completed trial at AUC 1.0: no rank correlation
             row("folds5", 3, 0.8, 250.0),
+            row("folds5-noprune", 0, 0.85, 400.0),  # seeds 0 and 1 only
+            row("folds5-noprune", 1, 0.95, 500.0),
         ]
     )
     lines = bench.verdicts(rows)
@@ -109,6 +111,10 @@ def test_the_verdicts_pair_spearman_by_seed_and_skip_a_search_whose_trials_all_t
     assert "0.80 with 5 folds, 0.75 with one split: target >= 0.7 and above one split: met" in lines[0]
     assert lines[1] == "Spearman, paired by seed: 5 folds above one split in 2 of 3 seeds (median difference +0.05)"
     assert "2.35x: target <= 2.5x: met" in lines[3]
+    assert lines[5] == (
+        "without pruning (seeds 0, 1): Spearman 0.90, regret 0.000, cost 4.50x (medians); Spearman above one split "
+        "in 1 of 2 seeds (median difference +0.05)"
+    )
 
 
 def test_the_cohort_is_generated_once_per_setting_and_regenerated_for_others(bench, tmp_path, monkeypatch):
