@@ -129,16 +129,17 @@ def make_cohort(
     return cohort
 
 
-COHORT_SETTINGS = "shift {shift:g}, patient offset sd 0.3, {low}-{high} signal patches, seed {seed}"
+def cohort_settings(seed: int, shift: float, signal_patches: tuple[int, int]) -> str:
+    """The cohort's generator settings in one line: what ``settings.json`` and the results file record."""
+    low, high = signal_patches
+    return f"shift {shift:g}, patient offset sd 0.3, {low}-{high} signal patches, seed {seed}"
 
 
 def cohort_once(root: Path, seed: int, shift: float = 8.0, signal_patches: tuple[int, int] = (8, 16)) -> pd.DataFrame:
     """The cohort of :func:`make_cohort` with ``seed``, ``shift`` and ``signal_patches``, generated once: a later call
     (another seed's searches, run beside this one) reads it back instead of rewriting files that running trials
     read; a call with other settings regenerates it."""
-    low, high = signal_patches
-    table = root / "cohort.csv"
-    settings = {"settings": COHORT_SETTINGS.format(shift=shift, low=low, high=high, seed=seed)}
+    table, settings = root / "cohort.csv", {"settings": cohort_settings(seed, shift, signal_patches)}
     if table.is_file() and (root / "settings.json").is_file():
         if json.loads((root / "settings.json").read_text()) == settings:
             return pd.read_csv(table)
@@ -501,9 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             "n_max": int(cohort["n"].max()),
             "test_slides": len(test),
             "test_patients": test["patient"].nunique(),
-            "settings": COHORT_SETTINGS.format(
-                shift=args.shift, low=args.signal_patches[0], high=args.signal_patches[1], seed=args.cohort_seed
-            ),
+            "settings": cohort_settings(args.cohort_seed, args.shift, tuple(args.signal_patches)),
         },
         "verdicts": verdicts(table),
         "leakage": leaks,

@@ -127,7 +127,7 @@ class PositionalEncoding(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:  # (B, L) int64 -> (B, L, D)
         angle = idx.to(torch.float32).unsqueeze(-1) * self.freq  # (B, L, ceil(D/2))
-        out = torch.empty(*idx.shape, self.dim, device=idx.device)
+        out = angle.new_empty(*idx.shape, self.dim)  # (B, L, D), the angles' dtype and device
         out[..., 0::2] = torch.sin(angle)
         out[..., 1::2] = torch.cos(angle[..., : self.dim // 2])
         return out
